@@ -1,0 +1,1 @@
+"""mHC and output-contraction ops (installed as `dsv4cli.kernels`)."""
