@@ -1,5 +1,168 @@
-"""CLI commands of the spec area (thin: parse, call the library, render)."""
+"""CLI commands of the spec area (thin: parse, call the library, render): validate, inspect spec, schema."""
 
 from __future__ import annotations
 
-from dsv4cli.commands.app import app, inspect_app  # noqa: F401
+import json
+from typing import List, Optional
+
+import typer
+
+from dsv4cli.commands.app import app, inspect_app
+
+_SET_HELP = "Override one spec key, e.g. --set model.mhc.streams=8 (repeatable; the last one wins)."
+
+
+@app.command("validate")
+def validate(
+    specs: List[str] = typer.Argument(..., metavar="SPEC...", help="Spec file(s) to check."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    world_size: Optional[int] = typer.Option(
+        None, "--world-size", min=1, help="Processes in total (default: launch.nproc_per_node * launch.nnodes)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per spec per line."),
+) -> None:
+    """Check specs (all problems at once, FILE:LINE: key: message on stderr; exit 2 on errors) and
+    print estimates: parameters, FLOPs/token, memory per rank, parallel sizes, torchrun command."""
+    from dsv4cli.spec.check import check_spec, summary
+
+    failed = False
+    for path in specs:
+        report = check_spec(path, set_ or (), world_size)
+        failed |= not report.valid
+        info = summary(report) if report.valid else None
+        if as_json:
+            typer.echo(json.dumps({
+                "spec": report.path,
+                "valid": report.valid,
+                "errors": [p.to_json() for p in report.errors],
+                "warnings": [p.to_json() for p in report.warnings],
+                "summary": info,
+            }))
+            continue
+        for problem in report.errors + report.warnings:
+            typer.echo(str(problem), err=True)
+        if info is not None:
+            _render_summary(report, info)
+    raise typer.Exit(2 if failed else 0)
+
+
+@inspect_app.command("spec")
+def inspect_spec(
+    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML."),
+) -> None:
+    """Show the resolved spec (after extends and --set) as TOML, or as JSON."""
+    from dsv4cli.spec.load import SpecError, resolve_spec, spec_to_toml
+
+    try:
+        resolved = resolve_spec(spec, set_ or ())
+    except SpecError as e:
+        for problem in e.problems:
+            typer.echo(str(problem), err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(resolved.model_dump(mode="json", exclude={"extends"}), indent=2))
+    else:
+        typer.echo(spec_to_toml(resolved), nl=False)
+
+
+@app.command("schema")
+def schema(
+    markdown: bool = typer.Option(False, "--markdown", help="The spec reference page (docs/spec.md) instead."),
+) -> None:
+    """Print the JSON schema of the spec format."""
+    if markdown:
+        from dsv4cli.spec.docs import schema_markdown
+
+        typer.echo(schema_markdown(), nl=False)
+        return
+    from dsv4cli.spec.schema import Spec
+
+    typer.echo(json.dumps(Spec.model_json_schema(), indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------
+def _human(value: float, unit: str = "") -> str:
+    for factor, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {suffix}{unit}"
+    return f"{value:g} {unit}".rstrip()
+
+
+def _gib(value: int) -> str:
+    if value < 1024**3:
+        return f"{value / 1024**2:.1f} MiB"
+    return f"{value / 1024**3:.2f} GiB"
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out += _flatten(value, dotted)
+        else:
+            out.append((dotted, value))
+    return out
+
+
+def _render_summary(report, info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dsv4cli.spec.launch_cmd import shell_join
+    from dsv4cli.spec.load import locate
+
+    console = Console(highlight=False)
+    spec = report.spec
+    console.print(f"{report.path}: valid ({len(report.warnings)} warning(s))")
+
+    resolved = Table(title="Resolved spec", title_justify="left")
+    resolved.add_column("key")
+    resolved.add_column("value")
+    resolved.add_column("set in")
+    origins = spec._origins
+    for key, value in _flatten(info["spec"]):
+        if value is None:
+            continue
+        file, line = locate(spec, key) if key in origins else ("default", None)
+        resolved.add_row(key, json.dumps(value), f"{file}:{line}" if line else file)
+    console.print(resolved)
+
+    params = info["params"]
+    table = Table(title="Parameters", title_justify="left")
+    table.add_column("part")
+    table.add_column("count", justify="right")
+    table.add_column("", justify="right")
+    rows = [("total", params["total"]), ("active per token", params["active"]),
+            ("  embedding + output layer", params["embedding"]), ("  routed experts", params["routed_experts"]),
+            ("  mHC (hyper-connections)", params["mhc"]), ("  contraction (hc_head_*)", params["contraction"]),
+            ("  MTP (all depths)", params["mtp"])]
+    for name, count in rows:
+        table.add_row(name, f"{count:,}", _human(count))
+    table.add_row("FLOPs per token (train)", f"{info['flops_per_token']:,}", _human(info["flops_per_token"], "FLOP"))
+    console.print(table)
+
+    memory = info["memory_per_rank"]
+    table = Table(title=f"Memory per rank (busiest: pipeline rank {memory['pipeline_rank']})", title_justify="left")
+    table.add_column("part")
+    table.add_column("size", justify="right")
+    optimizer = "optimizer (distributed)" if memory["distributed_optimizer"] else "optimizer"
+    for name, key in (("weights", "weights"), ("grads", "grads"), (optimizer, "optimizer"),
+                      ("activations", "activations"), ("  of which n-stream residual", "residual_streams"),
+                      ("total", "total")):
+        table.add_row(name, _gib(memory[key]))
+    console.print(table)
+
+    sizes = info["parallel"]
+    table = Table(title="Parallel sizes", title_justify="left")
+    for name in ("world", "tp", "pp", "vpp", "cp", "dp", "ep", "etp", "edp", "num_microbatches"):
+        table.add_column(name, justify="right")
+    table.add_row(*(str(sizes[name]) for name in ("world", "tp", "pp", "vpp", "cp", "dp", "ep", "etp", "edp",
+                                                  "num_microbatches")))
+    console.print(table)
+    console.print("torchrun command (dsv4 train):")
+    console.print(shell_join(info["torchrun"]), soft_wrap=True)

@@ -1,3 +1,15 @@
-"""Spec layer: TOML loading, pydantic schema, cross-field rules and estimates (never imports torch)."""
+"""Spec layer: TOML loading, pydantic schema, cross-field rules and estimates (never imports torch).
+
+schema      pydantic models of every TOML section (the field names are a contract)
+load        load_spec / resolve_spec / spec_to_toml: extends chains, --set, key origins
+toml_lines  key -> line numbers of a TOML document
+problems    Problem (FILE:LINE: key: message) and SpecError
+rules       cross-field rules; UNSUPPORTED features (warn in validate, error in train)
+check       check_spec: everything `dsv4 validate` reports for one spec
+layout      world size, derived dp / expert grid, pp_layout parsing
+estimate    param_inventory, parameter counts, FLOPs per token, memory per rank
+launch_cmd  the torchrun argv `dsv4 train` runs
+docs        docs/spec.md generated from the schema
+"""
 
 from dsv4cli.spec.schema import Spec  # noqa: F401

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+RECOMPUTE_MODULES = ("mhc", "core_attn", "mlp", "moe", "layernorm")
+"""Modules `train.recompute` may name (or the string "full" for whole layers)."""
 
 
 class _Section(BaseModel):
@@ -118,6 +121,22 @@ class TrainSpec(_Section):
         "auto", description="Megatron distributed optimizer; auto = on with CUDA and dp > 1."
     )
 
+    @field_validator("recompute", mode="before")
+    @classmethod
+    def _recompute_names(cls, value):
+        """One clear message instead of pydantic's per-union-branch errors."""
+        allowed = ", ".join(repr(m) for m in RECOMPUTE_MODULES)
+        if isinstance(value, str):
+            if value != "full":
+                raise ValueError(f"must be \"full\" or a list of {allowed}, got {value!r}")
+            return value
+        if isinstance(value, list):
+            bad = [v for v in value if v not in RECOMPUTE_MODULES]
+            if bad:
+                raise ValueError(f"unknown module(s) {', '.join(repr(b) for b in bad)}; choose from {allowed}")
+            return value
+        raise ValueError(f"must be \"full\" or a list of {allowed}, got {value!r}")
+
 
 class DataSpec(_Section):
     """Training data."""
@@ -161,3 +180,8 @@ class Spec(_Section):
     data: DataSpec = Field(default_factory=DataSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
+
+    # Where each dotted key was set: {"model.mhc.streams": (file, line)}; filled by the loader.
+    _origins: dict = PrivateAttr(default_factory=dict)
+    # The spec file as the user named it (None when the Spec was built in code).
+    _root: Optional[str] = PrivateAttr(default=None)
