@@ -1,5 +1,189 @@
-"""CLI commands of the ckpt area (thin: parse, call the library, render)."""
+"""CLI commands of the ckpt area (thin: parse, call the library, render): convert-ckpt,
+inspect checkpoint, inspect diff. torch is imported inside the commands only."""
 
 from __future__ import annotations
 
-from dsv4cli.commands.app import app, inspect_app  # noqa: F401
+import json
+from typing import Optional
+
+import typer
+
+from dsv4cli.commands.app import app, inspect_app
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=200, no_color=True, highlight=False, soft_wrap=True)
+
+
+@app.command("convert-ckpt")
+def convert_ckpt(
+    src: str = typer.Argument(..., metavar="SRC", help="Legacy checkpoint: run root (latest iteration) or one iter_* dir."),
+    dst: str = typer.Argument(..., metavar="DST", help="New checkpoint root to create."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="Spec of the model (default: the checkpoint's dsv4_spec.toml)."),
+    streams: Optional[int] = typer.Option(None, "--streams", help="Stream count n (default: saved spec, else stored shapes)."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Contraction eps the model runs with (default: saved spec, else 1e-6)."),
+    verify: bool = typer.Option(False, "--verify", help="Check the converted model reproduces the legacy one."),
+    force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    drop_optimizer: bool = typer.Option(False, "--drop-optimizer", help="Write a model-only checkpoint (no optimizer state)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Convert a legacy averaging-contraction checkpoint to the learned contraction, function-preserving:
+    adds hc_head_fn = 0, hc_head_scale = 1, hc_head_base = logit(1/n - eps) to the main block and every
+    MTP depth lacking them; every other tensor is copied bit for bit. Exit 2 on bad input, 1 if --verify fails."""
+    from dsv4cli.ckpt.convert import convert_checkpoint
+    from dsv4cli.ckpt.errors import CheckpointError
+
+    try:
+        result = convert_checkpoint(src, dst, spec, streams, eps, force, drop_optimizer, verify)
+    except CheckpointError as e:
+        _fail(str(e))
+    except OSError as e:  # e.g. disk full: nothing was left at DST
+        _fail(f"conversion failed, {dst} not written: {e}", 1)
+    failed = result.verify is not None and not result.verify["ok"]
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        raise typer.Exit(1 if failed else 0)
+    if result.status == "already_converted":
+        typer.echo(f"{result.src}: already converted (has hc_head_* for every block); nothing written")
+        raise typer.Exit(0)
+    typer.echo(f"converted {result.src} -> {result.dst} (iteration {result.iteration})")
+    typer.echo(f"  streams n = {result.streams} ({result.stream_source}), hidden h = {result.hidden}")
+    typer.echo(f"  eps = {result.eps:g} ({result.eps_source}), hc_head_base = logit(1/n - eps) = {result.hc_head_base:.9g}")
+    typer.echo(f"  added: {', '.join(result.added)}")
+    states = f" ({', '.join(result.optimizer_states)})" if result.optimizer_states else ""
+    typer.echo(f"  optimizer state: {result.optimizer}{states}")
+    typer.echo(f"  copied bit for bit: {len(result.copied_files)} files, {_human(result.bytes_copied)}")
+    spec_note = 'contraction.mode = "learned"' if result.spec_written else "none (no spec known)"
+    typer.echo(f"  saved spec: {spec_note}")
+    if result.verify is not None:
+        for c in result.verify["checks"]:
+            if c["check"] == "contraction":
+                typer.echo(f"  verify contraction: max |learned - average| = {c['max_abs_diff']:.3g} "
+                           f"(tol {c['tolerance']:.3g}) {'ok' if c['ok'] else 'FAILED'}")
+            elif "error" in c:
+                typer.echo(f"  verify model: FAILED to run: {c['error']}")
+            else:
+                typer.echo(f"  verify model: max |logit diff| = {c['max_abs_logit_diff']:.3g}, loss "
+                           f"{c['loss_legacy']:.6f} -> {c['loss_converted']:.6f} (|diff| {c['loss_diff']:.3g}) "
+                           f"{'ok' if c['ok'] else 'FAILED'}")
+        for s in result.verify["skipped"]:
+            typer.echo(f"  verify skipped: {s}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@inspect_app.command("checkpoint")
+def inspect_checkpoint_cmd(
+    path: str = typer.Argument(..., metavar="PATH", help="Checkpoint: run root or iter_* directory."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="Compare against this spec (default: the saved one)."),
+    stats: bool = typer.Option(False, "--stats", help="Load tensors one at a time: norm, mean, std, min, max, NaN/Inf."),
+    filter_: Optional[str] = typer.Option(None, "--filter", metavar="GLOB", help="Only tensors whose name matches GLOB."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """What is inside a saved checkpoint, from its metadata only (no tensor data unless --stats), and
+    whether it matches the spec. Exit 0 when read (also if not conformant), 2 when unreadable."""
+    from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.ckpt.report import inspect_checkpoint
+
+    try:
+        report = inspect_checkpoint(path, spec, stats, filter_)
+    except CheckpointError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _render_report(report)
+
+
+def _render_report(r: dict) -> None:
+    from rich.table import Table
+
+    con = _console()
+    meta = r["meta"] or {}
+    con.print(f"checkpoint {r['iter_dir']}")
+    con.print(f"  format {r['format']}, iteration {r['iteration']}, spec: {r['spec_source'] or 'none'}")
+    shown = {k: v for k, v in meta.items() if v is not None and not isinstance(v, (dict, list))}
+    if shown:
+        con.print("  provenance: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    con.print(f"  {r['tensor_count']} tensors ({r['object_count']} objects), {r['total_params']:,} model parameters, "
+              f"{_human(r['total_bytes'])} ({_human(r['model_bytes'])} model, {_human(r['optimizer_bytes'])} optimizer)")
+    con.print("  by dtype: " + ", ".join(f"{d}: {v['tensors']} tensors, {_human(v['bytes'])}" for d, v in r["by_dtype"].items()))
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for col in ("tensor", "x", "shape", "dtype", "bytes", "shards"):
+        table.add_column(col, justify="right" if col in ("x", "bytes", "shards") else "left")
+    if r["stats"]:
+        for col in ("norm", "mean", "std", "min", "max", "nan/inf"):
+            table.add_column(col, justify="right")
+    stats = {t["name"]: t.get("stats") for t in r["tensors"]}
+    for g in r["tree"]:
+        table.add_row(f"{g['group']}/", f"{g['tensors']}", "", "", _human(g["bytes"]), "")
+        if g["group"].startswith("optimizer.") and not r["filter"]:
+            continue  # one line per optimizer state; --filter 'optimizer.*' lists them
+        for row in g["rows"]:
+            cells = [f"  {row['name']}", f"{row['count']}", str(row["shape"]), row["dtype"], _human(row["bytes"]), str(row["shards"])]
+            if r["stats"]:
+                st = stats.get(row["name"]) if row["count"] == 1 else None
+                if st is None or "error" in st:
+                    cells += ["", "", "", "", "", (st or {}).get("error", "") if st else ""]
+                else:
+                    cells += [f"{st[k]:.4g}" if st[k] is not None else "-" for k in ("norm", "mean", "std", "min", "max")]
+                    cells.append(f"{st['nan']}/{st['inf']}")
+            table.add_row(*cells)
+    con.print(table)
+    if r["conformant"] is None:
+        con.print("conformance: not checked (no spec saved; pass --spec)")
+    else:
+        con.print(f"conformance vs {r['spec_source']}: {'conformant' if r['conformant'] else 'NOT conformant'}")
+    for p in r["problems"]:
+        if p["kind"] == "legacy":
+            continue  # said below, with the command
+        con.print(f"  {p['kind']}: {p['message']}" if not p["message"].startswith(p["kind"]) else f"  {p['message']}")
+    if r["legacy"]:
+        con.print(f"legacy checkpoint (averaging contraction); convert with:\n  {r['fix_command']}")
+
+
+@inspect_app.command("diff")
+def inspect_diff(
+    a: str = typer.Argument(..., metavar="A", help="First checkpoint."),
+    b: str = typer.Argument(..., metavar="B", help="Second checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help="Print the diff as JSON."),
+) -> None:
+    """Keys only in A or B, shape/dtype changes, and per-tensor max |A - B| (tensors streamed one at a time)."""
+    from dsv4cli.ckpt.diff import diff_checkpoints
+    from dsv4cli.ckpt.errors import CheckpointError
+
+    try:
+        d = diff_checkpoints(a, b)
+    except CheckpointError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(d.to_json(), indent=2))
+        return
+    con = _console()
+    con.print(f"A {d.a}\nB {d.b}")
+    for title, rows in (("only in A", d.only_in_a), ("only in B", d.only_in_b)):
+        con.print(f"{title}: {len(rows)}")
+        for e in rows:
+            con.print(f"  {e['name']} {e['shape']} {e['dtype']}")
+    con.print(f"shape/dtype changed: {len(d.changed)}")
+    for c in d.changed:
+        con.print(f"  {c['name']}: {c['a']['shape']} {c['a']['dtype']} -> {c['b']['shape']} {c['b']['dtype']}")
+    con.print(f"compared {len(d.compared)} tensors: {d.identical} identical, {d.different} different, "
+              f"max |A - B| = {d.max_abs_diff:.6g}")
+    for c in d.compared:
+        if not c["identical"]:
+            con.print(f"  {c['name']}: max |A - B| = {c['max_abs_diff']:.6g}")

@@ -1,0 +1,494 @@
+"""Legacy averaging contraction -> learned contraction, function-preserving (DESIGN.md §2.3).
+
+The converted checkpoint is the source plus `hc_head_fn = 0`, `hc_head_scale = 1`,
+`hc_head_base = logit(1/n - eps)` for the main block and every MTP depth lacking them (so
+`pre = 1/n` and the contraction stays the stream mean), zero Adam moments for them where the
+optimizer state is stored per parameter, and the saved spec switched to `contraction.mode =
+"learned"`. Nothing is loaded whole: the source `.distcp` files are copied byte for byte, the
+new tensors go into one extra data file, and the DCP `.metadata` is the source's plus entries
+pointing at that file. Output is written beside DST and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dsv4cli.ckpt.errors import CheckpointError
+from dsv4cli.ckpt.keys import (
+    contraction_blocks,
+    hc_head_keys,
+    infer_stream_layout,
+    mapping_proj_keys,
+    split_optimizer_key,
+)
+from dsv4cli.ckpt.layout import (
+    COMMON_STATE,
+    DCP_METADATA,
+    META_FILE,
+    SPEC_FILE,
+    TRACKER_FILE,
+    iter_dir_name,
+    resolve_checkpoint,
+)
+from dsv4cli.ckpt.metadata import CheckpointInfo, read_checkpoint_info
+
+NEW_DATA_FILE = "__dsv4_hc_head.distcp"
+DEFAULT_EPS = 1e-6
+_COPY_CHUNK = 16 << 20
+# Optimizer states that hold the parameter itself (main fp32 copy) rather than a moment.
+_PARAM_COPY_STATES = ("fp32_param", "param")
+
+
+def contraction_base(n: int, eps: float) -> float:
+    """logit(1/n - eps) in float64: with fn = 0, scale = 1 it gives pre = sigmoid(base) + eps = 1/n."""
+    p = 1.0 / n - eps
+    if not 0.0 < p < 1.0:
+        raise CheckpointError(f"eps {eps} is too large for n = {n} streams (1/n - eps must be in (0, 1))")
+    return math.log(p) - math.log1p(-p)
+
+
+@dataclass
+class ConversionResult:
+    """What convert did (or found), for the table and --json."""
+
+    status: str  # "converted" | "already_converted"
+    src: str
+    dst: Optional[str]
+    iteration: Optional[int]
+    streams: int
+    hidden: int
+    eps: Optional[float]
+    hc_head_base: Optional[float]
+    stream_source: str
+    eps_source: str
+    added: list[str] = field(default_factory=list)
+    optimizer: str = "none"
+    optimizer_states: list[str] = field(default_factory=list)
+    copied_files: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+    spec_written: bool = False
+    verify: Optional[dict] = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _resolve_spec(info: CheckpointInfo, spec_path: Optional[str]):
+    if spec_path is not None:
+        from dsv4cli.spec.load import SpecError, load_spec
+
+        try:
+            return load_spec(spec_path, rules=False), f"--spec {spec_path}"
+        except SpecError as e:
+            raise CheckpointError(f"--spec {spec_path}: " + "; ".join(str(p) for p in e.problems)) from None
+    if info.spec_error:
+        raise CheckpointError(f"saved spec is unreadable ({info.spec_error}); pass --spec")
+    if info.spec is not None:
+        return info.spec, "saved dsv4_spec.toml"
+    return None, ""
+
+
+@dataclass
+class _Plan:
+    info: CheckpointInfo
+    spec: Any
+    streams: int
+    hidden: int
+    eps: float
+    stream_source: str
+    eps_source: str
+    missing_blocks: list[str]
+    optimizer_mode: str  # "none" | "per-parameter" | "dropped"
+    optimizer_states: dict[str, str]  # state name -> dtype of the reference entry
+
+
+def plan_conversion(
+    src: str | Path,
+    spec_path: Optional[str] = None,
+    streams: Optional[int] = None,
+    eps: Optional[float] = None,
+    drop_optimizer: bool = False,
+) -> _Plan:
+    """Read SRC's metadata and decide what to add; CheckpointError for anything inconsistent."""
+    info = read_checkpoint_info(src)
+    if info.integrity_problems:
+        raise CheckpointError(f"{info.iter_dir}: corrupt checkpoint: " + "; ".join(info.integrity_problems))
+    spec, spec_src = _resolve_spec(info, spec_path)
+    shapes = {k: v.shape for k, v in info.model_tensors().items()}
+    layout = infer_stream_layout(shapes)
+    if layout is None:
+        raise CheckpointError(
+            f"{info.iter_dir}: no hyper-connection tensors (*_hyper_connection.mapping_proj.weight): "
+            "a streams = 1 model has no output contraction to convert"
+        )
+    n_req, n_src = layout.streams, "stored mapping_proj shapes"
+    if streams is not None:
+        n_req, n_src = streams, "--streams"
+    elif spec is not None:
+        n_req, n_src = spec.model.mhc.streams, f"model.mhc.streams of the {spec_src}"
+    if n_req != layout.streams:
+        raise CheckpointError(
+            f"{n_src} = {n_req} disagrees with the stored tensors: {layout.evidence} means n = {layout.streams}"
+        )
+    if spec is not None and spec.model.hidden_size != layout.hidden:
+        raise CheckpointError(
+            f"model.hidden_size of the {spec_src} = {spec.model.hidden_size}, but {layout.evidence} means h = {layout.hidden}"
+        )
+    if eps is not None:
+        eps_val, eps_src = float(eps), "--eps"
+    elif spec is not None:
+        eps_val, eps_src = float(spec.model.contraction.eps), f"model.contraction.eps of the {spec_src}"
+    else:
+        eps_val, eps_src = DEFAULT_EPS, "default (no spec saved; pass --eps if the model ran with another)"
+    contraction_base(layout.streams, eps_val)
+
+    missing = []
+    for block in contraction_blocks(shapes):
+        present = [k for k in hc_head_keys(block) if k in shapes]
+        if not present:
+            missing.append(block)
+        elif len(present) != len(hc_head_keys(block)):
+            absent = sorted(set(hc_head_keys(block)) - set(present))
+            raise CheckpointError(f"{block}: partial contraction parameters (has {present}, lacks {absent})")
+        else:
+            _check_head_shapes(block, shapes, layout.streams, layout.hidden)
+
+    mode, states = _optimizer_layout(info, drop_optimizer) if missing else ("unchanged", {})
+    return _Plan(info, spec, layout.streams, layout.hidden, eps_val, n_src, eps_src, missing, mode, states)
+
+
+def _check_head_shapes(block: str, shapes: dict, n: int, h: int) -> None:
+    want = {"hc_head_fn": (n, n * h), "hc_head_base": (n,), "hc_head_scale": (1,)}
+    for name, shape in want.items():
+        if tuple(shapes[block + name]) != shape:
+            raise CheckpointError(f"{block}{name}: stored shape {list(shapes[block + name])}, expected {list(shape)}")
+
+
+def _optimizer_layout(info: CheckpointInfo, drop: bool) -> tuple[str, dict[str, str]]:
+    """How optimizer state is stored: 'none', 'per-parameter' (with its state names) or 'dropped'."""
+    opt_tensors = info.optimizer_tensors()
+    opt_objects = [o for o in info.objects if o.startswith("optimizer.")]
+    if not opt_tensors and not opt_objects:
+        return "none", {}
+    if drop:
+        return "dropped", {}
+    model = info.model_tensors()
+    not_per_param = list(opt_objects)
+    for name in opt_tensors:
+        parts = split_optimizer_key(name)
+        if parts is None or parts[1] not in model:
+            not_per_param.append(name)
+    flattened = [n for n, e in opt_tensors.items()
+                 if (parts := split_optimizer_key(n)) and parts[1] in model and e.shape != model[parts[1]].shape]
+    if flattened and not not_per_param:
+        # The distributed optimizer's model-space format stores [.., numel] views with flattened ranges;
+        # writing new entries in that layout is not verified, so stop rather than risk an unloadable file.
+        raise CheckpointError(
+            f"optimizer state is stored flattened (distributed optimizer, e.g. {flattened[0]} "
+            f"{list(opt_tensors[flattened[0]].shape)}); adding entries in that layout is not supported; "
+            "pass --drop-optimizer to write a model-only checkpoint"
+        )
+    if not_per_param:
+        raise CheckpointError(
+            f"optimizer state is not stored per parameter (e.g. {not_per_param[0]}), so zero moments for the "
+            "new contraction parameters cannot be added; pass --drop-optimizer to write a model-only checkpoint"
+        )
+    # Reference: an fp32 mHC parameter (like the new ones); its optimizer entries say which states to add.
+    refs = mapping_proj_keys(model)
+    states: dict[str, str] = {}
+    for name, entry in opt_tensors.items():
+        state, param = split_optimizer_key(name)
+        if param in refs:
+            states[state] = entry.dtype
+    if not states:
+        raise CheckpointError(
+            "optimizer state is stored per parameter but has no entry for the mHC parameters; "
+            "pass --drop-optimizer to write a model-only checkpoint"
+        )
+    return "per-parameter", states
+
+
+def new_tensors(plan: _Plan) -> dict:
+    """{key: fp32 tensor} of everything the conversion adds (model parameters, then optimizer state)."""
+    import torch
+
+    n, h = plan.streams, plan.hidden
+    base = contraction_base(n, plan.eps)
+    out: dict[str, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
+    for block in plan.missing_blocks:
+        params[block + "hc_head_fn"] = torch.zeros(n, n * h, dtype=torch.float32)
+        params[block + "hc_head_base"] = torch.full((n,), base, dtype=torch.float64).to(torch.float32)
+        params[block + "hc_head_scale"] = torch.ones(1, dtype=torch.float32)
+    out.update(params)
+    for state, dtype in sorted(plan.optimizer_states.items()):
+        for name, p in params.items():
+            t = p.clone() if state in _PARAM_COPY_STATES else torch.zeros_like(p)
+            out[f"optimizer.state.{state}.{name}"] = t.to(getattr(torch, dtype))
+    return out
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_destination(src_dirs: list[Path], dst: Path, force: bool) -> None:
+    d = dst.resolve()
+    for s in src_dirs:
+        s = s.resolve()
+        if d == s or _is_within(d, s) or _is_within(s, d):
+            raise CheckpointError(f"DST {dst} overlaps SRC {s}: convert never writes into the source")
+    if dst.exists() and not force:
+        raise CheckpointError(f"DST {dst} exists; pass --force to replace it")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"DST parent directory {dst.parent} does not exist")
+
+
+def _copy_file(src: Path, dst: Path) -> int:
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        shutil.copyfileobj(fi, fo, _COPY_CHUNK)
+    return src.stat().st_size
+
+
+def _copy_ranges(src: Path, dst: Path, ranges: list[tuple[int, int]]) -> tuple[list[int], int]:
+    """Copy byte ranges (offset, length) of src into dst back to back -> (new offsets, bytes)."""
+    offsets, pos = [], 0
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        for off, length in ranges:
+            fi.seek(off)
+            offsets.append(pos)
+            left = length
+            while left:
+                buf = fi.read(min(left, _COPY_CHUNK))
+                if not buf:
+                    raise CheckpointError(f"{src}: truncated at byte {fi.tell()}")
+                fo.write(buf)
+                left -= len(buf)
+            pos += length
+    return offsets, pos
+
+
+def _write_new_tensors(tensors: dict, scratch: Path):
+    """Save `tensors` with PyTorch DCP (single process) into scratch; -> its Metadata."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(scratch)), no_dist=True)
+    return dcp.FileSystemReader(str(scratch)).read_metadata()
+
+
+def _merge_metadata(orig, added, added_file: str, keep: Callable[[str], bool], relocate: dict):
+    """Source Metadata minus dropped keys (data relocated per `relocate`) plus `added` entries in added_file."""
+    sdm = {k: v for k, v in orig.state_dict_metadata.items() if keep(k)}
+    storage = {}
+    for idx, info in (orig.storage_data or {}).items():
+        if keep(idx.fqn):
+            storage[idx] = relocate.get(idx, info)
+    for k, v in added.state_dict_metadata.items():
+        sdm[k] = v
+    for idx, info in added.storage_data.items():
+        storage[idx] = dataclasses.replace(info, relative_path=added_file)
+    planner = orig.planner_data
+    if isinstance(planner, dict):
+        planner = {k: v for k, v in planner.items() if keep(k)}
+        for k in added.state_dict_metadata:
+            planner[k] = (k,)
+    merged = dataclasses.replace(orig, state_dict_metadata=sdm, storage_data=storage, planner_data=planner)
+    fields = {f.name for f in dataclasses.fields(orig)}
+    for k, v in vars(orig).items():  # attributes writers attach beyond the dataclass (e.g. mcore_data)
+        if k not in fields:
+            setattr(merged, k, v)
+    return merged
+
+
+def _updated_spec_text(spec, eps: float) -> str:
+    from dsv4cli.spec.load import spec_to_toml
+
+    new = spec.model_copy(deep=True)
+    new.model.contraction.mode = "learned"
+    new.model.contraction.eps = eps
+    return spec_to_toml(new)
+
+
+def _provenance(plan: _Plan, src_dir: Path, added: list[str]) -> dict:
+    from dsv4cli import __version__
+
+    meta = dict(plan.info.meta or {})
+    history = list(meta.get("conversions", []))
+    history.append(
+        {
+            "tool": f"dsv4 {__version__} convert-ckpt",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "from": str(src_dir.resolve()),
+            "from_iteration": plan.info.iteration,
+            "contraction": {"from": "average", "to": "learned", "streams": plan.streams, "eps": plan.eps,
+                            "hc_head_base": contraction_base(plan.streams, plan.eps)},
+            "added": added,
+            "optimizer": plan.optimizer_mode,
+        }
+    )
+    if plan.spec is not None and "spec_hash" in meta:
+        # same scheme as the trainer's dsv4_meta.json: sha256 of the saved spec text, 16 hex digits
+        history[-1]["spec_hash_before"] = meta["spec_hash"]
+        meta["spec_hash"] = hashlib.sha256(_updated_spec_text(plan.spec, plan.eps).encode()).hexdigest()[:16]
+    meta["conversions"] = history
+    meta["converted_from"] = history[-1]["from"]
+    if plan.info.iteration is not None:
+        meta.setdefault("iteration", plan.info.iteration)
+    return meta
+
+
+def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Callable[[str], None]] = None) -> ConversionResult:
+    """Write DST from a plan, atomically (temp dir beside DST, rename at the end)."""
+    import torch
+
+    info = plan.info
+    src_dir = info.iter_dir
+    iteration = info.iteration
+    tmp = dst.parent / f".{dst.name}.dsv4-tmp-{os.getpid()}"
+    old = dst.parent / f".{dst.name}.dsv4-old-{os.getpid()}"
+    hook = fail_hook or (lambda stage: None)
+    added = new_tensors(plan)
+    drop = plan.optimizer_mode == "dropped"
+    keep = (lambda k: not k.startswith("optimizer.")) if drop else (lambda k: True)
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        out = tmp / (iter_dir_name(iteration) if iteration is not None else iter_dir_name(0))
+        if src_dir.name == "release":
+            out = tmp / "release"
+        out.mkdir(parents=True)
+        copied, nbytes = [], 0
+        relocate: dict = {}
+        md = info.dcp_metadata
+        data_files = {i.relative_path for i in (md.storage_data or {}).values()}
+        for entry in sorted(src_dir.iterdir()):
+            name = entry.name
+            if name in (DCP_METADATA, SPEC_FILE, META_FILE):
+                continue
+            hook(f"copy:{name}")
+            if entry.is_dir():
+                shutil.copytree(entry, out / name)
+                copied.append(name + "/")
+            elif drop and name in data_files:
+                items = sorted(
+                    ((idx, si) for idx, si in md.storage_data.items() if si.relative_path == name and keep(idx.fqn)),
+                    key=lambda t: t[1].offset,
+                )
+                offsets, size = _copy_ranges(entry, out / name, [(si.offset, si.length) for _, si in items])
+                for (idx, si), off in zip(items, offsets):
+                    relocate[idx] = dataclasses.replace(si, offset=off)
+                copied.append(name)
+                nbytes += size
+            elif drop and name == COMMON_STATE:
+                common = torch.load(entry, map_location="cpu", weights_only=False)
+                if isinstance(common, dict):
+                    common.pop("optimizer", None)
+                torch.save(common, out / name)
+                copied.append(name)
+            else:
+                nbytes += _copy_file(entry, out / name)
+                copied.append(name)
+        hook("new-tensors")
+        scratch = tmp / "scratch"
+        added_md = _write_new_tensors(added, scratch)
+        scratch_files = sorted(p for p in scratch.iterdir() if p.name.endswith(".distcp"))
+        if len(scratch_files) != 1:
+            raise RuntimeError(f"expected one DCP data file for the new tensors, got {[p.name for p in scratch_files]}")
+        os.replace(scratch_files[0], out / NEW_DATA_FILE)
+        shutil.rmtree(scratch)
+        hook("metadata")
+        merged = _merge_metadata(md, added_md, NEW_DATA_FILE, keep, relocate)
+        with open(out / (DCP_METADATA + ".tmp"), "wb") as f:
+            pickle.dump(merged, f)
+        os.replace(out / (DCP_METADATA + ".tmp"), out / DCP_METADATA)
+        model_added = [k for k in added if not k.startswith("optimizer.")]
+        spec_written = False
+        if plan.spec is not None:
+            (out / SPEC_FILE).write_text(_updated_spec_text(plan.spec, plan.eps))
+            spec_written = True
+        (out / META_FILE).write_text(json.dumps(_provenance(plan, src_dir, model_added), indent=2) + "\n")
+        (tmp / TRACKER_FILE).write_text("release" if out.name == "release" else str(iteration or 0))
+        hook("rename")
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dst.exists():
+            os.replace(old, dst)
+        raise
+    return ConversionResult(
+        status="converted",
+        src=str(src_dir),
+        dst=str(dst),
+        iteration=iteration,
+        streams=plan.streams,
+        hidden=plan.hidden,
+        eps=plan.eps,
+        hc_head_base=contraction_base(plan.streams, plan.eps),
+        stream_source=plan.stream_source,
+        eps_source=plan.eps_source,
+        added=model_added,
+        optimizer=plan.optimizer_mode,
+        optimizer_states=sorted(plan.optimizer_states),
+        copied_files=copied,
+        bytes_copied=nbytes,
+        spec_written=spec_written,
+    )
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    spec_path: Optional[str] = None,
+    streams: Optional[int] = None,
+    eps: Optional[float] = None,
+    force: bool = False,
+    drop_optimizer: bool = False,
+    verify: bool = False,
+    fail_hook: Optional[Callable[[str], None]] = None,
+) -> ConversionResult:
+    """`dsv4 convert-ckpt`: SRC (root or iter dir) -> DST root with the learned contraction.
+
+    CheckpointError for bad input (CLI exit 2); an already converted SRC returns status
+    'already_converted' and writes nothing. With verify, `result.verify` holds the checks run.
+    """
+    if streams is not None and streams < 2:
+        raise CheckpointError(f"--streams {streams}: hyper-connection checkpoints have n >= 2 streams")
+    if eps is not None and not 0 < eps < 0.1:
+        raise CheckpointError(f"--eps {eps}: must be in (0, 0.1)")
+    plan = plan_conversion(src, spec_path, streams, eps, drop_optimizer)
+    info = plan.info
+    if not plan.missing_blocks:
+        return ConversionResult(
+            status="already_converted", src=str(info.iter_dir), dst=None, iteration=info.iteration,
+            streams=plan.streams, hidden=plan.hidden, eps=None, hc_head_base=None,
+            stream_source=plan.stream_source, eps_source=plan.eps_source,
+        )
+    dst = Path(dst)
+    src_dirs = [info.iter_dir] + ([info.location.root] if info.location.root else [])
+    _check_destination(src_dirs, dst, force)
+    result = write_converted(plan, dst, force, fail_hook)
+    if verify:
+        from dsv4cli.ckpt.verify import verify_conversion
+
+        result.verify = verify_conversion(info, dst, plan.spec, plan.streams, plan.hidden, plan.eps)
+    return result

@@ -1,0 +1,85 @@
+"""Where a Megatron torch_dist checkpoint lives on disk: run root -> `iter_*` directory (DESIGN.md §2.6).
+
+A root holds `latest_checkpointed_iteration.txt` (an iteration number, or "release") and one
+`iter_0000100/`-style directory per save; an iteration directory holds the PyTorch DCP files
+(`.metadata`, `__R_K.distcp`), Megatron's `metadata.json` (older: `common.pt`) and dsv4's
+`dsv4_spec.toml` / `dsv4_meta.json`. A bare DCP directory (just `.metadata` + data files) is
+accepted too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dsv4cli.ckpt.errors import CheckpointError
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+DCP_METADATA = ".metadata"
+MEGATRON_CONFIG = "metadata.json"
+COMMON_STATE = "common.pt"
+SPEC_FILE = "dsv4_spec.toml"
+META_FILE = "dsv4_meta.json"
+_ITER_RE = re.compile(r"^iter_(\d+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointLocation:
+    """A resolved checkpoint: the directory holding `.metadata` and, when known, its root and iteration."""
+
+    iter_dir: Path
+    root: Optional[Path]
+    iteration: Optional[int]
+
+
+def iter_dir_name(iteration: int) -> str:
+    """Megatron's directory name of an iteration: 100 -> 'iter_0000100'."""
+    return f"iter_{iteration:07d}"
+
+
+def _iteration_of(name: str) -> Optional[int]:
+    m = _ITER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointLocation:
+    """A run root (latest iteration), an `iter_*` directory or a bare DCP directory -> its location.
+
+    Raises CheckpointError saying what is missing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (a checkpoint is a directory)")
+    if (path / DCP_METADATA).is_file():
+        it = _iteration_of(path.name)
+        root = path.parent if it is not None and (path.parent / TRACKER_FILE).is_file() else None
+        return CheckpointLocation(path, root, it)
+    tracker = path / TRACKER_FILE
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text == "release":
+            iter_dir = path / "release"
+            iteration = None
+        else:
+            try:
+                iteration = int(text)
+            except ValueError:
+                raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
+            iter_dir = path / iter_dir_name(iteration)
+        if not iter_dir.is_dir():
+            raise CheckpointError(f"{tracker} names iteration {text}, but {iter_dir} does not exist")
+        if not (iter_dir / DCP_METADATA).is_file():
+            raise CheckpointError(f"{iter_dir}: no {DCP_METADATA} file (incomplete or not a torch_dist checkpoint)")
+        return CheckpointLocation(iter_dir, path, iteration)
+    iters = sorted((d for d in path.iterdir() if d.is_dir() and _iteration_of(d.name) is not None), key=lambda d: d.name)
+    if iters:
+        raise CheckpointError(
+            f"{path}: no {TRACKER_FILE}; pass one iteration directory, e.g. {iters[-1]}"
+        )
+    raise CheckpointError(
+        f"{path}: not a checkpoint (no {DCP_METADATA}, no {TRACKER_FILE}, no iter_* directories)"
+    )

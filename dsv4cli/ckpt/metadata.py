@@ -1,0 +1,201 @@
+"""What a checkpoint holds, read from its metadata files only (never from tensor data).
+
+Sources: the DCP `.metadata` (names, global shapes, dtypes, chunks, and where each chunk's bytes
+sit), Megatron's `metadata.json`, dsv4's `dsv4_spec.toml` and `dsv4_meta.json`. The `.distcp`
+data files are only stat-ed, to tell a truncated checkpoint from a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from dsv4cli.ckpt.errors import CheckpointError
+from dsv4cli.ckpt.layout import (
+    DCP_METADATA,
+    MEGATRON_CONFIG,
+    META_FILE,
+    SPEC_FILE,
+    CheckpointLocation,
+    resolve_checkpoint,
+)
+
+OPTIMIZER_PREFIX = "optimizer."
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One stored tensor: its checkpoint key, global shape, dtype name, size in bytes and chunk count."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    shards: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_optimizer(self) -> bool:
+        return self.name.startswith(OPTIMIZER_PREFIX)
+
+
+@dataclass
+class CheckpointInfo:
+    """Everything inspect and convert need to know about a checkpoint, from metadata alone."""
+
+    location: CheckpointLocation
+    format: str
+    tensors: dict[str, TensorEntry]
+    objects: list[str]
+    files: dict[str, int]
+    megatron_config: Optional[dict]
+    spec_text: Optional[str]
+    spec: Any = None
+    spec_error: Optional[str] = None
+    meta: Optional[dict] = None
+    meta_error: Optional[str] = None
+    integrity_problems: list[str] = field(default_factory=list)
+    dcp_metadata: Any = None
+
+    @property
+    def iter_dir(self) -> Path:
+        return self.location.iter_dir
+
+    @property
+    def iteration(self) -> Optional[int]:
+        if self.location.iteration is not None:
+            return self.location.iteration
+        if self.meta and isinstance(self.meta.get("iteration"), int):
+            return self.meta["iteration"]
+        return None
+
+    def model_tensors(self) -> dict[str, TensorEntry]:
+        return {k: v for k, v in self.tensors.items() if not v.is_optimizer}
+
+    def optimizer_tensors(self) -> dict[str, TensorEntry]:
+        return {k: v for k, v in self.tensors.items() if v.is_optimizer}
+
+
+def dtype_name(dtype) -> str:
+    """torch.float32 -> 'float32'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def read_dcp_metadata(iter_dir: Path):
+    """The DCP `Metadata` object of a checkpoint directory (reads `.metadata` only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(iter_dir) / DCP_METADATA
+    if not path.is_file():
+        raise CheckpointError(f"{iter_dir}: no {DCP_METADATA} file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (interrupted save?)")
+    try:
+        return FileSystemReader(str(iter_dir)).read_metadata()
+    except Exception as e:  # pickle raises many kinds for a damaged file
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+
+
+def _tensor_entries(md) -> tuple[dict[str, TensorEntry], list[str]]:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    tensors: dict[str, TensorEntry] = {}
+    objects: list[str] = []
+    for name, item in md.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            dtype = item.properties.dtype
+            shape = tuple(int(s) for s in item.size)
+            itemsize = _itemsize(dtype)
+            tensors[name] = TensorEntry(name, shape, dtype_name(dtype), math.prod(shape) * itemsize, len(item.chunks))
+        elif isinstance(item, BytesStorageMetadata):
+            objects.append(name)
+    return tensors, objects
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def check_storage(iter_dir: Path, md) -> tuple[dict[str, int], list[str]]:
+    """Stat every data file `.metadata` points at: {file: size} and a list of what is missing or short."""
+    sizes: dict[str, int] = {}
+    needed: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    problems = []
+    for rel, end in sorted(needed.items()):
+        p = Path(iter_dir) / rel
+        try:
+            sizes[rel] = p.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"data file {rel} is missing")
+            continue
+        if sizes[rel] < end:
+            problems.append(f"data file {rel} is truncated: {sizes[rel]} bytes, metadata needs {end}")
+    return sizes, problems
+
+
+def read_checkpoint_info(path: str | Path, location: Optional[CheckpointLocation] = None) -> CheckpointInfo:
+    """Read a checkpoint's metadata (never tensor data) -> CheckpointInfo; CheckpointError if unreadable."""
+    loc = location or resolve_checkpoint(path)
+    md = read_dcp_metadata(loc.iter_dir)
+    tensors, objects = _tensor_entries(md)
+    files, integrity = check_storage(loc.iter_dir, md)
+
+    config = None
+    cfg_path = loc.iter_dir / MEGATRON_CONFIG
+    if cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            integrity.append(f"{MEGATRON_CONFIG} unreadable: {e}")
+    fmt = str(config.get("sharded_backend", "torch_dist")) if isinstance(config, dict) else "dcp"
+
+    info = CheckpointInfo(
+        location=loc,
+        format=fmt,
+        tensors=tensors,
+        objects=objects,
+        files=files,
+        megatron_config=config,
+        spec_text=None,
+        integrity_problems=integrity,
+        dcp_metadata=md,
+    )
+    spec_path = loc.iter_dir / SPEC_FILE
+    if spec_path.is_file():
+        info.spec_text = spec_path.read_text()
+        info.spec, info.spec_error = _load_spec_file(spec_path)
+    meta_path = loc.iter_dir / META_FILE
+    if meta_path.is_file():
+        try:
+            info.meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            info.meta_error = f"{META_FILE} unreadable: {e}"
+    return info
+
+
+def _load_spec_file(path: Path):
+    """Saved spec -> (Spec, None) or (None, why). Schema only: the cross-field rules ran when training
+    started, and the data/checkpoint paths it names need not exist where the checkpoint is read."""
+    from dsv4cli.spec.load import SpecError, load_spec
+
+    try:
+        return load_spec(path, rules=False), None
+    except SpecError as e:
+        return None, f"{path.name}: " + "; ".join(str(p.message if hasattr(p, "message") else p) for p in e.problems)
+
+
+def data_file_names(iter_dir: Path) -> list[str]:
+    """Names of the DCP data files in a directory (for tests and copying)."""
+    return sorted(f for f in os.listdir(iter_dir) if f.endswith(".distcp"))
