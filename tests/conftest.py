@@ -1,1 +1,64 @@
-"""Shared pytest configuration."""
+"""Shared pytest configuration.
+
+Fixtures here import torch/megatron only when a test requests them, so spec/CLI tests stay fast.
+- `cpu_compat` (session): the CPU workarounds of dsv4cli.model.cpu_compat (no-op with CUDA).
+- `megatron_1proc` (module): a 1-process gloo group with megatron model-parallel groups of size 1;
+  torn down at the end of the module so other test modules can create their own.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cpu_compat():
+    from dsv4cli.model import cpu_compat as compat
+
+    compat.apply()
+    return compat
+
+
+@pytest.fixture(scope="module")
+def megatron_1proc(cpu_compat):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from dsv4cli.build.parallel import init_process_group
+
+    owns = not dist.is_initialized()
+    init_process_group("gloo")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if owns and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_tiny_spec(**overrides):
+    """A tiny Spec (h=32, 2 layers, 4 heads, seq 16, vocab 256) with dotted-key overrides,
+    e.g. make_tiny_spec(**{"model.mhc.streams": 2, "parallel.tp": 2})."""
+    from dsv4cli.spec.schema import Spec
+
+    data = {
+        "model": {
+            "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
+            "vocab_size": 256, "seq_length": 16,
+            "mhc": {"streams": 4}, "contraction": {"mode": "learned"}, "mtp": {"depth": 1},
+        },
+        "train": {"micro_batch_size": 2, "global_batch_size": 2},
+    }
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return Spec.model_validate(data)
+
+
+@pytest.fixture
+def tiny_spec():
+    """Factory fixture: tiny_spec(**{"model.mhc.streams": 1}) -> Spec."""
+    return make_tiny_spec

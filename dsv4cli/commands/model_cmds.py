@@ -1,5 +1,87 @@
-"""CLI commands of the model area (thin: parse, call the library, render)."""
+"""CLI commands of the model area (thin: parse, call the library, render): inspect model."""
 
 from __future__ import annotations
 
+import json
+from typing import List, Optional
+
+import typer
+
 from dsv4cli.commands.app import app, inspect_app  # noqa: F401
+
+_SET_HELP = "Override one spec key, e.g. --set model.mhc.streams=2 (repeatable; the last one wins)."
+
+
+@inspect_app.command("model")
+def inspect_model(
+    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (tree, parameters, counts)."),
+) -> None:
+    """Build the spec's model on CPU (one process) and show its module tree (repeated layers folded)
+    and parameter counts, checked against the estimate of `dsv4 validate`."""
+    from dsv4cli.spec.load import SpecError, load_spec
+
+    try:
+        resolved = load_spec(spec, set_ or ())
+    except SpecError as e:
+        for problem in e.problems:
+            typer.echo(str(problem), err=True)
+        raise typer.Exit(2)
+
+    import warnings
+
+    from dsv4cli.build.config import UnsupportedSpecError  # no torch import
+
+    try:
+        with warnings.catch_warnings():  # megatron's import-time notices (no TE/Apex, deprecations)
+            warnings.simplefilter("ignore")
+            from dsv4cli.build.inspect import inspect_model as build_and_inspect
+
+            report = build_and_inspect(resolved)
+    except (UnsupportedSpecError, ValueError) as e:
+        typer.echo(f"{spec}: {e}", err=True)
+        raise typer.Exit(2)
+    except Exception as e:  # noqa: BLE001 - one-line error, exit 1
+        typer.echo(f"{spec}: building the model failed: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1)
+
+    estimate = _estimate(resolved)
+    matches = estimate is None or sorted(estimate) == sorted(report.params)
+    if as_json:
+        data = report.to_json()
+        data["spec"] = spec
+        data["matches_estimate"] = matches if estimate is not None else None
+        typer.echo(json.dumps(data))
+    else:
+        _render(report, matches, estimate is not None)
+    raise typer.Exit(0 if matches else 1)
+
+
+def _estimate(spec):
+    """The spec-only parameter inventory of `validate`, or None if that module is unavailable."""
+    try:
+        from dsv4cli.spec.estimate import param_inventory
+    except ImportError:
+        return None
+    return [(name, tuple(shape)) for name, shape in param_inventory(spec)]
+
+
+def _render(report, matches: bool, checked: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dsv4cli.model.inventory import render_tree
+
+    console = Console(highlight=False)
+    for line in render_tree(report.tree):
+        console.print(line, markup=False)
+    table = Table(title="parameters")
+    table.add_column("group")
+    table.add_column("count", justify="right")
+    for group, count in report.by_group.items():
+        table.add_row(group, f"{count:,}")
+    table.add_row("total", f"{report.total:,}")
+    console.print(table)
+    if checked:
+        console.print("matches the validate estimate: " + ("yes" if matches else "NO"), markup=False)

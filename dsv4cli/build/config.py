@@ -1,0 +1,151 @@
+"""Spec -> megatron-core TransformerConfig (the one place that maps spec fields to megatron knobs)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from dsv4cli.spec.schema import Spec
+
+# train.recompute list entries that are megatron selective-recompute modules ("mhc" is ours).
+_MEGATRON_RECOMPUTE_MODULES = {"core_attn": "core_attn", "mlp": "mlp", "moe": "moe", "layernorm": "layernorm"}
+
+
+class UnsupportedSpecError(NotImplementedError):
+    """The spec asks for something the builder does not implement yet (one-line message)."""
+
+
+def padded_vocab_size(spec: Spec) -> int:
+    """ceil(vocab / (vocab_pad_multiple * tp)) * vocab_pad_multiple * tp."""
+    m = spec.model.vocab_pad_multiple * spec.parallel.tp
+    return int(math.ceil(spec.model.vocab_size / m) * m)
+
+
+def check_supported(spec: Spec) -> None:
+    """Raise UnsupportedSpecError for spec features the builder cannot honour yet."""
+    moe = spec.model.moe
+    if moe is not None and moe.score_function == "sqrtsoftplus":
+        raise UnsupportedSpecError(
+            "model.moe.score_function = 'sqrtsoftplus' is not implemented by the builder yet; use 'softmax' or 'sigmoid'"
+        )
+    if moe is not None and moe.hash_layers > 0:
+        raise UnsupportedSpecError(
+            f"model.moe.hash_layers = {moe.hash_layers}: hash routing is not implemented by the builder yet; set it to 0"
+        )
+    n, mtp, layout = spec.model.mhc.streams, spec.model.mtp.depth, spec.parallel.pp_layout
+    if n > 1 and mtp > 0 and layout:
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        stages = PipelineParallelLayerLayout.parse_str_to_list(layout)
+        last = [str(t) for t in stages[-1]]
+        if sum("mtp" in t for t in last) != mtp:
+            raise UnsupportedSpecError(
+                f"parallel.pp_layout {layout!r}: with model.mhc.streams = {n} all {mtp} MTP layers must sit in the "
+                "last stage, next to the loss"
+            )
+
+
+def virtual_stages(spec: Spec) -> int:
+    """Virtual pipeline stages per pipeline rank (from parallel.vpp or the pp_layout's stage count)."""
+    par = spec.parallel
+    if par.pp_layout:
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        return max(1, PipelineParallelLayerLayout.get_num_stages_from_str(par.pp_layout) // par.pp)
+    return par.vpp
+
+
+def recompute_settings(spec: Spec) -> tuple[dict, bool]:
+    """train.recompute -> (TransformerConfig kwargs, recompute the mHC mappings?)."""
+    rc = spec.train.recompute
+    if rc == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), False
+    modules = [_MEGATRON_RECOMPUTE_MODULES[m] for m in rc if m in _MEGATRON_RECOMPUTE_MODULES]
+    kwargs = dict(recompute_granularity="selective", recompute_modules=modules) if modules else {}
+    return kwargs, "mhc" in rc
+
+
+def transformer_config(spec: Spec, world_size: Optional[int] = None):
+    """Spec -> megatron.core TransformerConfig (the decoder-layer config; hidden_size is h).
+
+    world_size, when given, is checked against tp * pp * cp (and ep) so a bad layout fails here
+    with the numbers rather than deep inside megatron.
+    """
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_supported(spec)
+    m, par, tr = spec.model, spec.parallel, spec.train
+    if world_size is not None:
+        mp = par.tp * par.pp * par.cp
+        if world_size % mp:
+            raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp = {par.tp}*{par.pp}*{par.cp} = {mp}")
+        if (world_size // (par.pp)) % (par.ep * par.etp):
+            raise ValueError(f"world size {world_size} / pp {par.pp} is not a multiple of ep*etp = {par.ep * par.etp}")
+    on_cpu = not torch.cuda.is_available()
+    bf16 = tr.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    recompute_kwargs, _ = recompute_settings(spec)
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=virtual_stages(spec) if virtual_stages(spec) > 1 else None,
+        context_parallel_size=par.cp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.etp,
+        sequence_parallel=par.sequence_parallel,
+        pipeline_model_parallel_layout=par.pp_layout,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=bf16,
+        mtp_num_layers=m.mtp.depth if m.mtp.depth > 0 else None,
+        mtp_loss_scaling_factor=m.mtp.loss_scale,
+        use_cpu_initialization=on_cpu,
+        **recompute_kwargs,
+    )
+    if m.moe is not None:
+        moe = m.moe
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.top_k,
+            moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=(
+                moe.num_shared_experts * moe.expert_ffn_hidden_size if moe.num_shared_experts else None
+            ),
+            moe_router_score_function=moe.score_function,
+            moe_router_topk_scaling_factor=moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else None,
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+        )
+    if on_cpu:
+        kwargs.update(
+            masked_softmax_fusion=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            cross_entropy_loss_fusion=False,
+        )
+        if virtual_stages(spec) > 1:
+            # gloo + batched isend/irecv under the interleaved schedule gave silently wrong grads.
+            kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    return TransformerConfig(**kwargs)

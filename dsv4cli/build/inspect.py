@@ -1,0 +1,74 @@
+"""`dsv4 inspect model`: build the spec's model on CPU in a 1-process group and describe it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsv4cli.spec.schema import Spec
+
+
+@dataclass
+class ModelReport:
+    """Module tree (folded), parameter list and totals of a built model."""
+
+    tree: object  # dsv4cli.model.inventory.TreeNode
+    params: list[tuple[str, tuple[int, ...]]]
+    total: int
+    by_group: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {
+            "total_params": self.total,
+            "by_group": self.by_group,
+            "params": [{"name": n, "shape": list(s)} for n, s in self.params],
+            "tree": self.tree.to_json(),
+        }
+
+
+def _group(name: str) -> str:
+    if "hyper_connection" in name:
+        return "mhc"
+    if "hc_head_" in name:
+        return "contraction"
+    if name.startswith("mtp."):
+        return "mtp"
+    if name.startswith("embedding.") or name.startswith("output_layer."):
+        return "embedding+output"
+    return "decoder"
+
+
+def inspect_model(spec: Spec) -> ModelReport:
+    """Build the full model (parallel sizes forced to 1, local modules, meta tensors) and report it."""
+    import math
+
+    import torch
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from dsv4cli.build.config import transformer_config
+    from dsv4cli.build.layer_specs import Backend
+    from dsv4cli.build.model import build_model_from_config
+    from dsv4cli.build.parallel import single_process
+    from dsv4cli.model.inventory import module_tree, param_inventory
+    from dsv4cli.model.norms import SPNorm
+    from dsv4cli.model.sdpa_attention import SDPACoreAttention
+
+    with single_process(spec):
+        # One process holds everything; the vocabulary keeps the padding of the spec's tp.
+        flat = spec.model_copy(update={
+            "parallel": spec.parallel.model_copy(update=dict(
+                tp=1, pp=1, vpp=1, cp=1, ep=1, etp=1, sequence_parallel=False, pp_layout=None)),
+            "model": spec.model.model_copy(update=dict(
+                vocab_pad_multiple=spec.model.vocab_pad_multiple * spec.parallel.tp)),
+        })
+        config = transformer_config(flat)
+        config.use_cpu_initialization = True  # allocate with the default device: meta below
+        config.perform_initialization = False
+        local = Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
+        with torch.device("meta"):  # shapes only: inspecting a 300B-parameter spec needs no memory
+            model = build_model_from_config(flat, config, backend=local)
+        params = param_inventory(model)
+        tree = module_tree(model, "model")
+    by_group: dict[str, int] = {}
+    for name, shape in params:
+        by_group[_group(name)] = by_group.get(_group(name), 0) + math.prod(shape)
+    return ModelReport(tree, params, sum(by_group.values()), by_group)

@@ -1,0 +1,166 @@
+"""Spec -> megatron ModuleSpecs: the decoder layer, this stage's block and this stage's MTP block.
+
+The architecture is data: `streams = 1` is megatron's own TransformerLayer/MTP layer; `streams > 1`
+swaps in MultiStreamTransformerLayer / MultiStreamMTPLayer with the same submodules.
+
+Backends: CUDA + Transformer Engine -> megatron's TE layer spec; otherwise local megatron modules
+(column/row parallel linears) with SP-taggable torch norms; on CPU the core attention is
+SDPACoreAttention (megatron's DotProductAttention needs CUDA buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from dsv4cli.spec.schema import Spec
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which module implementations to use."""
+
+    name: str  # "te" | "local"
+    core_attention: type
+    norm: type
+    column_parallel_linear: type
+
+
+def select_backend() -> Backend:
+    """TE on CUDA when importable; local megatron modules otherwise (SDPA core attention on CPU)."""
+    import torch
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from dsv4cli.model.norms import SPNorm
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+            from megatron.core.extensions.transformer_engine import (
+                TEColumnParallelLinear,
+                TEDotProductAttention,
+                TENorm,
+            )
+
+            return Backend("te", TEDotProductAttention, TENorm, TEColumnParallelLinear)
+        except ImportError:
+            from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+            return Backend("local", DotProductAttention, SPNorm, ColumnParallelLinear)
+    from dsv4cli.model.sdpa_attention import SDPACoreAttention
+
+    return Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
+
+
+def mhc_settings(spec: Spec):
+    from dsv4cli.build.config import recompute_settings
+    from dsv4cli.model.hyper_connection import MhcSettings
+
+    mhc = spec.model.mhc
+    _, recompute_mhc = recompute_settings(spec)
+    return MhcSettings(mhc.streams, mhc.sinkhorn_iterations, mhc.gating_init, mhc.eps, recompute_mhc)
+
+
+def contraction_settings(spec: Spec):
+    from dsv4cli.model.contraction import ContractionSettings
+
+    c = spec.model.contraction
+    return ContractionSettings(spec.model.mhc.streams, c.mode, c.eps)
+
+
+def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None):
+    """One decoder layer: megatron TransformerLayer (n = 1) or MultiStreamTransformerLayer (n > 1)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+        get_mlp_module_spec_for_backend,
+    )
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from dsv4cli.model.multi_stream_layer import MultiStreamTransformerLayer
+
+    backend = backend or select_backend()
+    num_experts = spec.model.moe.num_experts if spec.model.moe is not None else None
+    if backend.name == "te":
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=num_experts is not None)
+    else:
+        layer = ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                input_layernorm=backend.norm,
+                self_attention=ModuleSpec(
+                    module=SelfAttention,
+                    params={"attn_mask_type": AttnMaskType.causal},
+                    submodules=SelfAttentionSubmodules(
+                        linear_qkv=ColumnParallelLinear,
+                        core_attention=backend.core_attention,
+                        linear_proj=RowParallelLinear,
+                        q_layernorm=IdentityOp,
+                        k_layernorm=IdentityOp,
+                    ),
+                ),
+                self_attn_bda=get_bias_dropout_add,
+                pre_mlp_layernorm=backend.norm,
+                mlp=get_mlp_module_spec_for_backend(backend=LocalSpecProvider(), num_experts=num_experts),
+                mlp_bda=get_bias_dropout_add,
+                # megatron's convention: local-norm checkpoints use the TE fused-norm key names
+                sharded_state_dict_keys_map={
+                    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+                },
+            ),
+        )
+    if spec.model.mhc.streams > 1:
+        layer = replace(layer, module=MultiStreamTransformerLayer, params={**layer.params, "mhc": mhc_settings(spec)})
+    return layer
+
+
+def decoder_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: Optional[Backend] = None):
+    """This pipeline stage's layers (pp_layout aware) + the final norm (+ contraction settings when n > 1)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from dsv4cli.model.multi_stream_block import MultiStreamBlockSubmodules
+
+    backend = backend or select_backend()
+    layer = decoder_layer_spec(spec, backend)
+    layers = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
+    if spec.model.mhc.streams > 1:
+        return MultiStreamBlockSubmodules(layer_specs=layers, layer_norm=backend.norm,
+                                          contraction=contraction_settings(spec))
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=backend.norm)
+
+
+def mtp_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: Optional[Backend] = None):
+    """MTP depths built on this stage (None when none): megatron's MTP layer (n = 1) or MultiStreamMTPLayer."""
+    from megatron.core.transformer.multi_token_prediction import (
+        MultiTokenPredictionBlockSubmodules,
+        MultiTokenPredictionLayer,
+        MultiTokenPredictionLayerSubmodules,
+        get_mtp_num_layers_to_build,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from dsv4cli.model.mtp import MultiStreamMTPLayer
+
+    if spec.model.mtp.depth == 0 or get_mtp_num_layers_to_build(config, vp_stage=vp_stage) == 0:
+        return None
+    backend = backend or select_backend()
+    submodules = MultiTokenPredictionLayerSubmodules(
+        enorm=backend.norm,
+        hnorm=backend.norm,
+        eh_proj=backend.column_parallel_linear,
+        transformer_layer=decoder_layer_spec(spec, backend),
+        layer_norm=backend.norm,
+    )
+    if spec.model.mhc.streams > 1:
+        layer = ModuleSpec(module=MultiStreamMTPLayer, params={"contraction": contraction_settings(spec)},
+                           submodules=submodules)
+    else:
+        layer = ModuleSpec(module=MultiTokenPredictionLayer, submodules=submodules)
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * spec.model.mtp.depth)

@@ -1,0 +1,66 @@
+"""Spec -> a Dsv4GPTModel for this pipeline stage (call after initialize_parallel)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from dsv4cli.spec.schema import Spec
+
+
+def build_model(spec: Spec, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
+    """Build the model chunk of this rank: Dsv4GPTModel (a megatron GPTModel subclass).
+
+    forward(input_ids [b,s], position_ids [b,s], attention_mask=None, labels=[b,s], loss_mask=[b,s])
+    -> per-token main loss [b, s]; logits [b, s, V] when labels is None. MTP losses enter the
+    gradient through MTPLossAutoScaler and are tracked per depth (unscaled) in MTPLossLoggingHelper.
+    """
+    from dsv4cli.build.config import transformer_config
+    from dsv4cli.model import cpu_compat
+
+    cpu_compat.apply()
+    return build_model_from_config(spec, transformer_config(spec), pre_process, post_process, vp_stage)
+
+
+def build_model_from_config(spec: Spec, config, pre_process: bool = True, post_process: bool = True,
+                            vp_stage: Optional[int] = None, backend=None):
+    """build_model with an explicit TransformerConfig (and optionally a Backend of layer_specs)."""
+    from dsv4cli.build.config import padded_vocab_size
+    from dsv4cli.build.layer_specs import decoder_block_spec, mtp_block_spec, select_backend
+    from dsv4cli.model.gpt import Dsv4GPTModel
+
+    backend = backend or select_backend()
+    m = spec.model
+    return Dsv4GPTModel(
+        config,
+        decoder_block_spec(spec, config, vp_stage=vp_stage, backend=backend),
+        vocab_size=padded_vocab_size(spec),
+        max_sequence_length=m.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=m.rotary_base,
+        mtp_block_spec=mtp_block_spec(spec, config, vp_stage=vp_stage, backend=backend),
+        vp_stage=vp_stage,
+        streams=m.mhc.streams,
+    )
+
+
+def build_model_chunks(spec: Spec) -> list:
+    """All model chunks of this rank: one per virtual pipeline stage (one chunk without VPP), with
+    pre_process/post_process set from megatron's parallel_state (call after initialize_parallel)."""
+    from megatron.core import parallel_state
+
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None or vpp <= 1:
+        return [build_model(spec, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())]
+    return [
+        build_model(
+            spec,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp,
+        )
+        for vp in range(vpp)
+    ]

@@ -1,0 +1,81 @@
+"""Output contraction of n streams to one before the final norm: learned (DSv4) or legacy average.
+
+The learned parameters are bare parameters of their owner (the decoder block, or one MTP depth),
+so that checkpoint keys read `decoder.hc_head_fn` and `mtp.layers.{k}.hc_head_fn` (DESIGN.md §2.5).
+Owners must put them into their `sharded_state_dict` themselves (`contraction_sharded_state_dict`):
+megatron's TransformerBlock only walks child modules and would silently drop them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dsv4cli import kernels
+from dsv4cli.model.hyper_connection import mark_replicated
+
+HC_HEAD_NAMES = ("hc_head_fn", "hc_head_base", "hc_head_scale")
+
+
+@dataclass(frozen=True)
+class ContractionSettings:
+    """model.contraction plus the stream count."""
+
+    streams: int
+    mode: str = "learned"
+    eps: float = 1e-6
+
+
+def add_contraction_params(owner: torch.nn.Module, hidden_size: int, settings: ContractionSettings, sequence_parallel: bool) -> None:
+    """Register hc_head_fn [n, n*h] (xavier), hc_head_base [n] (0), hc_head_scale [1] (1) on `owner` (learned only)."""
+    owner.contraction = settings
+    if settings.mode != "learned" or settings.streams == 1:
+        return
+    n = settings.streams
+    owner.hc_head_fn = torch.nn.Parameter(torch.empty(n, n * hidden_size, dtype=torch.float32))
+    owner.hc_head_base = torch.nn.Parameter(torch.zeros(n, dtype=torch.float32))
+    owner.hc_head_scale = torch.nn.Parameter(torch.ones(1, dtype=torch.float32))
+    with torch.no_grad():
+        torch.nn.init.xavier_uniform_(owner.hc_head_fn)
+    for name in HC_HEAD_NAMES:
+        mark_replicated(getattr(owner, name), sequence_parallel)
+
+
+def contract(owner: torch.nn.Module, x: Tensor) -> Tensor:
+    """x [s, b, n*h] -> [s, b, h] with the owner's contraction."""
+    s: ContractionSettings = owner.contraction
+    if s.mode == "average":
+        return kernels.average_output_contract(x, s.streams)
+    return kernels.learned_output_contract(
+        x, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, s.streams, s.eps
+    )
+
+
+def average_equivalent_base(n: int, eps: float) -> float:
+    """logit(1/n - eps): with hc_head_fn = 0 and scale = 1 this makes the learned contraction the mean."""
+    p = 1.0 / n - eps
+    return math.log(p / (1.0 - p))
+
+
+def contraction_sharded_state_dict(owner: torch.nn.Module, prefix: str, metadata: dict | None) -> dict:
+    """ShardedTensors (TP/DP-replicated) for the owner's hc_head_* parameters, keyed `{prefix}hc_head_*`."""
+    from megatron.core.transformer.utils import (
+        ensure_metadata_has_dp_cp_group,
+        make_sharded_tensors_for_checkpoint,
+    )
+
+    params = {name: getattr(owner, name) for name in HC_HEAD_NAMES if hasattr(owner, name)}
+    if not params:
+        return {}
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    tp_group = getattr(owner, "tp_group", None)
+    if tp_group is None:
+        from megatron.core import parallel_state
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    return make_sharded_tensors_for_checkpoint(
+        params, prefix, {}, (), tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
+    )

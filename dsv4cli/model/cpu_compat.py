@@ -1,0 +1,329 @@
+"""Every CPU workaround megatron-core 0.16.1 needs, in one place; a no-op when CUDA is available.
+
+`apply()` is idempotent and must run once per process before models are built (the builder,
+the trainer and the session-scoped pytest fixture call it). Production GPU runs never go
+through this module. What each patch fixes (measured, see shared/CPU_NOTES.md §1):
+
+- `torch.cuda.current_device()` -> the CPU device, `torch.cuda.synchronize()` -> no-op
+  (GlobalMemoryBuffer, p2p shapes, router, RoPE, dist-ckpt all ask for the current device).
+- A TorchFunctionMode that maps `device="cuda"`/int device arguments to CPU, `Tensor.cuda()` to
+  identity and `Tensor.type()` to the CUDA type name (optimizer, clip_grads and schedules
+  hard-code CUDA).
+- An RNG tracker with megatron's add/fork/get_states/set_states interface on the CPU generator,
+  and no-op CUDA RNG get/set for activation recompute.
+- `MTPLossLoggingHelper` creates its tracker on the loss' device (megatron allocates on CUDA).
+- MoE: null CUDA streams/events, `te_general_gemm = None` without TE, all-to-all split sizes
+  as numpy arrays.
+- `multi_latent_attention.HAVE_TE = False` when transformer_engine is not importable.
+- torch_dist saving writes its buckets in-process (no forked writers, no spawn Manager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+
+_APPLIED = False
+_LOCK = threading.Lock()
+_MODE = None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Install all CPU workarounds (once). Returns True when they are active, False on CUDA."""
+    global _APPLIED
+    if cuda_available():
+        return False
+    with _LOCK:
+        if _APPLIED:
+            return True
+        _patch_torch_cuda()
+        _patch_rng()
+        _patch_mtp_tracker()
+        _patch_moe()
+        _patch_mla()
+        _patch_dist_checkpointing()
+        _enter_device_mode()
+        _APPLIED = True
+    return True
+
+
+def is_applied() -> bool:
+    return _APPLIED
+
+
+# --------------------------------------------------------------------------- torch.cuda
+
+
+class _NullEvent:
+    def record(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def wait(self, *args, **kwargs):
+        return None
+
+    def query(self):
+        return True
+
+
+class _NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        return None
+
+    def wait_event(self, *args, **kwargs):
+        return None
+
+    def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+    def synchronize(self):
+        return None
+
+    def __eq__(self, other):
+        return isinstance(other, _NullStream)
+
+    def __hash__(self):
+        return 0
+
+
+_NULL_STREAM = _NullStream()
+
+
+def _patch_torch_cuda() -> None:
+    import torch
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullEvent
+    torch.cuda.current_stream = lambda *a, **k: _NULL_STREAM
+    torch.cuda.default_stream = lambda *a, **k: _NULL_STREAM
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.Tensor.record_stream = lambda self, *a, **k: None
+
+
+def _enter_device_mode() -> None:
+    """Map CUDA device arguments to CPU for every torch call in this thread (and new ones)."""
+    global _MODE
+    from torch.overrides import TorchFunctionMode
+
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    assert isinstance(_MODE, TorchFunctionMode)
+
+
+def _is_cuda_device(dev) -> bool:
+    import torch
+
+    if isinstance(dev, bool):
+        return False
+    if isinstance(dev, int):
+        return True
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    return False
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+    "torch.ByteTensor": "torch.cuda.ByteTensor",
+    "torch.BoolTensor": "torch.cuda.BoolTensor",
+}
+
+
+def _make_mode_class():
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    tensor_cuda = torch.Tensor.cuda
+    tensor_type = torch.Tensor.type
+    tensor_to = torch.Tensor.to
+
+    class CudaToCpuMode(TorchFunctionMode):
+        """device='cuda' / int -> cpu; Tensor.cuda() -> self; Tensor.type() -> CUDA type name."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is tensor_cuda:
+                return args[0]
+            if func is tensor_type and len(args) == 1 and not kwargs:
+                name = func(*args)
+                return _CUDA_TYPE_NAMES.get(name, name)
+            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+                kwargs = dict(kwargs, device=torch.device("cpu"))
+            if func is tensor_to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], torch.device("cpu"), *args[2:])
+            return func(*args, **kwargs)
+
+    return CudaToCpuMode
+
+
+def _CudaToCpuMode():
+    return _make_mode_class()()
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def _make_cpu_tracker_class():
+    import torch
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """megatron's RNG tracker interface on the CPU generator (named CPU RNG states)."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig = self.states_[orig_name]
+                torch.set_rng_state(orig)
+                self._current_state_name = orig_name
+
+    return CpuRNGStatesTracker
+
+
+def _patch_rng() -> None:
+    import torch
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker_cls = _make_cpu_tracker_class()
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker_cls()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    def initialize_rng_tracker(*args, force_reset: bool = False, **kwargs):
+        if force_reset or not mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED:
+            mrandom._CUDA_RNG_STATE_TRACKER = tracker_cls()
+            mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    def _force_reset_kw(args, kwargs):
+        if len(args) >= 4:
+            return bool(args[3])
+        return bool(kwargs.get("force_reset", False))
+
+    mrandom.initialize_rng_tracker = lambda *a, **k: initialize_rng_tracker(force_reset=_force_reset_kw(a, k))
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+    torch.cuda.manual_seed = lambda *a, **k: None
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)
+    torch.cuda.set_rng_state = lambda *a, **k: None
+
+
+# --------------------------------------------------------------------------- MTP / MoE / MLA
+
+
+def _patch_mtp_tracker() -> None:
+    import torch
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    original = mtp.MTPLossLoggingHelper.save_loss_to_tracker
+
+    def save_loss_to_tracker(loss, layer_number, num_layers, reduce_group=None, avg_group=None):
+        tracker = mtp.MTPLossLoggingHelper.tracker
+        if layer_number is not None and "values" not in tracker:
+            tracker["values"] = torch.zeros(num_layers, device=loss.device)
+        return original(loss, layer_number, num_layers, reduce_group, avg_group)
+
+    mtp.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(save_loss_to_tracker)
+
+
+def _patch_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        import torch
+
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.detach().numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
+        token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _patch_mla() -> None:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        from megatron.core.transformer import multi_latent_attention
+
+        multi_latent_attention.HAVE_TE = False
+
+
+# --------------------------------------------------------------------------- dist_checkpointing
+
+
+def _patch_dist_checkpointing() -> None:
+    """torch_dist save: write every bucket in this process (no fork, no spawn Manager)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    results = queue.Queue()
+    fsa._get_write_results_queue = lambda: results
+
+    def write_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
+        local_results: queue.Queue = queue.Queue()
+        count: queue.Queue = queue.Queue()
+        collected: dict | Exception = {}
+        for i, bucket in enumerate(write_buckets):
+            count.put(i)
+            fsa.FileSystemWriterAsync.write_preloaded_data(
+                transform_list, i, bucket, local_results, count, True
+            )
+        for _ in write_buckets:
+            idx, res = local_results.get_nowait()
+            if isinstance(res, Exception):
+                collected = res
+                break
+            collected[idx] = res
+        global_results_queue.put(collected)
+
+    fsa.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_process)

@@ -1,0 +1,99 @@
+"""mHC for one sub-layer: n residual streams in, the sub-layer's input out, n streams back.
+
+    x [s, b, n*h] ── mappings(x) ──> H_pre [s,b,n], H_post [s,b,n], H_res [s,b,n,n]
+      │
+      ├── aggregate:  u = Σ_i H_pre[i] x_i                      [s, b, h]  -> norm -> F (attn or MLP)
+      └── post+res:   x'_k = H_post[k] F(u) + Σ_j H_res[j,k] x_j   [s, b, n*h]
+
+Parameters (fp32 always, TP-replicated; DESIGN.md §2.2): `mapping_proj.weight [n*n+2n, n*h]`
+(xavier-uniform), `alpha_pre`, `alpha_post`, `alpha_res` ([1] each, = gating_init), `bias [n*n+2n]`
+(zeros, ordered pre, post, res). Under sequence parallelism each rank sees a sequence shard, so
+the params are tagged `sequence_parallel` and megatron all-reduces their grads over TP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dsv4cli import kernels
+from dsv4cli.model.fp32_params import KeepFp32Params
+
+
+@dataclass(frozen=True)
+class MhcSettings:
+    """What an mHC sub-layer needs from the spec (model.mhc)."""
+
+    streams: int
+    sinkhorn_iterations: int = 20
+    gating_init: float = 0.01
+    eps: float = 1e-6
+    recompute: bool = False
+
+
+def mark_replicated(param: torch.nn.Parameter, sequence_parallel: bool) -> torch.nn.Parameter:
+    """Tag a TP-replicated parameter so megatron reduces its grad over TP under sequence parallelism."""
+    param.sequence_parallel = bool(sequence_parallel)
+    return param
+
+
+class HyperConnection(KeepFp32Params, torch.nn.Module):
+    """One sub-layer's mHC: mappings from x [.., n*h]; aggregate to [.., h]; merge back to [.., n*h]."""
+
+    def __init__(self, hidden_size: int, settings: MhcSettings, sequence_parallel: bool = False):
+        super().__init__()
+        n = settings.streams
+        self.n = n
+        self.settings = settings
+        width = n * n + 2 * n
+        self.mapping_proj = torch.nn.Linear(n * hidden_size, width, bias=False, dtype=torch.float32)
+        self.alpha_pre = torch.nn.Parameter(torch.full((1,), settings.gating_init, dtype=torch.float32))
+        self.alpha_post = torch.nn.Parameter(torch.full((1,), settings.gating_init, dtype=torch.float32))
+        self.alpha_res = torch.nn.Parameter(torch.full((1,), settings.gating_init, dtype=torch.float32))
+        self.bias = torch.nn.Parameter(torch.zeros(width, dtype=torch.float32))
+        self.reset_parameters()
+        for p in self.parameters():
+            mark_replicated(p, sequence_parallel)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            torch.nn.init.xavier_uniform_(self.mapping_proj.weight)
+            for a in (self.alpha_pre, self.alpha_post, self.alpha_res):
+                a.fill_(self.settings.gating_init)
+            self.bias.zero_()
+
+    def alpha(self) -> Tensor:
+        """[3] gating scales (pre, post, res) as the ops take them."""
+        return torch.cat([self.alpha_pre, self.alpha_post, self.alpha_res])
+
+    def _mappings(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.settings
+        return kernels.mhc_mappings(
+            x, self.mapping_proj.weight, self.alpha(), self.bias, self.n, s.sinkhorn_iterations, s.eps
+        )
+
+    def mappings(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [s, b, n*h] -> (H_pre [s,b,n], H_post [s,b,n], H_res [s,b,n,n]) in fp32.
+
+        With `recompute`, only x is kept for backward and the mappings (Sinkhorn included) are
+        recomputed there.
+        """
+        if self.settings.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._mappings, x, use_reentrant=False)
+        return self._mappings(x)
+
+    def aggregate(self, x: Tensor, h_pre: Tensor) -> Tensor:
+        """x [s, b, n*h], H_pre [s, b, n] -> u [s, b, h]."""
+        return kernels.mhc_aggregate(x, h_pre, self.n)
+
+    def merge(self, x: Tensor, f: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+        """x [s,b,n*h], f [s,b,h] -> x' [s,b,n*h]: x'_k = H_post[k] f + Σ_j H_res[j,k] x_j."""
+        return kernels.mhc_post_res(x, f, h_post, h_res, self.n)
+
+    def forward(self, x: Tensor, sublayer) -> Tensor:
+        """x [s, b, n*h] -> [s, b, n*h], with `sublayer: [s, b, h] -> [s, b, h]` (norm + attn or MLP)."""
+        h_pre, h_post, h_res = self.mappings(x)
+        f = sublayer(self.aggregate(x, h_pre))
+        return self.merge(x, f, h_post, h_res)

@@ -1,0 +1,71 @@
+"""What a built model holds: its (name, shape) parameter list and a folded module tree with counts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+def param_inventory(model: torch.nn.Module) -> list[tuple[str, Shape]]:
+    """[(state-dict name, shape)] of every parameter, in module order (tied weights once)."""
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+@dataclass
+class TreeNode:
+    """One module in the folded tree; `repeat` > 1 when identical siblings (e.g. layers 0..N-1) were folded."""
+
+    name: str
+    type: str
+    params: int  # parameters of one instance, including children
+    repeat: int = 1
+    children: list["TreeNode"] = field(default_factory=list)
+
+    def signature(self) -> tuple:
+        return (self.type, self.params, tuple(c.signature() for c in self.children))
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "params": self.params,
+            "repeat": self.repeat,
+            "children": [c.to_json() for c in self.children],
+        }
+
+
+def _own_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def module_tree(module: torch.nn.Module, name: str = "model") -> TreeNode:
+    """Module tree with parameter counts; runs of identical numbered siblings fold into `name.{a..b}` xN."""
+    children = [module_tree(child, child_name) for child_name, child in module.named_children()]
+    node = TreeNode(name, type(module).__name__, sum(p.numel() for p in module.parameters()), 1, [])
+    for child in children:
+        last = node.children[-1] if node.children else None
+        if (
+            last is not None
+            and re.fullmatch(r"\d+(\.\.\d+)?", last.name)
+            and child.name.isdigit()
+            and last.signature() == child.signature()
+        ):
+            first = last.name.split("..")[0]
+            last.name = f"{first}..{child.name}"
+            last.repeat += 1
+        else:
+            node.children.append(child)
+    return node
+
+
+def render_tree(node: TreeNode, indent: str = "") -> list[str]:
+    """Text lines: `name (Type) params` with `xN` for folded repeats."""
+    rep = f" x{node.repeat}" if node.repeat > 1 else ""
+    lines = [f"{indent}{node.name} ({node.type}){rep}  {node.params:,}"]
+    for c in node.children:
+        lines += render_tree(c, indent + "  ")
+    return lines

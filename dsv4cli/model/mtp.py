@@ -1,0 +1,144 @@
+"""One MTP depth with mHC (DESIGN.md §2.4): [s, b, n*h] streams in, [s, b, n*h] streams out.
+
+    e = e_proj(enorm(embed(tokens shifted by k)))           [s, b, h]
+    z = e (broadcast over streams) + h_proj(hnorm(x_i))      [s, b, n*h]   (hnorm per stream)
+    x' = transformer_layer(z)                                [s, b, n*h]   (its own mHC layer)
+    head(x') = final_layernorm(contract(x'))                 [s, b, h]     -> shared output layer
+
+The streams x' go on to depth k+1. Parameters: enorm, hnorm, e_proj [h, h], h_proj [h, h] (no bias,
+column-parallel like megatron's eh_proj), transformer_layer, final_layernorm, hc_head_* (learned).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional
+
+from torch import Tensor
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel import (
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionLayer,
+    get_mtp_layer_offset,
+)
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import make_viewless_tensor
+
+from dsv4cli.model.contraction import (
+    HC_HEAD_NAMES,
+    ContractionSettings,
+    add_contraction_params,
+    contract,
+    contraction_sharded_state_dict,
+)
+from dsv4cli.model.fp32_params import KeepFp32Params
+
+
+class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
+    """MTP depth on n mHC streams; reuses megatron's token/position rolling (`_get_embeddings`)."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, vp_stage=None, pg_collection=None,
+                 contraction: Optional[ContractionSettings] = None):
+        MegatronModule.__init__(self, config=config)
+        if contraction is None or contraction.streams < 2:
+            raise ValueError("MultiStreamMTPLayer needs contraction settings with streams >= 2")
+        self.sequence_parallel = config.sequence_parallel
+        self.submodules = submodules
+        self.layer_number = layer_number + get_mtp_layer_offset(config, vp_stage)
+        self.vp_stage = vp_stage
+        self.cp_group = pg_collection.cp
+        self.streams = contraction.streams
+        h = config.hidden_size
+        norm_kwargs = dict(config=config, hidden_size=h, eps=config.layernorm_epsilon)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        proj_kwargs = dict(config=config, init_method=config.init_method, gather_output=False, bias=False,
+                           skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
+        self.enorm = build_module(submodules.enorm, **norm_kwargs)
+        self.hnorm = build_module(submodules.hnorm, **norm_kwargs)
+        self.e_proj = build_module(submodules.eh_proj, h, h, **proj_kwargs)
+        self.h_proj = build_module(submodules.eh_proj, h, h, **proj_kwargs)
+        decoder_offset = config.num_layers - get_transformer_layer_offset(config, vp_stage)
+        self.transformer_layer = build_module(
+            submodules.transformer_layer, config=config, vp_stage=vp_stage,
+            layer_number=self.layer_number + decoder_offset,
+        )
+        self.final_layernorm = build_module(submodules.layer_norm, **norm_kwargs)
+        add_contraction_params(self, h, contraction, config.sequence_parallel)
+        self.offload_context = nullcontext()
+
+    def fp32_param_names(self) -> list[str]:
+        return [n for n in HC_HEAD_NAMES if hasattr(self, n)]
+
+    def _project(self, proj, x: Tensor) -> Tensor:
+        """Column-parallel [s', b', h] -> full [s, b', h] (gathered over TP; SP input is gathered by proj)."""
+        y, _ = proj(x)
+        return gather_from_tensor_model_parallel_region(y, group=self.tp_group)
+
+    def combine(self, streams: Tensor, decoder_input: Tensor) -> Tensor:
+        """streams [s', b, n*h], embedding [s', b, h] -> z [s', b, n*h] (s' = s / tp under SP)."""
+        n = self.streams
+        s_loc, b, width = streams.shape
+        h = width // n
+        e = self._project(self.e_proj, self.enorm(decoder_input))  # [s, b, h]
+        hs = self.hnorm(streams.reshape(s_loc, b, n, h)).reshape(s_loc, b * n, h)
+        hs = self._project(self.h_proj, hs)  # [s, b*n, h]
+        s = hs.shape[0]
+        z = (hs.reshape(s, b, n, h) + e.unsqueeze(2)).reshape(s, b, n * h)
+        if self.sequence_parallel:
+            z = scatter_to_sequence_parallel_region(z, group=self.tp_group)
+        return z
+
+    def head(self, x: Tensor) -> Tensor:
+        """[s, b, n*h] -> final_layernorm(contract(x)) [s, b, h]."""
+        y = self.final_layernorm(contract(self, x))
+        return make_viewless_tensor(inp=y, requires_grad=True, keep_graph=True)
+
+    def _combine_and_layer(self, hidden_states, decoder_input, attention_mask=None, rotary_pos_emb=None,
+                           rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
+                           inference_params=None, packed_seq_params=None, sequence_len_offset=None):
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.sequence_parallel else nullcontext()
+        with rng:
+            z = self.combine(hidden_states, decoder_input)
+            x, _ = self.transformer_layer(
+                hidden_states=z, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, attention_bias=attention_bias,
+                inference_params=inference_params, packed_seq_params=packed_seq_params,
+                sequence_len_offset=sequence_len_offset,
+            )
+        return x
+
+    def forward(self, input_ids, position_ids, hidden_states, attention_mask, context=None, context_mask=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
+                inference_params=None, packed_seq_params=None, sequence_len_offset=None, embedding=None):
+        """streams [s, b, n*h] of depth k-1 -> (streams of depth k, rolled input_ids, rolled position_ids)."""
+        if context is not None:
+            raise NotImplementedError("MTP with cross attention is not supported")
+        input_ids, position_ids, decoder_input, hidden_states = self._get_embeddings(
+            input_ids=input_ids, position_ids=position_ids, embedding=embedding,
+            hidden_states=hidden_states, packed_seq_params=packed_seq_params,
+        )
+        kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
+                      rotary_pos_sin=rotary_pos_sin, attention_bias=attention_bias,
+                      inference_params=inference_params, packed_seq_params=packed_seq_params,
+                      sequence_len_offset=sequence_len_offset)
+        if self.config.recompute_granularity == "full" and self.training:
+            x = tensor_parallel.checkpoint(
+                lambda hs, di: self._combine_and_layer(hs, di, **kwargs),
+                self.config.distribute_saved_activations, hidden_states, decoder_input,
+            )
+        else:
+            x = self._combine_and_layer(hidden_states, decoder_input, **kwargs)
+        x = make_viewless_tensor(inp=x, requires_grad=True, keep_graph=True)
+        return x, input_ids, position_ids
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Children and own parameters; hc_head_* added explicitly (never rely on the default walk)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        sd.update(contraction_sharded_state_dict(self, prefix, metadata))
+        return sd

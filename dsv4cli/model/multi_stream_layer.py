@@ -1,0 +1,96 @@
+"""A megatron TransformerLayer whose residual is n mHC streams: [s, b, n*h] -> [s, b, n*h].
+
+Same submodules as megatron's layer (input_layernorm, self_attention, pre_mlp_layernorm, mlp);
+the plain residual adds are replaced by one HyperConnection per sub-layer (DESIGN.md §2.2):
+
+    x ─ self_attention_hyper_connection(x, u -> attn(input_layernorm(u))) ─> x
+      ─ mlp_hyper_connection(x, u -> mlp(pre_mlp_layernorm(u)))          ─> x
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import make_viewless_tensor
+
+from dsv4cli.model.hyper_connection import HyperConnection, MhcSettings
+
+
+class MultiStreamTransformerLayer(TransformerLayer):
+    """TransformerLayer with mHC residual streams; `mhc` comes from the ModuleSpec params."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
+                 vp_stage=None, mhc: Optional[MhcSettings] = None):
+        super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
+                         pg_collection=pg_collection, vp_stage=vp_stage)
+        if mhc is None or mhc.streams < 2:
+            raise ValueError("MultiStreamTransformerLayer needs mhc settings with streams >= 2")
+        self.streams = mhc.streams
+        sp = config.sequence_parallel
+        self.self_attention_hyper_connection = HyperConnection(config.hidden_size, mhc, sequence_parallel=sp)
+        self.mlp_hyper_connection = HyperConnection(config.hidden_size, mhc, sequence_parallel=sp)
+
+    def _sublayer_output(self, output_with_bias) -> Tensor:
+        """(out, bias) of attention/MLP -> f [s, b, h] (bias added, hidden dropout applied)."""
+        out, bias = output_with_bias
+        if bias is not None:
+            out = out + bias
+        if self.training and self.hidden_dropout > 0:
+            out = torch.nn.functional.dropout(out, p=self.hidden_dropout, training=True)
+        return out
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        context: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None,
+        rotary_pos_emb: Optional[Tensor] = None,
+        rotary_pos_cos: Optional[Tensor] = None,
+        rotary_pos_sin: Optional[Tensor] = None,
+        rotary_pos_cos_sin: Optional[Tensor] = None,
+        attention_bias: Optional[Tensor] = None,
+        inference_context=None,
+        packed_seq_params=None,
+        sequence_len_offset: Optional[Tensor] = None,
+        padding_mask: Optional[Tensor] = None,
+        *,
+        inference_params=None,
+        **kwargs,
+    ):
+        """hidden_states [s, b, n*h] -> ([s, b, n*h], context)."""
+        inference_context = inference_context if inference_context is not None else inference_params
+
+        def attention(u: Tensor) -> Tensor:
+            return self._sublayer_output(
+                self.self_attention(
+                    self.input_layernorm(u),
+                    attention_mask=attention_mask,
+                    inference_context=inference_context,
+                    rotary_pos_emb=rotary_pos_emb,
+                    rotary_pos_cos=rotary_pos_cos,
+                    rotary_pos_sin=rotary_pos_sin,
+                    rotary_pos_cos_sin=rotary_pos_cos_sin,
+                    attention_bias=attention_bias,
+                    packed_seq_params=packed_seq_params,
+                    sequence_len_offset=sequence_len_offset,
+                )
+            )
+
+        def mlp(u: Tensor) -> Tensor:
+            normed = self.pre_mlp_layernorm(u)
+            if self.recompute_mlp:
+                out = tensor_parallel.checkpoint(functools.partial(self.mlp, padding_mask=padding_mask), False, normed)
+            else:
+                out = self.mlp(normed, padding_mask=padding_mask)
+            return self._sublayer_output(out)
+
+        x = self.self_attention_hyper_connection(hidden_states, attention)
+        x = self.mlp_hyper_connection(x, mlp)
+        return make_viewless_tensor(inp=x, requires_grad=x.requires_grad, keep_graph=True), context

@@ -1,0 +1,50 @@
+"""The CPU workarounds: CUDA device requests land on CPU, the RNG tracker works on the CPU generator,
+the MTP loss tracker lives on CPU, and apply() is idempotent."""
+
+from __future__ import annotations
+
+import torch
+
+
+def test_apply_is_idempotent_and_maps_cuda_to_cpu(cpu_compat):
+    assert cpu_compat.apply() is True and cpu_compat.apply() is True
+    assert torch.zeros(3, device="cuda").device.type == "cpu"
+    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+    t = torch.ones(2)
+    assert t.cuda() is t
+    assert t.to("cuda").device.type == "cpu"
+    assert t.type() == "torch.cuda.FloatTensor"
+    assert t.type(torch.float64).dtype == torch.float64
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        pass
+
+
+def test_rng_tracker_forks_named_cpu_streams(cpu_compat):
+    from megatron.core import tensor_parallel
+
+    def draw():
+        tensor_parallel.model_parallel_cuda_manual_seed(123, tp_rank=0, ep_rank=0, etp_rank=0)
+        torch.manual_seed(5)
+        a = torch.rand(3)
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            b = torch.rand(3)
+        c = torch.rand(3)
+        return a, b, c
+
+    a1, b1, c1 = draw()
+    a2, b2, c2 = draw()
+    assert torch.equal(b1, b2) and torch.equal(c1, c2)  # reproducible
+    torch.manual_seed(5)
+    ref = torch.rand(6)
+    assert torch.equal(torch.cat([a1, c1]), ref)  # the fork leaves the default stream untouched
+    assert not torch.equal(b1, ref[3:])
+
+
+def test_mtp_loss_tracker_allocates_on_cpu(cpu_compat):
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.tracker.clear()
+    MTPLossLoggingHelper.save_loss_to_tracker(torch.tensor(2.5), 1, 2)
+    assert MTPLossLoggingHelper.tracker["values"].tolist() == [0.0, 2.5]
+    MTPLossLoggingHelper.tracker.clear()

@@ -1,0 +1,155 @@
+"""The model against independent references: megatron's GPTModel (streams=1), HF DeepSeek-V4 mHC
+modules (one mHC layer, the contraction), and the average <-> learned contraction identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("megatron_1proc")
+
+S, B = 16, 2
+
+
+def _batch(vocab: int = 256, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, S), generator=g)
+    return ids, torch.arange(S).expand(B, S).contiguous()
+
+
+def _build(spec, seed: int = 1234):
+    from megatron.core import tensor_parallel
+
+    from dsv4cli.build import build_model
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return build_model(spec)
+
+
+def test_streams1_logits_equal_megatron_gptmodel(tiny_spec):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from dsv4cli.build import padded_vocab_size, transformer_config
+
+    spec = tiny_spec(**{"model.mhc.streams": 1, "model.mtp.depth": 0})
+    ours = _build(spec).eval()
+    assert not any("hyper_connection" in n or "hc_head" in n for n, _ in ours.named_parameters())
+    reference = GPTModel(
+        transformer_config(spec), get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=padded_vocab_size(spec), max_sequence_length=S, position_embedding_type="rope",
+        rotary_base=int(spec.model.rotary_base),
+    ).eval()
+    missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False)
+    assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected
+    ids, pos = _batch()
+    with torch.no_grad():
+        a, b = ours(ids, pos, None), reference(ids, pos, None)
+    assert a.shape == (B, S, 256)
+    diff = (a - b).abs().max().item()
+    assert diff <= 1e-6, f"logits differ from megatron GPTModel by {diff}"
+
+
+def _hf_config(n: int, h: int, eps: float):
+    from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
+
+    return DeepseekV4Config(hidden_size=h, hc_mult=n, hc_sinkhorn_iters=20, hc_eps=eps, rms_norm_eps=eps)
+
+
+def _hf_hyper_connection(ours, cfg):
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection
+
+    hc = DeepseekV4HyperConnection(cfg)
+    with torch.no_grad():
+        hc.fn.copy_(ours.mapping_proj.weight)
+        hc.base.copy_(ours.bias)
+        hc.scale.copy_(torch.cat([ours.alpha_pre, ours.alpha_post, ours.alpha_res]))
+    return hc
+
+
+def test_mhc_layer_and_contraction_equal_hf_deepseek_v4(tiny_spec):
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperHead
+
+    n, h = 4, 32
+    spec = tiny_spec(**{"model.mhc.streams": n, "model.mtp.depth": 0})
+    model = _build(spec).eval()
+    layer = model.decoder.layers[0]
+    with torch.no_grad():  # non-trivial mappings: gating scales and biases away from their init
+        for hc in (layer.self_attention_hyper_connection, layer.mlp_hyper_connection):
+            hc.alpha_pre.fill_(0.7), hc.alpha_post.fill_(-0.4), hc.alpha_res.fill_(1.3)
+            hc.bias.normal_()
+        model.decoder.hc_head_base.normal_()
+        model.decoder.hc_head_scale.fill_(0.8)
+    cfg = _hf_config(n, h, spec.model.mhc.eps)
+    x = torch.randn(S, B, n * h)
+    rope = model.rotary_pos_emb(S)
+    with torch.no_grad():
+        ours, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
+        # HF's layer update with our attention/MLP as the sub-layers
+        attn_hc = _hf_hyper_connection(layer.self_attention_hyper_connection, cfg)
+        mlp_hc = _hf_hyper_connection(layer.mlp_hyper_connection, cfg)
+        streams = x.view(S, B, n, h)
+        post, comb, collapsed = attn_hc(streams)
+        f, _ = layer.self_attention(layer.input_layernorm(collapsed), attention_mask=None, rotary_pos_emb=rope)
+        streams = post.unsqueeze(-1) * f.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), streams)
+        post, comb, collapsed = mlp_hc(streams)
+        f, _ = layer.mlp(layer.pre_mlp_layernorm(collapsed))
+        streams = post.unsqueeze(-1) * f.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), streams)
+        layer_diff = (ours - streams.reshape(S, B, n * h)).abs().max().item()
+
+        head = DeepseekV4HyperHead(cfg)
+        head.hc_fn.copy_(model.decoder.hc_head_fn)
+        head.hc_base.copy_(model.decoder.hc_head_base)
+        head.hc_scale.copy_(model.decoder.hc_head_scale)
+        from dsv4cli.model.contraction import contract
+
+        contraction_diff = (contract(model.decoder, ours) - head(ours.view(S, B, n, h))).abs().max().item()
+    assert layer_diff <= 1e-5, f"mHC layer differs from HF DeepseekV4HyperConnection update by {layer_diff}"
+    assert contraction_diff <= 1e-5, f"contraction differs from HF DeepseekV4HyperHead by {contraction_diff}"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_average_contraction_is_stream_mean_and_converted_learned_equals_it(n):
+    from dsv4cli.model.contraction import (
+        ContractionSettings,
+        add_contraction_params,
+        average_equivalent_base,
+        contract,
+    )
+
+    h, eps = 32, 1e-6
+    x = torch.randn(S, B, n * h)
+    avg, learned = torch.nn.Module(), torch.nn.Module()
+    add_contraction_params(avg, h, ContractionSettings(n, "average", eps), False)
+    add_contraction_params(learned, h, ContractionSettings(n, "learned", eps), False)
+    with torch.no_grad():
+        learned.hc_head_fn.zero_()
+        learned.hc_head_scale.fill_(1.0)
+        learned.hc_head_base.fill_(average_equivalent_base(n, eps))
+        mean = x.view(S, B, n, h).mean(2)
+        y_avg, y_learned = contract(avg, x), contract(learned, x)
+    assert torch.allclose(y_avg, mean, rtol=0, atol=1e-7), (y_avg - mean).abs().max()
+    rel = ((y_learned - y_avg).abs().max() / y_avg.abs().max()).item()
+    assert rel <= 1e-6, f"converted learned contraction deviates from average by {rel} (relative)"
+
+
+def test_converted_learned_model_reproduces_average_model_loss(tiny_spec):
+    from dsv4cli.model.contraction import average_equivalent_base
+
+    n = 2
+    avg = _build(tiny_spec(**{"model.mhc.streams": n, "model.mtp.depth": 2, "model.contraction.mode": "average"}))
+    learned = _build(tiny_spec(**{"model.mhc.streams": n, "model.mtp.depth": 2}), seed=7)
+    missing, unexpected = learned.load_state_dict(avg.state_dict(), strict=False)
+    assert sorted(missing) == sorted(
+        [f"{p}hc_head_{s}" for p in ["decoder."] + [f"mtp.layers.{k}." for k in range(2)] for s in ("fn", "base", "scale")]
+    ) and not unexpected
+    base = average_equivalent_base(n, 1e-6)
+    with torch.no_grad():
+        for owner in [learned.decoder, *learned.mtp.layers]:
+            owner.hc_head_fn.zero_(), owner.hc_head_scale.fill_(1.0), owner.hc_head_base.fill_(base)
+    ids, pos = _batch()
+    avg.eval(), learned.eval()
+    with torch.no_grad():
+        a, b = avg(ids, pos, None, labels=ids), learned(ids, pos, None, labels=ids)
+    assert (a - b).abs().max().item() <= 1e-5

@@ -1,0 +1,139 @@
+"""Forward + backward on CPU across streams x MTP depth x contraction; recompute gives the same grads;
+MoE builds and trains; unsupported router options fail with a clear error."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("megatron_1proc")
+
+S, B = 16, 2
+
+
+def _build(spec, seed=5):
+    from megatron.core import tensor_parallel
+
+    from dsv4cli.build import build_model
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return build_model(spec)
+
+
+def _fwd_bwd(model, seed=0):
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (B, S), generator=g)
+    pos = torch.arange(S).expand(B, S).contiguous()
+    MTPLossLoggingHelper.tracker.clear()
+    model.train()
+    loss = model(ids, pos, None, labels=ids, loss_mask=torch.ones(B, S))
+    assert loss.shape == (B, S)
+    loss.mean().backward()
+    mtp = MTPLossLoggingHelper.tracker.get("values")
+    return loss.detach(), (mtp.clone() if mtp is not None else None)
+
+
+# streams = 1 has no contraction, so "average" would build the same model as "learned" there.
+MATRIX = [(n, d, m) for n, d, m in itertools.product([1, 2, 4], [0, 1, 2], ["learned", "average"])
+          if not (n == 1 and m == "average")]
+
+
+@pytest.mark.parametrize("streams,depth,mode", MATRIX)
+def test_forward_backward_reaches_every_parameter(tiny_spec, streams, depth, mode):
+    spec = tiny_spec(**{"model.mhc.streams": streams, "model.mtp.depth": depth, "model.contraction.mode": mode})
+    model = _build(spec)
+    loss, mtp = _fwd_bwd(model)
+    assert torch.isfinite(loss).all()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"no gradient for {no_grad}"
+    # Zero by the math, not by a bug: the first attention mixes n identical copies of the embedding
+    # (H_res columns sum to 1), and the MLP right before an average contraction whose streams go no
+    # further (last decoder layer without MTP, last MTP depth) only sees H_res's row sums (converged to 1).
+    exempt = {"decoder.layers.0.self_attention_hyper_connection.alpha_res"}
+    if mode == "average":
+        last = f"mtp.layers.{depth - 1}.transformer_layer" if depth else "decoder.layers.1"
+        exempt.add(f"{last}.mlp_hyper_connection.alpha_res")
+    zero = [n for n, p in model.named_parameters() if not torch.any(p.grad != 0) and n not in exempt]
+    assert not zero, f"zero gradient for {zero}"
+    names = [n for n, _ in model.named_parameters()]
+    assert any("hyper_connection" in n for n in names) == (streams > 1)
+    assert any("hc_head_" in n for n in names) == (streams > 1 and mode == "learned")
+    if depth:
+        assert mtp is not None and mtp.shape == (depth,) and torch.all(mtp > 0)  # per depth, unscaled CE
+        assert abs(mtp[0].item() - loss.mean().item()) < 2.0  # same magnitude as the main CE (~log V)
+    else:
+        assert mtp is None
+
+
+@pytest.mark.parametrize("recompute", ["full", ["mhc"], ["mhc", "core_attn", "mlp", "layernorm"]])
+def test_recompute_gives_identical_gradients(tiny_spec, recompute):
+    base = dict(**{"model.mhc.streams": 2, "model.mtp.depth": 1})
+    plain = _build(tiny_spec(**base))
+    again = _build(tiny_spec(**base, **{"train.recompute": recompute}))
+    again.load_state_dict(plain.state_dict())
+    la, _ = _fwd_bwd(plain)
+    lb, _ = _fwd_bwd(again)
+    assert torch.allclose(la, lb, atol=1e-6)
+    ga, gb = dict(plain.named_parameters()), dict(again.named_parameters())
+    worst = max((ga[n].grad - gb[n].grad).abs().max().item() for n in ga)
+    assert worst <= 1e-6, f"recompute {recompute} changes gradients by {worst}"
+
+
+def test_moe_model_forward_backward(tiny_spec):
+    spec = tiny_spec(**{
+        "model.mhc.streams": 2, "model.mtp.depth": 1,
+        "model.moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "expert_ffn_hidden_size": 16,
+                      "score_function": "sigmoid"},
+    })
+    model = _build(spec)
+    loss, _ = _fwd_bwd(model)
+    assert torch.isfinite(loss).all()
+    names = [n for n, _ in model.named_parameters()]
+    assert "decoder.layers.0.mlp.router.weight" in names
+    assert "decoder.layers.0.mlp.shared_experts.linear_fc1.weight" in names
+    assert "mtp.layers.0.transformer_layer.mlp.experts.local_experts.3.linear_fc2.weight" in names
+    assert all(p.grad is not None for n, p in model.named_parameters() if "router" in n or "hyper" in n)
+
+
+@pytest.mark.parametrize("moe", [
+    {"score_function": "sqrtsoftplus"},
+    {"hash_layers": 1},
+])
+def test_unsupported_router_options_raise_clear_error(tiny_spec, moe):
+    from dsv4cli.build import UnsupportedSpecError, transformer_config
+
+    spec = tiny_spec(**{"model.moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16, **moe}})
+    with pytest.raises(UnsupportedSpecError, match="not implemented"):
+        transformer_config(spec)
+
+
+def test_mtp_loss_scale_enters_gradients_linearly(tiny_spec):
+    """MTP losses reach the gradient as (loss_scale / D) * CE_k: MTP-only params scale with loss_scale."""
+    base = {"model.mhc.streams": 2, "model.mtp.depth": 2}
+    small = _build(tiny_spec(**base, **{"model.mtp.loss_scale": 0.1}))
+    large = _build(tiny_spec(**base, **{"model.mtp.loss_scale": 0.4}))
+    large.load_state_dict(small.state_dict())
+    _, mtp_small = _fwd_bwd(small)
+    _, mtp_large = _fwd_bwd(large)
+    assert torch.allclose(mtp_small, mtp_large)  # the tracker holds unscaled per-depth CE
+    gs, gl = dict(small.named_parameters()), dict(large.named_parameters())
+    for name in ("mtp.layers.1.hc_head_fn", "mtp.layers.0.e_proj.weight", "mtp.layers.1.final_layernorm.weight"):
+        assert torch.allclose(gl[name].grad, 4 * gs[name].grad, rtol=1e-4, atol=1e-9), name
+
+
+def test_mtp_must_share_the_last_stage_with_the_loss_when_streams_gt_1(tiny_spec):
+    from dsv4cli.build import UnsupportedSpecError, check_supported, transformer_config
+
+    standalone = tiny_spec(**{"model.mhc.streams": 2, "parallel.pp": 3, "parallel.pp_layout": "Ett|m|L"})
+    with pytest.raises(UnsupportedSpecError, match="last stage"):
+        check_supported(standalone)
+    check_supported(tiny_spec(**{"model.mhc.streams": 1, "parallel.pp": 3, "parallel.pp_layout": "Ett|m|L"}))
+    config = transformer_config(tiny_spec(**{"model.mhc.streams": 2, "parallel.pp": 2, "parallel.pp_layout": "Ett|mL"}))
+    assert config.pipeline_model_parallel_layout is not None and config.mtp_num_layers == 1
+    with pytest.raises(ValueError, match="tp\\*pp\\*cp"):
+        transformer_config(tiny_spec(**{"parallel.tp": 2}), world_size=3)
