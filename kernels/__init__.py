@@ -1,1 +1,122 @@
-"""mHC and output-contraction ops (installed as `dsv4cli.kernels`)."""
+"""mHC and output-contraction ops (installed as `dsv4cli.kernels`): one public API, two backends.
+
+Every op takes the multi-stream state `[..., n*h]` (stream-major) and an `impl`:
+- "torch": the plain-PyTorch reference (`reference.py`), differentiable by autograd;
+- "triton": the fused Triton kernels (`triton_ops.py`) with hand-written backward;
+  on CPU tensors only under `TRITON_INTERPRET=1` (set before Triton is first imported);
+- "auto": Triton when x is on CUDA and Triton imports, the reference otherwise.
+Math: DESIGN.md §2.2 (mHC) and §2.3 (contraction); docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = [
+    "learned_output_contract",
+    "average_output_contract",
+    "mhc_mappings",
+    "sinkhorn",
+    "mhc_aggregate",
+    "mhc_post_res",
+    "resolve_impl",
+    "triton_available",
+]
+
+_IMPLS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when `triton` imports (it may still lack a GPU; see resolve_impl)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def resolve_impl(impl: str, x: Tensor) -> str:
+    """'auto' | 'torch' | 'triton' for tensor x -> 'torch' or 'triton' (ValueError when impossible)."""
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        # float64 (gradcheck) always takes the reference: the kernels compute in fp32
+        return "triton" if (x.is_cuda and x.dtype != torch.float64 and triton_available()) else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("impl='triton' requested but triton cannot be imported")
+        if not x.is_cuda and not _interpret_env():
+            raise ValueError(
+                f"impl='triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 (set before triton is "
+                "imported); use impl='torch' or 'auto' for the CPU reference"
+            )
+    return impl
+
+
+def _triton():
+    from . import triton_ops
+
+    return triton_ops
+
+
+def learned_output_contract(
+    x: Tensor, head_fn: Tensor, base: Tensor, scale: Tensor, n: int, eps: float, impl: str = "auto"
+) -> Tensor:
+    """[..., n*h] -> [..., h]: y = sum_i pre[i] x_i, pre = sigmoid((x @ head_fn^T) * rms^-1 * scale + base) + eps.
+
+    head_fn [n, n*h], base [n], scale [1] (fp32 parameters); returns x's dtype.
+    """
+    if resolve_impl(impl, x) == "triton":
+        return _triton().learned_output_contract(x, head_fn, base, scale, n, eps)
+    return reference.learned_output_contract(x, head_fn, base, scale, n, eps)
+
+
+def average_output_contract(x: Tensor, n: int, impl: str = "auto") -> Tensor:
+    """[..., n*h] -> [..., h]: y = mean_i x_i (legacy contraction); returns x's dtype."""
+    if resolve_impl(impl, x) == "triton":
+        return _triton().average_output_contract(x, n)
+    return reference.average_output_contract(x, n)
+
+
+def mhc_mappings(
+    x: Tensor, proj_weight: Tensor, alpha: Tensor, bias: Tensor, n: int, iterations: int, eps: float, impl: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """[..., n*h] -> (h_pre [..., n], h_post [..., n], h_res [..., n, n]) in fp32 (fp64 for fp64 inputs).
+
+    proj_weight [n*n+2n, n*h]; alpha [3] (pre, post, res); bias [n*n+2n] ordered pre, post, res.
+    """
+    if resolve_impl(impl, x) == "triton":
+        return _triton().mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps)
+    return reference.mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps)
+
+
+def sinkhorn(logits: Tensor, iterations: int, eps: float, impl: str = "auto") -> Tensor:
+    """[..., n, n] logits -> doubly-stochastic [..., n, n] (softmax rows + eps, column step, then row+column steps)."""
+    if resolve_impl(impl, logits) == "triton":
+        return _triton().sinkhorn(logits, iterations, eps)
+    return reference.sinkhorn(logits, iterations, eps)
+
+
+def mhc_aggregate(x: Tensor, h_pre: Tensor, n: int, impl: str = "auto") -> Tensor:
+    """[..., n*h], h_pre [..., n] -> u [..., h] = sum_i h_pre[i] x_i (x's dtype)."""
+    if resolve_impl(impl, x) == "triton":
+        return _triton().mhc_aggregate(x, h_pre, n)
+    return reference.mhc_aggregate(x, h_pre, n)
+
+
+def mhc_post_res(x: Tensor, f: Tensor, h_post: Tensor, h_res: Tensor, n: int, impl: str = "auto") -> Tensor:
+    """[..., n*h], f [..., h], h_post [..., n], h_res [..., n, n] -> [..., n*h]: x'_k = h_post[k] f + sum_j h_res[j,k] x_j."""
+    if resolve_impl(impl, x) == "triton":
+        return _triton().mhc_post_res(x, f, h_post, h_res, n)
+    return reference.mhc_post_res(x, f, h_post, h_res, n)
