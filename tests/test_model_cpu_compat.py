@@ -48,3 +48,18 @@ def test_mtp_loss_tracker_allocates_on_cpu(cpu_compat):
     MTPLossLoggingHelper.save_loss_to_tracker(torch.tensor(2.5), 1, 2)
     assert MTPLossLoggingHelper.tracker["values"].tolist() == [0.0, 2.5]
     MTPLossLoggingHelper.tracker.clear()
+
+
+def test_checkpoint_without_output_needs_no_transformer_engine(cpu_compat):
+    """megatron's CheckpointWithoutOutput() defaults to fp8 on (`fp8 is not None`) and then needs TE."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    ckpt = mrandom.CheckpointWithoutOutput()
+    assert ckpt.fp8 is False or mrandom.HAVE_TE
+    x = torch.randn(4, 3, requires_grad=True)
+    y = ckpt.checkpoint(torch.nn.functional.silu, x)
+    z = y * 3.0
+    ckpt.discard_output_and_register_recompute(z)
+    z.sum().backward()
+    expected = torch.autograd.grad((torch.nn.functional.silu(x) * 3.0).sum(), x)[0]
+    assert torch.allclose(x.grad, expected)

@@ -19,6 +19,9 @@ MODELS = {
 CASES = {  # case -> (model, parallel layout)
     "tp2": ("mhc", {"parallel.tp": 2}),
     "tp2_sp": ("mhc", {"parallel.tp": 2, "parallel.sequence_parallel": True}),
+    # recompute must not change anything: mHC mappings and norm outputs recomputed under TP + SP
+    "tp2_sp_recompute": ("mhc", {"parallel.tp": 2, "parallel.sequence_parallel": True,
+                                 "train.recompute": ["mhc", "layernorm", "mlp"]}),
     "pp2": ("mhc", {"parallel.pp": 2}),
     # all decoder layers on stage 0; stage 1 holds only MTP, contraction, final norm and loss
     "pp2_layout": ("mhc", {"parallel.pp": 2, "parallel.pp_layout": "Ett|mL"}),

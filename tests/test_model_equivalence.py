@@ -153,3 +153,94 @@ def test_converted_learned_model_reproduces_average_model_loss(tiny_spec):
     with torch.no_grad():
         a, b = avg(ids, pos, None, labels=ids), learned(ids, pos, None, labels=ids)
     assert (a - b).abs().max().item() <= 1e-5
+
+
+def _learned_contraction(x, fn, base, scale, n: int, eps: float):
+    """DESIGN.md §2.3 written out: [s, b, n*h] -> [s, b, h]."""
+    r = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    pre = torch.sigmoid((x @ fn.t()) * r * scale + base) + eps
+    return (pre.unsqueeze(-1) * x.unflatten(-1, (n, -1))).sum(-2)
+
+
+def _shift_left(t, k: int):
+    """[b, s] -> t[:, k:] padded with k zeros (megatron's roll_tensor applied k times)."""
+    return torch.cat([t[:, k:], torch.zeros_like(t[:, :k])], dim=1)
+
+
+def _mtp_reference(model, ids, pos, labels, loss_mask, n: int, h: int, eps: float = 1e-6):
+    """DESIGN.md §2.4 by hand -> (main per-token CE [b, s], [masked mean CE of depth k for k = 1..D]).
+
+    Depth k embeds the tokens shifted by k; e_proj(enorm(e)) is added to h_proj(hnorm(x_i)) of every
+    stream of depth k-1 (the decoder's un-contracted streams for k = 1); its own mHC layer runs; its
+    contraction + final norm feeds the shared output layer, scored against labels shifted by k."""
+    import torch.nn.functional as F
+
+    rope = model.rotary_pos_emb(S)
+
+    def embed(tokens):
+        return model.embedding(input_ids=tokens, position_ids=pos)
+
+    def ce(hidden, target):  # hidden [s, b, h] -> per-token CE [b, s]
+        logits, _ = model.output_layer(hidden)
+        return F.cross_entropy(logits.transpose(0, 1).flatten(0, 1), target.flatten(), reduction="none").view(B, S)
+
+    def head(owner, x):
+        return owner.final_layernorm(_learned_contraction(x, owner.hc_head_fn, owner.hc_head_base,
+                                                          owner.hc_head_scale, n, eps))
+
+    x = embed(ids).repeat(1, 1, n)  # n identical streams
+    for layer in model.decoder.layers:
+        x, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
+    main = ce(head(model.decoder, x), labels)
+    depth_losses = []
+    for k, mtp in enumerate(model.mtp.layers, start=1):
+        e, _ = mtp.e_proj(mtp.enorm(embed(_shift_left(ids, k))))
+        streams = [mtp.h_proj(mtp.hnorm(x[..., i * h:(i + 1) * h]))[0] + e for i in range(n)]
+        x, _ = mtp.transformer_layer(torch.cat(streams, dim=-1), attention_mask=None, rotary_pos_emb=rope)
+        mask = _shift_left(loss_mask, k)
+        depth_losses.append((ce(head(mtp, x), _shift_left(labels, k)) * mask).sum() / mask.sum())
+    return main, depth_losses
+
+
+def _mtp_model_and_batch(tiny_spec, loss_scale: float = 0.1):
+    n, depth = 2, 2
+    model = _build(tiny_spec(**{"model.mhc.streams": n, "model.mtp.depth": depth, "model.mtp.loss_scale": loss_scale}))
+    with torch.no_grad():  # contraction parameters away from their init, different per owner
+        for owner in [model.decoder, *model.mtp.layers]:
+            owner.hc_head_base.normal_(), owner.hc_head_scale.uniform_(0.5, 1.5)
+    model.train()  # megatron tracks MTP losses in training mode only (dropout is 0)
+    ids, pos = _batch()
+    labels = torch.roll(ids, -1, dims=1)
+    loss_mask = torch.ones(B, S)
+    loss_mask[0, 3] = 0.0
+    return model, ids, pos, labels, loss_mask
+
+
+def test_mtp_depth_losses_equal_a_step_by_step_reference(tiny_spec):
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    model, ids, pos, labels, loss_mask = _mtp_model_and_batch(tiny_spec)
+    MTPLossLoggingHelper.tracker.clear()
+    with torch.no_grad():
+        main = model(ids, pos, None, labels=labels, loss_mask=loss_mask)
+        tracked = MTPLossLoggingHelper.tracker["values"].clone()
+        main_ref, reference = _mtp_reference(model, ids, pos, labels, loss_mask, n=2, h=32)
+    assert (main - main_ref).abs().max().item() <= 1e-5
+    assert tracked.shape == (2,)
+    diffs = [abs(a - b.item()) for a, b in zip(tracked.tolist(), reference)]
+    assert max(diffs) <= 1e-5, f"per-depth MTP losses {tracked.tolist()} vs reference {reference}"
+
+
+def test_mtp_gradients_are_loss_scale_over_depth_times_each_depths_loss(tiny_spec):
+    """Only the MTP losses backpropagate (main loss x 0): depth k's head sees (loss_scale / D) * dCE_k,
+    the decoder's head sees nothing (MTP consumes the un-contracted streams, not the decoder head)."""
+    loss_scale, depth = 0.3, 2
+    model, ids, pos, labels, loss_mask = _mtp_model_and_batch(tiny_spec, loss_scale)
+    main = model(ids, pos, None, labels=labels, loss_mask=loss_mask)
+    (main * 0.0).sum().backward()
+    _, reference = _mtp_reference(model, ids, pos, labels, loss_mask, n=2, h=32)
+    assert torch.count_nonzero(model.decoder.hc_head_fn.grad) == 0
+    for k, (mtp, loss_k) in enumerate(zip(model.mtp.layers, reference), start=1):
+        (expected,) = torch.autograd.grad(loss_k * (loss_scale / depth), mtp.hc_head_fn)
+        got = mtp.hc_head_fn.grad
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-8), (k, (got - expected).abs().max().item())

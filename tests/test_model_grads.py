@@ -137,3 +137,111 @@ def test_mtp_must_share_the_last_stage_with_the_loss_when_streams_gt_1(tiny_spec
     assert config.pipeline_model_parallel_layout is not None and config.mtp_num_layers == 1
     with pytest.raises(ValueError, match="tp\\*pp\\*cp"):
         transformer_config(tiny_spec(**{"parallel.tp": 2}), world_size=3)
+
+
+def _saved_nn_tensors(hc, x, n: int) -> tuple[int, int]:
+    """(count of saved [.., n, n] tensors, total saved bytes) of one HyperConnection forward."""
+    shapes = []
+
+    def pack(t):
+        shapes.append((tuple(t.shape), t.numel() * t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = hc(x, lambda u: u * 2.0)
+    out.sum().backward()
+    return sum(1 for s, _ in shapes if s[-2:] == (n, n)), sum(b for _, b in shapes)
+
+
+def test_mhc_recompute_stores_no_sinkhorn_intermediates():
+    """train.recompute "mhc": the mappings (projection, 20 Sinkhorn rounds) are recomputed in backward,
+    so only the final H_res (used by the residual mix) is kept, not the Sinkhorn iterates."""
+    from dsv4cli.model.hyper_connection import HyperConnection, MhcSettings
+
+    n, h = 4, 32
+    plain = HyperConnection(h, MhcSettings(n, sinkhorn_iterations=20))
+    recomputed = HyperConnection(h, MhcSettings(n, sinkhorn_iterations=20, recompute=True))
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(S, B, n * h, requires_grad=True)
+    stored, stored_bytes = _saved_nn_tensors(plain, x, n)
+    grad_plain = x.grad.clone()
+    x.grad = None
+    kept, kept_bytes = _saved_nn_tensors(recomputed, x, n)
+    assert stored >= 20 and kept <= 1, (stored, kept)
+    assert kept_bytes < stored_bytes / 2, (kept_bytes, stored_bytes)
+    assert torch.allclose(x.grad, grad_plain, atol=1e-6)
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(plain.parameters(), recomputed.parameters()))
+
+
+def test_layernorm_recompute_runs_on_cpu_and_keeps_gradients(tiny_spec):
+    """train.recompute "layernorm" (megatron's CheckpointWithoutOutput), plain and mHC layers."""
+    for streams in (1, 2):
+        base = {"model.mhc.streams": streams, "model.mtp.depth": 1}
+        plain = _build(tiny_spec(**base))
+        again = _build(tiny_spec(**base, **{"train.recompute": ["layernorm"]}))
+        again.load_state_dict(plain.state_dict())
+        assert again.decoder.layers[0].recompute_input_layernorm and again.decoder.layers[0].recompute_pre_mlp_layernorm
+        la, _ = _fwd_bwd(plain)
+        lb, _ = _fwd_bwd(again)
+        assert torch.allclose(la, lb, atol=1e-6)
+        ga, gb = dict(plain.named_parameters()), dict(again.named_parameters())
+        worst = max((ga[n].grad - gb[n].grad).abs().max().item() for n in ga)
+        assert worst <= 1e-6, f"streams={streams}: layernorm recompute changes gradients by {worst}"
+
+
+def test_bf16_model_keeps_mhc_math_fp32_and_activations_bf16(tiny_spec):
+    """precision bf16: megatron weights and norms bf16, mHC/contraction parameters (and grads) fp32,
+    the multi-stream state between layers stays in the activation dtype."""
+    from dsv4cli.model.contraction import contract
+
+    model = _build(tiny_spec(**{"model.mhc.streams": 2, "model.mtp.depth": 1, "train.precision": "bf16"}))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    fp32 = {n for n in dtypes if "hyper_connection" in n or "hc_head_" in n}
+    assert fp32 and all(dtypes[n] == torch.float32 for n in fp32)
+    assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n not in fp32), dtypes
+    seen = []
+    model.decoder.layers[0].register_forward_hook(lambda mod, args, out: seen.append(out[0].dtype))
+    loss, _ = _fwd_bwd(model)
+    assert seen == [torch.bfloat16] and torch.isfinite(loss.float()).all()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
+    x = torch.randn(S, B, 2 * 32, dtype=torch.bfloat16)
+    assert contract(model.decoder, x).dtype == torch.bfloat16
+
+
+def test_mhc_parameters_follow_the_requested_device():
+    """Created fp32 on the default device (same init on every TP rank), then moved, still tagged."""
+    from dsv4cli.model.contraction import ContractionSettings, add_contraction_params
+    from dsv4cli.model.hyper_connection import HyperConnection, MhcSettings
+
+    meta = torch.device("meta")
+    hc = HyperConnection(32, MhcSettings(2), sequence_parallel=True, device=meta)
+    owner = torch.nn.Module()
+    add_contraction_params(owner, 32, ContractionSettings(2), True, device=meta)
+    params = list(hc.parameters()) + list(owner.parameters())
+    assert len(params) == 8
+    assert all(p.device == meta and p.dtype == torch.float32 and p.sequence_parallel for p in params)
+
+
+def test_build_model_initializes_megatron_groups_when_nobody_did(tiny_spec):
+    from megatron.core import parallel_state
+
+    from dsv4cli.build import build_model
+
+    parallel_state.destroy_model_parallel()
+    assert not parallel_state.model_parallel_is_initialized()
+    model = build_model(tiny_spec(**{"model.mhc.streams": 2, "model.mtp.depth": 0}))
+    assert parallel_state.model_parallel_is_initialized()
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1
+    loss, _ = _fwd_bwd(model)
+    assert torch.isfinite(loss).all()
+
+
+def test_top1_softmax_router_builds_and_trains(tiny_spec):
+    """megatron rejects k=1 softmax routing unless the softmax comes first; the builder arranges that."""
+    spec = tiny_spec(**{"model.mhc.streams": 2, "model.mtp.depth": 0,
+                        "model.moe": {"num_experts": 4, "top_k": 1, "expert_ffn_hidden_size": 16}})
+    model = _build(spec)
+    assert model.config.moe_router_pre_softmax
+    loss, _ = _fwd_bwd(model)
+    assert torch.isfinite(loss).all()
+    assert model.decoder.layers[0].mlp.router.weight.grad.abs().sum() > 0

@@ -75,10 +75,29 @@ def test_inspect_model_cli_bad_input_exits_2(tmp_path):
 
     runner = CliRunner()
     res = runner.invoke(app, ["inspect", "model", str(tmp_path / "missing.toml")])
-    assert res.exit_code == 2
-    res = runner.invoke(app, ["inspect", "model", TINY, "--set",
-                              "model.moe={num_experts=4, top_k=2, expert_ffn_hidden_size=8, score_function=\"sqrtsoftplus\"}"])
-    assert res.exit_code == 2 and "sqrtsoftplus" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    res = runner.invoke(app, ["inspect", "model", TINY, "--set", "parallel.tp=3"])
+    assert res.exit_code == 2 and "parallel.tp" in res.output and "Traceback" not in res.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nnum_layers = 0\n")
+    res = runner.invoke(app, ["inspect", "model", str(bad)])
+    assert res.exit_code == 2 and "bad.toml" in res.output and "Traceback" not in res.output
+
+
+def test_inspect_model_shows_router_options_not_built_yet_with_a_warning():
+    """sqrtsoftplus / hash routing change routing, not parameters: inspect warns and still counts."""
+    from typer.testing import CliRunner
+
+    from dsv4cli.cli import app
+
+    moe = "model.moe={num_experts=4, top_k=2, expert_ffn_hidden_size=8, score_function=\"sqrtsoftplus\", hash_layers=1}"
+    res = CliRunner().invoke(app, ["inspect", "model", TINY, "--set", moe, "--json"],
+                             env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["matches_estimate"] is True
+    assert any("sqrtsoftplus" in w for w in data["warnings"]) and any("hash" in w for w in data["warnings"])
+    assert "decoder.layers.0.mlp.router.weight" in {p["name"] for p in data["params"]}
 
 
 def test_inspect_model_handles_a_13b_spec_without_allocating():

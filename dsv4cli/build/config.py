@@ -129,6 +129,8 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
                 moe.num_shared_experts * moe.expert_ffn_hidden_size if moe.num_shared_experts else None
             ),
             moe_router_score_function=moe.score_function,
+            # megatron refuses softmax-after-top-k for k = 1 (the weight would always be 1, no gradient)
+            moe_router_pre_softmax=moe.top_k == 1 and moe.score_function == "softmax",
             moe_router_topk_scaling_factor=moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else None,
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",

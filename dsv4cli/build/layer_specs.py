@@ -88,8 +88,15 @@ def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None):
     backend = backend or select_backend()
     num_experts = spec.model.moe.num_experts if spec.model.moe is not None else None
     if backend.name == "te":
-        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=num_experts is not None)
+        # moe_grouped_gemm as in transformer_config (False): the same SequentialMLP expert
+        # parameters (`experts.local_experts.{e}.*`) as the local spec and the spec's inventory.
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False)
     else:
+        # Checkpoint keys follow the TE spec: its dense layers fuse the norms into linear_qkv /
+        # linear_fc1 (`*.layer_norm_weight`), its MoE layers keep `pre_mlp_layernorm` as a module.
+        keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+        if num_experts is None:
+            keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
         layer = ModuleSpec(
             module=TransformerLayer,
             submodules=TransformerLayerSubmodules(
@@ -109,11 +116,7 @@ def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None):
                 pre_mlp_layernorm=backend.norm,
                 mlp=get_mlp_module_spec_for_backend(backend=LocalSpecProvider(), num_experts=num_experts),
                 mlp_bda=get_bias_dropout_add,
-                # megatron's convention: local-norm checkpoints use the TE fused-norm key names
-                sharded_state_dict_keys_map={
-                    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-                },
+                sharded_state_dict_keys_map=keys_map,
             ),
         )
     if spec.model.mhc.streams > 1:

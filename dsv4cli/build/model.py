@@ -13,12 +13,25 @@ def build_model(spec: Spec, pre_process: bool = True, post_process: bool = True,
     forward(input_ids [b,s], position_ids [b,s], attention_mask=None, labels=[b,s], loss_mask=[b,s])
     -> per-token main loss [b, s]; logits [b, s, V] when labels is None. MTP losses enter the
     gradient through MTPLossAutoScaler and are tracked per depth (unscaled) in MTPLossLoggingHelper.
+
+    Call after `initialize_parallel(spec)`; if megatron's model-parallel state is not initialized
+    yet, this does it (torchrun's environment, or a one-process group).
     """
     from dsv4cli.build.config import transformer_config
     from dsv4cli.model import cpu_compat
 
     cpu_compat.apply()
+    _ensure_parallel(spec)
     return build_model_from_config(spec, transformer_config(spec), pre_process, post_process, vp_stage)
+
+
+def _ensure_parallel(spec: Spec) -> None:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        from dsv4cli.build.parallel import initialize_parallel
+
+        initialize_parallel(spec)
 
 
 def build_model_from_config(spec: Spec, config, pre_process: bool = True, post_process: bool = True,
@@ -52,6 +65,7 @@ def build_model_chunks(spec: Spec) -> list:
     pre_process/post_process set from megatron's parallel_state (call after initialize_parallel)."""
     from megatron.core import parallel_state
 
+    _ensure_parallel(spec)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None or vpp <= 1:
         return [build_model(spec, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,19 +30,23 @@ class ContractionSettings:
     eps: float = 1e-6
 
 
-def add_contraction_params(owner: torch.nn.Module, hidden_size: int, settings: ContractionSettings, sequence_parallel: bool) -> None:
-    """Register hc_head_fn [n, n*h] (xavier), hc_head_base [n] (0), hc_head_scale [1] (1) on `owner` (learned only)."""
+def add_contraction_params(owner: torch.nn.Module, hidden_size: int, settings: ContractionSettings,
+                           sequence_parallel: bool, device: Optional[torch.device] = None) -> None:
+    """Register hc_head_fn [n, n*h] (xavier), hc_head_base [n] (0), hc_head_scale [1] (1) on `owner` (learned only).
+
+    fp32, initialised on the default device and then moved to `device` when given."""
     owner.contraction = settings
     if settings.mode != "learned" or settings.streams == 1:
         return
     n = settings.streams
-    owner.hc_head_fn = torch.nn.Parameter(torch.empty(n, n * hidden_size, dtype=torch.float32))
-    owner.hc_head_base = torch.nn.Parameter(torch.zeros(n, dtype=torch.float32))
-    owner.hc_head_scale = torch.nn.Parameter(torch.ones(1, dtype=torch.float32))
+    fn = torch.empty(n, n * hidden_size, dtype=torch.float32)
     with torch.no_grad():
-        torch.nn.init.xavier_uniform_(owner.hc_head_fn)
+        torch.nn.init.xavier_uniform_(fn)
+    values = {"hc_head_fn": fn, "hc_head_base": torch.zeros(n, dtype=torch.float32),
+              "hc_head_scale": torch.ones(1, dtype=torch.float32)}
     for name in HC_HEAD_NAMES:
-        mark_replicated(getattr(owner, name), sequence_parallel)
+        value = values[name] if device is None else values[name].to(device)
+        setattr(owner, name, mark_replicated(torch.nn.Parameter(value), sequence_parallel))
 
 
 def contract(owner: torch.nn.Module, x: Tensor) -> Tensor:

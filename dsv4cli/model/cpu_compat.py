@@ -15,6 +15,9 @@ through this module. What each patch fixes (measured, see shared/CPU_NOTES.md §
 - MoE: null CUDA streams/events, `te_general_gemm = None` without TE, all-to-all split sizes
   as numpy arrays.
 - `multi_latent_attention.HAVE_TE = False` when transformer_engine is not importable.
+- `CheckpointWithoutOutput()` (selective "layernorm" recompute) sets `fp8 = fp8 is not None`, i.e.
+  True for its default `fp8=False`, and then calls TE's FP8GlobalStateManager: without TE it is
+  forced off (megatron's own TransformerLayer crashes with a NameError otherwise).
 - torch_dist saving writes its buckets in-process (no forked writers, no spawn Manager).
 """
 
@@ -48,6 +51,7 @@ def apply() -> bool:
         _patch_mtp_tracker()
         _patch_moe()
         _patch_mla()
+        _patch_checkpoint_without_output()
         _patch_dist_checkpointing()
         _enter_device_mode()
         _APPLIED = True
@@ -297,6 +301,22 @@ def _patch_mla() -> None:
         from megatron.core.transformer import multi_latent_attention
 
         multi_latent_attention.HAVE_TE = False
+
+
+def _patch_checkpoint_without_output() -> None:
+    """Without TE there is no fp8: make CheckpointWithoutOutput skip its FP8GlobalStateManager calls."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if mrandom.HAVE_TE:
+        return
+
+    original_init = mrandom.CheckpointWithoutOutput.__init__
+
+    def __init__(self, fp8=False):
+        original_init(self, fp8)
+        self.fp8 = False
+
+    mrandom.CheckpointWithoutOutput.__init__ = __init__
 
 
 # --------------------------------------------------------------------------- dist_checkpointing

@@ -14,6 +14,7 @@ the params are tagged `sequence_parallel` and megatron all-reduces their grads o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,6 +34,14 @@ class MhcSettings:
     recompute: bool = False
 
 
+def param_device(config) -> Optional[torch.device]:
+    """Where megatron allocates this config's parameters: the current CUDA device, unless
+    `use_cpu_initialization` (then None: torch's default device, CPU or `meta` under inspection)."""
+    if getattr(config, "use_cpu_initialization", True) or not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def mark_replicated(param: torch.nn.Parameter, sequence_parallel: bool) -> torch.nn.Parameter:
     """Tag a TP-replicated parameter so megatron reduces its grad over TP under sequence parallelism."""
     param.sequence_parallel = bool(sequence_parallel)
@@ -42,7 +51,8 @@ def mark_replicated(param: torch.nn.Parameter, sequence_parallel: bool) -> torch
 class HyperConnection(KeepFp32Params, torch.nn.Module):
     """One sub-layer's mHC: mappings from x [.., n*h]; aggregate to [.., h]; merge back to [.., n*h]."""
 
-    def __init__(self, hidden_size: int, settings: MhcSettings, sequence_parallel: bool = False):
+    def __init__(self, hidden_size: int, settings: MhcSettings, sequence_parallel: bool = False,
+                 device: Optional[torch.device] = None):
         super().__init__()
         n = settings.streams
         self.n = n
@@ -53,7 +63,10 @@ class HyperConnection(KeepFp32Params, torch.nn.Module):
         self.alpha_post = torch.nn.Parameter(torch.full((1,), settings.gating_init, dtype=torch.float32))
         self.alpha_res = torch.nn.Parameter(torch.full((1,), settings.gating_init, dtype=torch.float32))
         self.bias = torch.nn.Parameter(torch.zeros(width, dtype=torch.float32))
+        # Initialised on the default device (the CPU generator, identical on every TP rank), then moved.
         self.reset_parameters()
+        if device is not None:
+            self.to(device)
         for p in self.parameters():
             mark_replicated(p, sequence_parallel)
 

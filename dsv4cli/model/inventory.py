@@ -26,7 +26,12 @@ class TreeNode:
     children: list["TreeNode"] = field(default_factory=list)
 
     def signature(self) -> tuple:
-        return (self.type, self.params, tuple(c.signature() for c in self.children))
+        """What makes two siblings foldable: type, count and the children's signatures (cached)."""
+        cached = self.__dict__.get("_signature")
+        if cached is None:
+            cached = (self.type, self.params, tuple((c.repeat, c.signature()) for c in self.children))
+            self.__dict__["_signature"] = cached
+        return cached
 
     def to_json(self) -> dict:
         return {
@@ -43,22 +48,35 @@ def _own_count(module: torch.nn.Module) -> int:
 
 
 def module_tree(module: torch.nn.Module, name: str = "model") -> TreeNode:
-    """Module tree with parameter counts; runs of identical numbered siblings fold into `name.{a..b}` xN."""
-    children = [module_tree(child, child_name) for child_name, child in module.named_children()]
-    node = TreeNode(name, type(module).__name__, sum(p.numel() for p in module.parameters()), 1, [])
-    for child in children:
+    """Module tree with parameter counts; runs of identical numbered siblings fold into `name.{a..b}` xN.
+
+    Counts are summed bottom-up (one pass, a 300B-parameter MoE spec has ~35k modules); the root's
+    count is de-duplicated, so tied weights count once."""
+    node = _tree(module, name)
+    node.params = sum(p.numel() for p in module.parameters())
+    return node
+
+
+def _tree(module: torch.nn.Module, name: str) -> TreeNode:
+    node = TreeNode(name, type(module).__name__, _own_count(module), 1, [])
+    signatures: list[tuple] = []
+    for child_name, child_module in module.named_children():
+        child = _tree(child_module, child_name)
+        node.params += child.params
+        sig = child.signature()
         last = node.children[-1] if node.children else None
         if (
             last is not None
             and re.fullmatch(r"\d+(\.\.\d+)?", last.name)
             and child.name.isdigit()
-            and last.signature() == child.signature()
+            and signatures[-1] == sig
         ):
             first = last.name.split("..")[0]
             last.name = f"{first}..{child.name}"
             last.repeat += 1
         else:
             node.children.append(child)
+            signatures.append(sig)
     return node
 
 

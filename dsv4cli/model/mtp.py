@@ -38,6 +38,7 @@ from dsv4cli.model.contraction import (
     contraction_sharded_state_dict,
 )
 from dsv4cli.model.fp32_params import KeepFp32Params
+from dsv4cli.model.hyper_connection import param_device
 
 
 class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
@@ -69,7 +70,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
             layer_number=self.layer_number + decoder_offset,
         )
         self.final_layernorm = build_module(submodules.layer_norm, **norm_kwargs)
-        add_contraction_params(self, h, contraction, config.sequence_parallel)
+        add_contraction_params(self, h, contraction, config.sequence_parallel, device=param_device(config))
         self.offload_context = nullcontext()
 
     def fp32_param_names(self) -> list[str]:

@@ -27,6 +27,7 @@ from dsv4cli.model.contraction import (
     contraction_sharded_state_dict,
 )
 from dsv4cli.model.fp32_params import KeepFp32Params
+from dsv4cli.model.hyper_connection import param_device
 
 
 @dataclass
@@ -55,7 +56,8 @@ class MultiStreamTransformerBlock(KeepFp32Params, TransformerBlock):
         # With MTP the GPT model needs the un-contracted streams of the last layer.
         self.return_streams = config.mtp_num_layers is not None
         if self.final_layernorm is not None:
-            add_contraction_params(self, config.hidden_size, spec.contraction, config.sequence_parallel)
+            add_contraction_params(self, config.hidden_size, spec.contraction, config.sequence_parallel,
+                                   device=param_device(config))
         else:
             self.contraction = spec.contraction
 

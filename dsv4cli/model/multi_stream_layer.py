@@ -19,7 +19,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
-from dsv4cli.model.hyper_connection import HyperConnection, MhcSettings
+from dsv4cli.model.hyper_connection import HyperConnection, MhcSettings, param_device
 
 
 class MultiStreamTransformerLayer(TransformerLayer):
@@ -32,9 +32,18 @@ class MultiStreamTransformerLayer(TransformerLayer):
         if mhc is None or mhc.streams < 2:
             raise ValueError("MultiStreamTransformerLayer needs mhc settings with streams >= 2")
         self.streams = mhc.streams
-        sp = config.sequence_parallel
-        self.self_attention_hyper_connection = HyperConnection(config.hidden_size, mhc, sequence_parallel=sp)
-        self.mlp_hyper_connection = HyperConnection(config.hidden_size, mhc, sequence_parallel=sp)
+        kwargs = dict(sequence_parallel=config.sequence_parallel, device=param_device(config))
+        self.self_attention_hyper_connection = HyperConnection(config.hidden_size, mhc, **kwargs)
+        self.mlp_hyper_connection = HyperConnection(config.hidden_size, mhc, **kwargs)
+
+    def _norm(self, norm, u: Tensor, recompute: bool):
+        """norm(u) [s, b, h]; with `recompute` (train.recompute "layernorm") the output is released
+        after its consumer ran and recomputed in backward (megatron's CheckpointWithoutOutput).
+        Returns (normed, checkpoint or None)."""
+        if not recompute:
+            return norm(u), None
+        ckpt = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
+        return ckpt.checkpoint(norm, u), ckpt
 
     def _sublayer_output(self, output_with_bias) -> Tensor:
         """(out, bias) of attention/MLP -> f [s, b, h] (bias added, hidden dropout applied)."""
@@ -68,27 +77,31 @@ class MultiStreamTransformerLayer(TransformerLayer):
         inference_context = inference_context if inference_context is not None else inference_params
 
         def attention(u: Tensor) -> Tensor:
-            return self._sublayer_output(
-                self.self_attention(
-                    self.input_layernorm(u),
-                    attention_mask=attention_mask,
-                    inference_context=inference_context,
-                    rotary_pos_emb=rotary_pos_emb,
-                    rotary_pos_cos=rotary_pos_cos,
-                    rotary_pos_sin=rotary_pos_sin,
-                    rotary_pos_cos_sin=rotary_pos_cos_sin,
-                    attention_bias=attention_bias,
-                    packed_seq_params=packed_seq_params,
-                    sequence_len_offset=sequence_len_offset,
-                )
+            normed, ckpt = self._norm(self.input_layernorm, u, self.recompute_input_layernorm)
+            out = self.self_attention(
+                normed,
+                attention_mask=attention_mask,
+                inference_context=inference_context,
+                rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos,
+                rotary_pos_sin=rotary_pos_sin,
+                rotary_pos_cos_sin=rotary_pos_cos_sin,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
+                sequence_len_offset=sequence_len_offset,
             )
+            if ckpt is not None:
+                ckpt.discard_output_and_register_recompute(out[0])
+            return self._sublayer_output(out)
 
         def mlp(u: Tensor) -> Tensor:
-            normed = self.pre_mlp_layernorm(u)
+            normed, ckpt = self._norm(self.pre_mlp_layernorm, u, self.recompute_pre_mlp_layernorm)
             if self.recompute_mlp:
                 out = tensor_parallel.checkpoint(functools.partial(self.mlp, padding_mask=padding_mask), False, normed)
             else:
                 out = self.mlp(normed, padding_mask=padding_mask)
+            if ckpt is not None:
+                ckpt.discard_output_and_register_recompute(out[0])
             return self._sublayer_output(out)
 
         x = self.self_attention_hyper_connection(hidden_states, attention)
