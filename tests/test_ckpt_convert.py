@@ -334,3 +334,31 @@ def test_flattened_distributed_optimizer_state_needs_drop_optimizer(tmp_path, ti
     assert run("convert-ckpt", str(tmp_path / "src"), str(tmp_path / "x"), "--drop-optimizer").exit_code == 0
     assert not [k for k in load_all(tmp_path / "x" / "iter_0000002") if k.startswith("optimizer.")]
     assert torch.is_tensor(sd["embedding.word_embeddings.weight"])
+
+
+def test_force_never_replaces_the_current_directory(legacy, tmp_path, monkeypatch):
+    """`--force .` (or a parent of the working directory) would delete where the user stands: refused."""
+    here = tmp_path / "work" / "sub"
+    here.mkdir(parents=True)
+    (here / "notes.txt").write_text("user data")
+    monkeypatch.chdir(here)
+    for dst in (".", "..", str(here)):
+        res = run("convert-ckpt", str(legacy), dst, "--force")
+        assert res.exit_code == 2, (dst, res.output)
+        assert "current directory" in res.output
+    assert (here / "notes.txt").read_text() == "user data"
+    # a relative DST is fine, and is reported as typed
+    res = run("convert-ckpt", str(legacy), "out/")
+    assert res.exit_code == 0, res.output
+    assert "-> out (iteration 7)" in res.output and (here / "out" / "iter_0000007" / ".metadata").is_file()
+
+
+def test_dst_parents_are_created_like_mkdir_p(legacy, tmp_path):
+    dst = tmp_path / "new" / "deeper" / "learned"
+    res = run("convert-ckpt", str(legacy), str(dst))
+    assert res.exit_code == 0, res.output
+    assert (dst / "latest_checkpointed_iteration.txt").read_text() == "7"
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["learned"]  # no temp dir left beside it
+    (tmp_path / "a_file").write_text("x")
+    res = run("convert-ckpt", str(legacy), str(tmp_path / "a_file" / "out"))
+    assert res.exit_code == 2 and "is a file" in res.output and "Traceback" not in res.output

@@ -287,3 +287,170 @@ def test_saved_spec_naming_paths_absent_here_is_still_read(tmp_path, tiny_spec):
     r = run_json("inspect", "checkpoint", str(tmp_path / "moved"))
     assert r["spec"] is not None and r["spec_source"] == "saved dsv4_spec.toml"
     assert r["conformant"] is True and not r["problems"]
+
+
+def test_diff_and_stats_of_a_truncated_checkpoint_are_clean_errors(learned, tmp_path):
+    """A data file cut short: `diff` exits 2 with one line (no traceback), `--stats` reports it per tensor."""
+    root, _ = learned
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    it = broken / "iter_0000005"
+    data = sorted(it.glob("*.distcp"))[0]
+    data.write_bytes(data.read_bytes()[:100])
+    res = run("inspect", "diff", str(root), str(broken))
+    assert res.exit_code == 2, res.output
+    assert "truncated" in res.output and "Traceback" not in res.output
+
+    # a file whose size is right but whose bytes are garbage: the tensor read itself fails
+    from dsv4cli.ckpt.metadata import read_checkpoint_info
+    from dsv4cli.ckpt.tensors import TensorReader
+    from dsv4cli.ckpt.errors import CheckpointError
+
+    shutil.rmtree(broken)
+    shutil.copytree(root, broken)
+    info = read_checkpoint_info(broken)
+    entry = info.tensors["output_layer.weight"]
+    (storage,) = [s for i, s in info.dcp_metadata.storage_data.items() if i.fqn == entry.name]
+    raw = bytearray((it / storage.relative_path).read_bytes())
+    raw[storage.offset: storage.offset + storage.length] = b"\x00" * storage.length
+    (it / storage.relative_path).write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="output_layer.weight"):
+        TensorReader(info.iter_dir, info.dcp_metadata).load(entry)
+    r = run_json("inspect", "checkpoint", str(broken), "--stats", "--filter", "output_layer.weight")
+    assert "cannot read tensor output_layer.weight" in r["tensors"][0]["stats"]["error"]
+    res = run("inspect", "diff", str(root), str(broken))
+    assert res.exit_code == 2 and "output_layer.weight" in res.output and "Traceback" not in res.output
+    assert "compared" in res.output  # every other tensor was still compared and reported
+    res = run("inspect", "diff", str(root), str(broken), "--json")
+    assert res.exit_code == 2
+    d = json.loads(res.stdout)
+    assert [u["name"] for u in d["unreadable"]] == ["output_layer.weight"]
+    assert d["different"] == 0 and d["identical"] == len(d["compared"]) > 0
+
+
+def test_damaged_meta_json_is_reported_and_damaged_common_pt_stops_convert(learned, tmp_path):
+    root, _ = learned
+    it = root / "iter_0000005"
+    assert (it / "common.pt").is_file()
+    r = run_json("inspect", "checkpoint", str(root))
+    assert r["conformant"] is True and not [p for p in r["problems"] if p["kind"] in ("corrupt", "meta")]
+
+    (it / "dsv4_meta.json").write_text("{not json")
+    r = run_json("inspect", "checkpoint", str(root))
+    assert r["meta"] is None
+    assert [p["name"] for p in r["problems"] if p["kind"] == "meta"] == ["dsv4_meta.json"]
+    assert r["conformant"] is True  # provenance is lost, the tensors still match the spec
+
+    # common.pt is not one of the files inspect reads; convert, which copies it, checks its zip CRCs
+    good = (it / "common.pt").read_bytes()
+    (it / "common.pt").write_bytes(good[: len(good) // 2])  # truncated zip
+    assert run_json("inspect", "checkpoint", str(root))["iteration"] == 5
+    res = run("convert-ckpt", str(root), str(tmp_path / "out"))
+    assert res.exit_code == 2 and "common.pt" in res.output and not (tmp_path / "out").exists()
+    (it / "common.pt").write_bytes(b"garbage\n")
+    res = run("convert-ckpt", str(root), str(tmp_path / "out"))
+    assert res.exit_code == 2 and "common.pt" in res.output and "Traceback" not in res.output
+    (it / "common.pt").write_bytes(good)
+    res = run("convert-ckpt", str(root), str(tmp_path / "out"))
+    assert res.exit_code == 0, res.output
+
+
+def test_inspect_default_mode_reads_only_the_metadata_files(learned, monkeypatch):
+    """.metadata, metadata.json, dsv4_spec.toml, dsv4_meta.json (and the root's tracker file): nothing else."""
+    root, _ = learned
+    rec = OpenRecorder(monkeypatch)
+    r = run_json("inspect", "checkpoint", str(root))
+    assert r["conformant"] is True
+    opened = {os.path.basename(p) for p in rec.paths if p.startswith(str(root))}
+    assert opened <= {".metadata", "metadata.json", "dsv4_spec.toml", "dsv4_meta.json",
+                      "latest_checkpointed_iteration.txt"}, opened
+    assert ".metadata" in opened and "dsv4_spec.toml" in opened
+
+
+def test_unreadable_saved_spec_names_file_line_and_key(learned):
+    root, _ = learned
+    (root / "iter_0000005" / "dsv4_spec.toml").write_text("[model]\nnum_layers = 2\nhidden_size = \"big\"\n")
+    r = run_json("inspect", "checkpoint", str(root))
+    (spec_problem,) = [p for p in r["problems"] if p["kind"] == "spec"]
+    assert "dsv4_spec.toml:3: model.hidden_size:" in spec_problem["message"]
+    assert "dsv4_spec.toml:1: model.vocab_size: required key is missing" in spec_problem["message"]
+
+
+def test_moe_synthetic_checkpoint_keeps_the_unfused_pre_mlp_norm(tmp_path, tiny_spec):
+    """MoE layers have no linear_fc1 to fuse the pre-MLP norm into: Megatron stores pre_mlp_layernorm.weight."""
+    from dsv4cli.ckpt.synthetic import stacked_inventory
+
+    moe = tiny_spec(**{"model.moe": {"num_experts": 2, "top_k": 1, "expert_ffn_hidden_size": 8}})
+    keys = set(stacked_inventory(moe))
+    assert "decoder.layers.pre_mlp_layernorm.weight" in keys
+    assert "mtp.layers.0.transformer_layer.pre_mlp_layernorm.weight" in keys
+    assert not any("linear_fc1.layer_norm_weight" in k for k in keys)
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+    dense = set(stacked_inventory(tiny_spec()))
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in dense
+    assert not any("pre_mlp_layernorm" in k for k in dense)
+
+
+@pytest.mark.parametrize("command", [["convert-ckpt"], ["inspect", "checkpoint"], ["inspect", "diff"]], ids=" ".join)
+def test_help_says_what_the_command_does_with_an_example(command):
+    res = run(*command, "--help")
+    assert res.exit_code == 0, res.output
+    assert "Examples:" in res.output
+    assert any(l.strip().startswith("dsv4 " + " ".join(command) + " ") for l in res.output.splitlines()), res.output
+
+
+@pytest.mark.parametrize("name,content,kind", [
+    ("dsv4_spec.toml", b"\xff\xfe\x00binary", "spec"),
+    ("dsv4_meta.json", b"\xff\xfe", "meta"),
+    ("dsv4_meta.json", b"[1, 2]", "meta"),
+    ("metadata.json", b"\xff", "corrupt"),
+])
+def test_binary_or_odd_metadata_files_are_problems_not_tracebacks(learned, tmp_path, name, content, kind):
+    root, _ = learned
+    (root / "iter_0000005" / name).write_bytes(content)
+    res = run("inspect", "checkpoint", str(root), "--json")
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert any(p["kind"] == kind and name in p["message"] for p in r["problems"]), r["problems"]
+    res = run("inspect", "checkpoint", str(root))
+    assert res.exit_code == 0 and "Traceback" not in res.output
+    res = run("convert-ckpt", str(root), str(tmp_path / "out"))
+    assert res.exit_code in (0, 2) and "Traceback" not in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+
+
+def test_binary_tracker_file_is_exit_2_for_every_command(learned, tmp_path):
+    root, _ = learned
+    (root / "latest_checkpointed_iteration.txt").write_bytes(b"\xff\x00")
+    for args in (["inspect", "checkpoint", str(root)], ["inspect", "diff", str(root), str(root)],
+                 ["convert-ckpt", str(root), str(tmp_path / "out")]):
+        res = run(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "latest_checkpointed_iteration.txt" in res.output and "Traceback" not in res.output
+
+
+def test_set_overrides_the_spec_in_use(learned, tmp_path):
+    """--set, as on every command that takes a spec: applied to --spec, else to the saved spec."""
+    root, _ = learned
+    r = run_json("inspect", "checkpoint", str(root), "--set", "model.mhc.streams=2")
+    assert r["spec_source"] == "saved dsv4_spec.toml + --set" and r["spec"]["model"]["mhc"]["streams"] == 2
+    assert r["conformant"] is False and any(p["kind"] == "mis-shaped" for p in r["problems"])
+    res = run("inspect", "checkpoint", str(root), "--set", "model.mhc.streemz=2")
+    assert res.exit_code == 2 and "did you mean 'streams'" in res.output
+    (root / "iter_0000005" / "dsv4_spec.toml").unlink()
+    res = run("inspect", "checkpoint", str(root), "--set", "model.mhc.streams=2")
+    assert res.exit_code == 2 and "--spec" in res.output and "Traceback" not in res.output
+
+
+def test_convert_set_overrides_the_saved_spec(tmp_path, tiny_spec):
+    from dsv4cli.ckpt.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(tmp_path / "legacy", tiny_spec(**{"model.contraction.mode": "average"}), iteration=3)
+    res = run("convert-ckpt", str(tmp_path / "legacy"), str(tmp_path / "out"), "--set", "model.contraction.eps=1e-5",
+              "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["eps"] == 1e-5 and "--set" in out["eps_source"]
+    assert "eps = 1e-05" in (tmp_path / "out" / "iter_0000003" / "dsv4_spec.toml").read_text()
+    res = run("convert-ckpt", str(tmp_path / "legacy"), str(tmp_path / "out2"), "--set", "model.mhc.streams=2")
+    assert res.exit_code == 2 and "n = 4" in res.output and not (tmp_path / "out2").exists()

@@ -36,3 +36,20 @@ def test_doc_names_every_key_of_every_section():
                 walk(sub, f"{prefix}.{name}" if prefix else name)
 
     walk(Spec, "")
+
+
+def test_every_key_has_a_meaning():
+    """The page promises every key's meaning: each schema field carries a description."""
+    undocumented = []
+
+    def walk(cls, prefix):
+        for name, field in cls.model_fields.items():
+            sub = next((a for a in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                        if isinstance(a, type) and hasattr(a, "model_fields")), None)
+            if sub is not None:
+                walk(sub, f"{prefix}.{name}" if prefix else name)
+            elif not (field.description or "").strip():
+                undocumented.append(f"{prefix}.{name}" if prefix else name)
+
+    walk(Spec, "")
+    assert undocumented == []

@@ -129,14 +129,28 @@ BROKEN = {
     "unclosed_array": ({30: "recompute = [\"mhc\""}, "", [], "train.recompute", 30, "Unclosed array (opened on line 30"),
     # wrong types
     "string_for_int": ({3: 'num_layers = "two"'}, "", [], "model.num_layers", 3, "valid integer"),
-    "fraction_for_int": ({17: "tp = 1.5"}, "", [], "parallel.tp", 17, "fractional part"),
+    "fraction_for_int": ({17: "tp = 1.5"}, "", [], "parallel.tp", 17, "valid integer, got 1.5"),
     "int_for_bool": ({22: 'sequence_parallel = "maybe"'}, "", [], "parallel.sequence_parallel", 22, "valid boolean"),
     "table_for_value": ({33: "tokenizer = {kind = 1}"}, "", [], "data.tokenizer", 33, "valid string"),
+    # strict types: TOML values are typed, so nothing is silently converted
+    "quoted_int": ({3: 'num_layers = "2"'}, "", [], "model.num_layers", 3, "valid integer, got \"2\""),
+    "float_for_int": ({4: "hidden_size = 64.0"}, "", [], "model.hidden_size", 4, "valid integer, got 64.0"),
+    "bool_for_int": ({5: "num_attention_heads = true"}, "", [], "model.num_attention_heads", 5,
+                     "valid integer, got true"),
+    "string_for_bool": ({22: 'sequence_parallel = "yes"'}, "", [], "parallel.sequence_parallel", 22,
+                        "valid boolean, got \"yes\""),
+    "int_for_string": ({1: "name = 7"}, "", [], "name", 1, "valid string, got 7"),
+    "value_for_table": ({10: "", 11: "mhc = 2"}, "", [], "model.mhc", 11, "must be a table"),
+    "array_of_tables": ({23: "[[train]]"}, "", [], "train", 23, "must be a table"),
     "bad_literal": ({13: 'mode = "mean"'}, "", [], "model.contraction.mode", 13, "'learned' or 'average'"),
     "bad_source": ({32: 'source = "web"'}, "", [], "data.source", 32, "'builtin', 'mock' or 'indexed'"),
     "recompute_unknown_module": ({30: 'recompute = ["mhcc"]'}, "", [], "train.recompute", 30, "unknown module"),
     "recompute_bad_string": ({30: 'recompute = "some"'}, "", [], "train.recompute", 30, '"full"'),
     # out of range
+    "inf_float": ({28: "lr = inf"}, "", [], "train.lr", 28, "must be a finite number, got inf"),
+    "nan_float": ({28: "lr = nan"}, "", [], "train.lr", 28, "must be a finite number, got nan"),
+    "nan_in_array": ({32: 'source = "mock"', 34: 'paths = ["a"]', 35: "weights = [nan]"}, "", [], "data.weights", 35,
+                     "must hold finite numbers"),
     "streams_zero": ({11: "streams = 0"}, "", [], "model.mhc.streams", 11, "greater than or equal to 1, got 0"),
     "streams_too_many": ({11: "streams = 17"}, "", [], "model.mhc.streams", 11, "less than or equal to 16"),
     "negative_mtp": ({15: "depth = -1"}, "", [], "model.mtp.depth", 15, "greater than or equal to 0"),
@@ -343,3 +357,32 @@ def test_standalone_mtp_stage_with_mhc_is_flagged_unsupported(tmp_path):
     result = run("validate", str(path), "--world-size", "3", "--set", "train.global_batch_size=6")
     assert_clean_exit(result, 0)
     assert f"{path}:22: parallel.pp_layout: warning: MTP layers outside the last pipeline stage" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["validate"], ["inspect", "spec"], ["schema"]], ids=" ".join)
+def test_help_says_what_the_command_does_with_an_example(command):
+    result = run(*command, "--help")
+    assert_clean_exit(result, 0)
+    text = result.stdout
+    assert "Examples:" in text
+    example = [l.strip() for l in text.splitlines() if l.strip().startswith("dsv4 " + " ".join(command))]
+    assert example, text
+
+
+def test_set_value_of_the_wrong_type_is_an_error_not_a_conversion(tmp_path):
+    path = make_spec(tmp_path)
+    result = run("validate", str(path), "--set", 'model.num_layers="4"', "--set", "model.mhc=3",
+                 "--set", "train.lr=1")  # an integer where a float belongs is fine
+    assert_clean_exit(result, 2)
+    lines = result.stderr.splitlines()
+    assert '--set: model.num_layers: input should be a valid integer, got "4"' in lines
+    assert any(l.startswith("--set: model.mhc: must be a table") for l in lines)
+    assert not any("train.lr" in l for l in lines)
+
+
+def test_dense_and_expert_grid_problems_are_both_reported(tmp_path):
+    path = make_spec(tmp_path, {17: "tp = 4", 21: "ep = 3"}, extra=MOE.replace("num_experts = 4", "num_experts = 6"))
+    result = run("validate", str(path), "--world-size", "2", "--set", "parallel.sequence_parallel=true")
+    assert_clean_exit(result, 2)
+    assert "world size 2 is not divisible by tp*pp*cp = 4*1*1 = 4" in result.stderr
+    assert "world size 2 is not divisible by the expert grid etp*ep*pp = 1*3*1 = 3" in result.stderr

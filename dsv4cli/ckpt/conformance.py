@@ -30,7 +30,7 @@ _FOLD = [(re.compile(r"(decoder\.layers\.)\d+\."), r"\1"), (re.compile(r"\.mlp\.
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # missing | unexpected | mis-shaped | legacy | corrupt | spec
+    kind: str  # missing | unexpected | mis-shaped | legacy | corrupt | spec | meta
     name: str
     message: str
 
@@ -84,13 +84,17 @@ def fold_name(name: str) -> str:
     return name
 
 
-def stored_name(name: str, stack_layers: bool = True) -> str:
+def stored_name(name: str, stack_layers: bool = True, moe: bool = False) -> str:
     """Per-layer inventory name -> Megatron's stored key (stacked, TE-era fused-norm names).
 
-    stack_layers=False gives the per-layer form Megatron uses for heterogeneous layers.
+    stack_layers=False gives the per-layer form Megatron uses for heterogeneous layers. With
+    moe=True the MLP is a MoE layer, which has no linear_fc1 to fuse its norm into: the norm
+    stays `pre_mlp_layernorm.weight` (the attention norm is still fused into linear_qkv).
     """
     name = fold_name(name) if stack_layers else _FOLD[1][0].sub(_FOLD[1][1], name)
     for stored, canon in _NORM_ALIASES.items():
+        if moe and canon == "pre_mlp_layernorm.weight":
+            continue
         if name.endswith("." + canon):
             return name[: -len(canon)] + stored
     return name
@@ -118,6 +122,8 @@ def check_conformance(info: CheckpointInfo, spec: Any = None, spec_source: Optio
     problems: list[Problem] = [Problem("corrupt", "", p) for p in info.integrity_problems]
     if info.spec_error and spec is None:
         problems.append(Problem("spec", "dsv4_spec.toml", info.spec_error))
+    if info.meta_error:
+        problems.append(Problem("meta", "dsv4_meta.json", info.meta_error))
     legacy_blocks = detect_legacy(info)
     result = Conformance(conformant=None, spec_source=spec_source)
     if legacy_blocks:

@@ -22,7 +22,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.keys import (
@@ -41,7 +41,7 @@ from dsv4cli.ckpt.layout import (
     iter_dir_name,
     resolve_checkpoint,
 )
-from dsv4cli.ckpt.metadata import CheckpointInfo, read_checkpoint_info
+from dsv4cli.ckpt.metadata import CheckpointInfo, check_common_state, read_checkpoint_info
 
 NEW_DATA_FILE = "__dsv4_hc_head.distcp"
 DEFAULT_EPS = 1e-6
@@ -84,18 +84,26 @@ class ConversionResult:
         return dataclasses.asdict(self)
 
 
-def _resolve_spec(info: CheckpointInfo, spec_path: Optional[str]):
-    if spec_path is not None:
-        from dsv4cli.spec.load import SpecError, load_spec
+def _resolve_spec(info: CheckpointInfo, spec_path: Optional[str], overrides: Sequence[str] = ()):
+    """The spec in use: --spec, else the saved one; `overrides` (--set) apply to whichever it is."""
+    from dsv4cli.spec.load import SpecError, load_spec
 
+    if spec_path is not None:
         try:
-            return load_spec(spec_path, rules=False), f"--spec {spec_path}"
+            return load_spec(spec_path, overrides, rules=False), f"--spec {spec_path}"
         except SpecError as e:
             raise CheckpointError(f"--spec {spec_path}: " + "; ".join(str(p) for p in e.problems)) from None
     if info.spec_error:
         raise CheckpointError(f"saved spec is unreadable ({info.spec_error}); pass --spec")
+    if info.spec is not None and overrides:
+        try:
+            return load_spec(info.iter_dir / SPEC_FILE, overrides, rules=False), "saved dsv4_spec.toml + --set"
+        except SpecError as e:
+            raise CheckpointError("saved dsv4_spec.toml with --set: " + "; ".join(str(p) for p in e.problems)) from None
     if info.spec is not None:
         return info.spec, "saved dsv4_spec.toml"
+    if overrides:
+        raise CheckpointError("--set needs a spec to override: none is saved in the checkpoint; pass --spec")
     return None, ""
 
 
@@ -119,12 +127,15 @@ def plan_conversion(
     streams: Optional[int] = None,
     eps: Optional[float] = None,
     drop_optimizer: bool = False,
+    overrides: Sequence[str] = (),
 ) -> _Plan:
     """Read SRC's metadata and decide what to add; CheckpointError for anything inconsistent."""
     info = read_checkpoint_info(src)
-    if info.integrity_problems:
-        raise CheckpointError(f"{info.iter_dir}: corrupt checkpoint: " + "; ".join(info.integrity_problems))
-    spec, spec_src = _resolve_spec(info, spec_path)
+    common = check_common_state(info.iter_dir / COMMON_STATE)
+    if info.integrity_problems or common:
+        problems = info.integrity_problems + ([common] if common else [])
+        raise CheckpointError(f"{info.iter_dir}: corrupt checkpoint: " + "; ".join(problems))
+    spec, spec_src = _resolve_spec(info, spec_path, overrides)
     shapes = {k: v.shape for k, v in info.model_tensors().items()}
     layout = infer_stream_layout(shapes)
     if layout is None:
@@ -255,8 +266,12 @@ def _check_destination(src_dirs: list[Path], dst: Path, force: bool) -> None:
             raise CheckpointError(f"DST {dst} overlaps SRC {s}: convert never writes into the source")
     if dst.exists() and not force:
         raise CheckpointError(f"DST {dst} exists; pass --force to replace it")
-    if not dst.parent.is_dir():
-        raise CheckpointError(f"DST parent directory {dst.parent} does not exist")
+    cwd = Path.cwd().resolve()
+    if dst.exists() and (cwd == d or _is_within(cwd, d)):
+        raise CheckpointError(f"DST {dst} holds the current directory; --force will not replace it, pick another DST")
+    parent = next((p for p in dst.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CheckpointError(f"DST {dst}: {parent} is a file, not a directory")
 
 
 def _copy_file(src: Path, dst: Path) -> int:
@@ -368,6 +383,7 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
     drop = plan.optimizer_mode == "dropped"
     keep = (lambda k: not k.startswith("optimizer.")) if drop else (lambda k: True)
 
+    dst.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: DST itself appears only at the end
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         out = tmp / (iter_dir_name(iteration) if iteration is not None else iter_dir_name(0))
@@ -465,6 +481,7 @@ def convert_checkpoint(
     drop_optimizer: bool = False,
     verify: bool = False,
     fail_hook: Optional[Callable[[str], None]] = None,
+    overrides: Sequence[str] = (),
 ) -> ConversionResult:
     """`dsv4 convert-ckpt`: SRC (root or iter dir) -> DST root with the learned contraction.
 
@@ -475,7 +492,7 @@ def convert_checkpoint(
         raise CheckpointError(f"--streams {streams}: hyper-connection checkpoints have n >= 2 streams")
     if eps is not None and not 0 < eps < 0.1:
         raise CheckpointError(f"--eps {eps}: must be in (0, 0.1)")
-    plan = plan_conversion(src, spec_path, streams, eps, drop_optimizer)
+    plan = plan_conversion(src, spec_path, streams, eps, drop_optimizer, overrides)
     info = plan.info
     if not plan.missing_blocks:
         return ConversionResult(
@@ -483,10 +500,12 @@ def convert_checkpoint(
             streams=plan.streams, hidden=plan.hidden, eps=None, hc_head_base=None,
             stream_source=plan.stream_source, eps_source=plan.eps_source,
         )
-    dst = Path(dst)
+    shown = str(Path(dst))
+    dst = Path(os.path.abspath(dst))  # "." or "out/" -> a path with a real name and parent
     src_dirs = [info.iter_dir] + ([info.location.root] if info.location.root else [])
     _check_destination(src_dirs, dst, force)
     result = write_converted(plan, dst, force, fail_hook)
+    result.dst = shown
     if verify:
         from dsv4cli.ckpt.verify import verify_conversion
 

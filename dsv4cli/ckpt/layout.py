@@ -60,7 +60,10 @@ def resolve_checkpoint(path: str | Path) -> CheckpointLocation:
         return CheckpointLocation(path, root, it)
     tracker = path / TRACKER_FILE
     if tracker.is_file():
-        text = tracker.read_text().strip()
+        try:
+            text = tracker.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{tracker}: unreadable ({e})") from None
         if text == "release":
             iter_dir = path / "release"
             iteration = None

@@ -2,7 +2,8 @@
 
 Sources: the DCP `.metadata` (names, global shapes, dtypes, chunks, and where each chunk's bytes
 sit), Megatron's `metadata.json`, dsv4's `dsv4_spec.toml` and `dsv4_meta.json`. The `.distcp`
-data files are only stat-ed, to tell a truncated checkpoint from a complete one.
+data files are only stat-ed, to tell a truncated checkpoint from a complete one. Megatron's
+`common.pt` is not read here; `check_common_state` (used by convert, which copies it) checks it.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.layout import (
+    COMMON_STATE,
     DCP_METADATA,
     MEGATRON_CONFIG,
     META_FILE,
@@ -145,6 +148,26 @@ def check_storage(iter_dir: Path, md) -> tuple[dict[str, int], list[str]]:
     return sizes, problems
 
 
+def check_common_state(path: Path) -> Optional[str]:
+    """What is wrong with Megatron's `common.pt` (None when absent or sound), without unpickling it.
+
+    torch.save writes a zip archive: its CRCs tell a damaged or truncated file from a good one.
+    A pre-1.6 (non-zip) torch.save file starts with a pickle protocol byte (0x80) and is accepted.
+    """
+    if not path.is_file():
+        return None
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            return f"{COMMON_STATE} is damaged (bad CRC in {bad})" if bad else None
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return f"{COMMON_STATE} unreadable: {e}"
+    return None if head == b"\x80" else f"{COMMON_STATE} is not a torch.save file (damaged or truncated)"
+
+
 def read_checkpoint_info(path: str | Path, location: Optional[CheckpointLocation] = None) -> CheckpointInfo:
     """Read a checkpoint's metadata (never tensor data) -> CheckpointInfo; CheckpointError if unreadable."""
     loc = location or resolve_checkpoint(path)
@@ -156,8 +179,8 @@ def read_checkpoint_info(path: str | Path, location: Optional[CheckpointLocation
     cfg_path = loc.iter_dir / MEGATRON_CONFIG
     if cfg_path.is_file():
         try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             integrity.append(f"{MEGATRON_CONFIG} unreadable: {e}")
     fmt = str(config.get("sharded_backend", "torch_dist")) if isinstance(config, dict) else "dcp"
 
@@ -173,15 +196,23 @@ def read_checkpoint_info(path: str | Path, location: Optional[CheckpointLocation
         dcp_metadata=md,
     )
     spec_path = loc.iter_dir / SPEC_FILE
-    if spec_path.is_file():
-        info.spec_text = spec_path.read_text()
-        info.spec, info.spec_error = _load_spec_file(spec_path)
-    meta_path = loc.iter_dir / META_FILE
-    if meta_path.is_file():
+    if spec_path.exists():
         try:
-            info.meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            info.spec_text = spec_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            info.spec_error = f"{SPEC_FILE} unreadable: {e}"
+        else:
+            info.spec, info.spec_error = _load_spec_file(spec_path)
+    meta_path = loc.iter_dir / META_FILE
+    if meta_path.exists():
+        try:
+            info.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             info.meta_error = f"{META_FILE} unreadable: {e}"
+        else:
+            if not isinstance(info.meta, dict):
+                info.meta_error = f"{META_FILE} holds {type(info.meta).__name__}, not a JSON object"
+                info.meta = None
     return info
 
 
@@ -193,7 +224,15 @@ def _load_spec_file(path: Path):
     try:
         return load_spec(path, rules=False), None
     except SpecError as e:
-        return None, f"{path.name}: " + "; ".join(str(p.message if hasattr(p, "message") else p) for p in e.problems)
+        return None, "; ".join(_problem_text(path.name, p) for p in e.problems)
+
+
+def _problem_text(file_name: str, problem) -> str:
+    """'dsv4_spec.toml:12: model.hidden_size: message' (the directory is said elsewhere)."""
+    line = getattr(problem, "line", None)
+    key = getattr(problem, "key", "")
+    where = f"{file_name}:{line}" if line else file_name
+    return f"{where}: {key}: {problem.message}" if key else f"{where}: {problem.message}"
 
 
 def data_file_names(iter_dir: Path) -> list[str]:

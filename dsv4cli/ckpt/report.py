@@ -6,10 +6,11 @@ import fnmatch
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from dsv4cli.ckpt.conformance import check_conformance
 from dsv4cli.ckpt.errors import CheckpointError
+from dsv4cli.ckpt.layout import SPEC_FILE
 from dsv4cli.ckpt.metadata import CheckpointInfo, TensorEntry, read_checkpoint_info
 
 _FOLDS = [
@@ -68,26 +69,35 @@ def tensor_tree(entries: list[TensorEntry]) -> list[dict]:
     return out
 
 
-def _spec_for(info: CheckpointInfo, spec_path: Optional[str]):
-    if spec_path is None:
-        return (info.spec, "saved dsv4_spec.toml") if info.spec is not None else (None, None)
+def _spec_for(info: CheckpointInfo, spec_path: Optional[str], overrides: Sequence[str] = ()):
+    """The spec to compare against: --spec, else the saved one; `overrides` (--set) apply to it."""
     from dsv4cli.spec.load import SpecError, load_spec
 
+    if spec_path is None and not overrides:
+        return (info.spec, "saved dsv4_spec.toml") if info.spec is not None else (None, None)
+    if spec_path is None:
+        if info.spec is None:
+            raise CheckpointError("--set needs a spec to override: no readable one is saved in the checkpoint; "
+                                  "pass --spec")
+        path, source = info.iter_dir / SPEC_FILE, "saved dsv4_spec.toml + --set"
+    else:
+        path, source = spec_path, spec_path
     try:
-        return load_spec(spec_path, rules=False), spec_path
+        return load_spec(path, overrides, rules=False), source
     except SpecError as e:
-        raise CheckpointError(f"--spec {spec_path}: " + "; ".join(str(p) for p in e.problems)) from None
+        raise CheckpointError(f"{'--spec ' + spec_path if spec_path else source}: "
+                              + "; ".join(str(p) for p in e.problems)) from None
 
 
 def inspect_checkpoint(path: str | Path, spec_path: Optional[str] = None, stats: bool = False,
-                       pattern: Optional[str] = None) -> dict:
+                       pattern: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     """Report of a checkpoint: format, iteration, spec, provenance, tensors, totals, tree, conformance.
 
     Reads `.metadata`, `metadata.json`, `dsv4_spec.toml`, `dsv4_meta.json` only, unless stats is set
     (then it loads the selected tensors one at a time). Raises CheckpointError when unreadable.
     """
     info = read_checkpoint_info(path)
-    spec, spec_source = _spec_for(info, spec_path)
+    spec, spec_source = _spec_for(info, spec_path, overrides)
     entries = [e for e in info.tensors.values() if pattern is None or fnmatch.fnmatchcase(e.name, pattern)]
     by_dtype: dict[str, dict] = {}
     for e in entries:

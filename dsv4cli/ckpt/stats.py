@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.metadata import CheckpointInfo, TensorEntry
 from dsv4cli.ckpt.tensors import TensorReader
 
@@ -35,8 +36,8 @@ def iter_stats(info: CheckpointInfo, entries: Iterable[TensorEntry]) -> Iterator
     for e in entries:
         try:
             t = reader.load(e)
-        except Exception as ex:  # e.g. flattened optimizer shards; report, keep going
-            yield e, {"error": f"{type(ex).__name__}: {ex}"}
+        except CheckpointError as ex:  # damaged bytes, flattened optimizer shards: report, keep going
+            yield e, {"error": str(ex).split(": ", 1)[-1]}
             continue
         yield e, tensor_stats(t)
         del t

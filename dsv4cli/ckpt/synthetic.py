@@ -24,7 +24,7 @@ def stacked_inventory(spec, stack_layers: bool = True) -> dict[str, tuple[int, .
 
     counts: dict[str, list] = {}
     for name, shape in param_inventory(spec):
-        stored = stored_name(name, stack_layers)
+        stored = stored_name(name, stack_layers, moe=spec.model.moe is not None)
         counts.setdefault(stored, []).append(tuple(shape))
     out = {}
     for stored, shapes in counts.items():

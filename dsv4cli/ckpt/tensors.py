@@ -5,7 +5,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.metadata import TensorEntry
+
+
+def _last_line(e: BaseException) -> str:
+    """The innermost one-line reason of an exception (DCP wraps the real one in a multi-line report)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 class TensorReader:
@@ -24,17 +31,31 @@ class TensorReader:
                 return md
 
         self._reader = _Reader(str(iter_dir))
+        self._dir = str(iter_dir)
 
     def load(self, entry: TensorEntry):
-        """The full (global) tensor of one entry, on CPU, in its stored dtype."""
+        """The full (global) tensor of one entry, on CPU, in its stored dtype.
+
+        Raises CheckpointError (naming the tensor) when its bytes cannot be read: a truncated or
+        damaged data file, a missing file. DCP reports those as a CheckpointException, which is
+        a BaseException, so it is caught here and turned into one line.
+        """
         import torch
         import torch.distributed.checkpoint as dcp
 
         t = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
         sd = {entry.name: t}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(sd, storage_reader=self._reader, no_dist=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(sd, storage_reader=self._reader, no_dist=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            reason = _last_line(e)
+            raise CheckpointError(
+                f"{self._dir}: cannot read tensor {entry.name} ({type(e).__name__}: {reason})"
+            ) from None
         return sd[entry.name]
 
 

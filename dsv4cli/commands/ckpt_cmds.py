@@ -4,11 +4,15 @@ inspect checkpoint, inspect diff. torch is imported inside the commands only."""
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from dsv4cli.commands.app import app, inspect_app
+
+
+_SET_HELP = ("Override one key of the spec in use (--spec, else the saved one), e.g. --set model.mhc.streams=4 "
+             "(repeatable; the last one wins).")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -35,6 +39,7 @@ def convert_ckpt(
     src: str = typer.Argument(..., metavar="SRC", help="Legacy checkpoint: run root (latest iteration) or one iter_* dir."),
     dst: str = typer.Argument(..., metavar="DST", help="New checkpoint root to create."),
     spec: Optional[str] = typer.Option(None, "--spec", help="Spec of the model (default: the checkpoint's dsv4_spec.toml)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
     streams: Optional[int] = typer.Option(None, "--streams", help="Stream count n (default: saved spec, else stored shapes)."),
     eps: Optional[float] = typer.Option(None, "--eps", help="Contraction eps the model runs with (default: saved spec, else 1e-6)."),
     verify: bool = typer.Option(False, "--verify", help="Check the converted model reproduces the legacy one."),
@@ -42,14 +47,27 @@ def convert_ckpt(
     drop_optimizer: bool = typer.Option(False, "--drop-optimizer", help="Write a model-only checkpoint (no optimizer state)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Convert a legacy averaging-contraction checkpoint to the learned contraction, function-preserving:
-    adds hc_head_fn = 0, hc_head_scale = 1, hc_head_base = logit(1/n - eps) to the main block and every
-    MTP depth lacking them; every other tensor is copied bit for bit. Exit 2 on bad input, 1 if --verify fails."""
+    """Convert a legacy averaging-contraction checkpoint to the learned contraction.
+
+    Function-preserving: adds hc_head_fn = 0, hc_head_scale = 1, hc_head_base =
+    logit(1/n - eps) to the main block and every MTP depth lacking them, with zero Adam
+    moments; every other tensor is copied bit for bit. SRC is never written; DST is built
+    beside its final place and renamed at the end. Exit 0 done (or already converted),
+    2 bad input, 1 if --verify fails.
+
+    Examples:
+
+    \b
+      dsv4 convert-ckpt runs/old runs/old-learned --verify
+      dsv4 convert-ckpt megatron_ckpt/iter_0005000 converted --spec specs/model.toml
+      dsv4 convert-ckpt runs/old runs/old-learned --drop-optimizer --force
+    """
     from dsv4cli.ckpt.convert import convert_checkpoint
     from dsv4cli.ckpt.errors import CheckpointError
 
     try:
-        result = convert_checkpoint(src, dst, spec, streams, eps, force, drop_optimizer, verify)
+        result = convert_checkpoint(src, dst, spec, streams, eps, force, drop_optimizer, verify,
+                                    overrides=set_ or ())
     except CheckpointError as e:
         _fail(str(e))
     except OSError as e:  # e.g. disk full: nothing was left at DST
@@ -90,17 +108,30 @@ def convert_ckpt(
 def inspect_checkpoint_cmd(
     path: str = typer.Argument(..., metavar="PATH", help="Checkpoint: run root or iter_* directory."),
     spec: Optional[str] = typer.Option(None, "--spec", help="Compare against this spec (default: the saved one)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
     stats: bool = typer.Option(False, "--stats", help="Load tensors one at a time: norm, mean, std, min, max, NaN/Inf."),
     filter_: Optional[str] = typer.Option(None, "--filter", metavar="GLOB", help="Only tensors whose name matches GLOB."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """What is inside a saved checkpoint, from its metadata only (no tensor data unless --stats), and
-    whether it matches the spec. Exit 0 when read (also if not conformant), 2 when unreadable."""
+    """What is inside a saved checkpoint, and whether it matches the spec.
+
+    Reads metadata only (no tensor data unless --stats): format, iteration, saved spec,
+    provenance, totals, a tensor tree, and missing / unexpected / mis-shaped tensors; a
+    legacy (averaging) checkpoint is flagged with the convert-ckpt command that fixes it.
+    Exit 0 when read (also if not conformant), 2 when unreadable.
+
+    Examples:
+
+    \b
+      dsv4 inspect checkpoint runs/tiny
+      dsv4 inspect checkpoint runs/tiny/iter_0000200 --stats --filter 'decoder.hc_head*'
+      dsv4 inspect checkpoint runs/tiny --spec specs/tiny.toml --json
+    """
     from dsv4cli.ckpt.errors import CheckpointError
     from dsv4cli.ckpt.report import inspect_checkpoint
 
     try:
-        report = inspect_checkpoint(path, spec, stats, filter_)
+        report = inspect_checkpoint(path, spec, stats, filter_, overrides=set_ or ())
     except CheckpointError as e:
         _fail(str(e))
     if as_json:
@@ -162,7 +193,15 @@ def inspect_diff(
     b: str = typer.Argument(..., metavar="B", help="Second checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the diff as JSON."),
 ) -> None:
-    """Keys only in A or B, shape/dtype changes, and per-tensor max |A - B| (tensors streamed one at a time)."""
+    """Compare two checkpoints: keys only in A or B, shape/dtype changes, and per-tensor
+    max |A - B| (tensors streamed one at a time). Exit 0 when both were read, 2 otherwise.
+
+    Examples:
+
+    \b
+      dsv4 inspect diff runs/old runs/old-learned
+      dsv4 inspect diff runs/a/iter_0000100 runs/b/iter_0000100 --json
+    """
     from dsv4cli.ckpt.diff import diff_checkpoints
     from dsv4cli.ckpt.errors import CheckpointError
 
@@ -170,9 +209,10 @@ def inspect_diff(
         d = diff_checkpoints(a, b)
     except CheckpointError as e:
         _fail(str(e))
+    code = 2 if d.unreadable else 0  # a tensor whose bytes cannot be read: unreadable input
     if as_json:
         typer.echo(json.dumps(d.to_json(), indent=2))
-        return
+        raise typer.Exit(code)
     con = _console()
     con.print(f"A {d.a}\nB {d.b}")
     for title, rows in (("only in A", d.only_in_a), ("only in B", d.only_in_b)):
@@ -187,3 +227,6 @@ def inspect_diff(
     for c in d.compared:
         if not c["identical"]:
             con.print(f"  {c['name']}: max |A - B| = {c['max_abs_diff']:.6g}")
+    for u in d.unreadable:
+        typer.echo(f"error: {u['error']}", err=True)
+    raise typer.Exit(code)

@@ -14,15 +14,26 @@ _SET_HELP = "Override one spec key, e.g. --set model.mhc.streams=8 (repeatable; 
 
 @app.command("validate")
 def validate(
-    specs: List[str] = typer.Argument(..., metavar="SPEC...", help="Spec file(s) to check."),
+    specs: List[str] = typer.Argument(..., metavar="SPEC", help="Spec file(s) to check."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
     world_size: Optional[int] = typer.Option(
         None, "--world-size", min=1, help="Processes in total (default: launch.nproc_per_node * launch.nnodes)."
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per spec per line."),
 ) -> None:
-    """Check specs (all problems at once, FILE:LINE: key: message on stderr; exit 2 on errors) and
-    print estimates: parameters, FLOPs/token, memory per rank, parallel sizes, torchrun command."""
+    """Check specs and print estimates; exit 2 on errors.
+
+    Reports every problem at once, one per line on stderr as FILE:LINE: key: message
+    (--set for overrides). A valid spec gets a summary: resolved spec, parameters,
+    FLOPs per token, memory per rank, parallel sizes and the torchrun command.
+
+    Examples:
+
+    \b
+      dsv4 validate specs/tiny.toml
+      dsv4 validate specs/model.toml --set model.mhc.streams=8 --world-size 16
+      dsv4 validate specs/*.toml --json
+    """
     from dsv4cli.spec.check import check_spec, summary
 
     failed = False
@@ -52,7 +63,14 @@ def inspect_spec(
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML."),
 ) -> None:
-    """Show the resolved spec (after extends and --set) as TOML, or as JSON."""
+    """Show the resolved spec (after extends and --set) as TOML, or as JSON.
+
+    Examples:
+
+    \b
+      dsv4 inspect spec specs/dsv4-pro.toml
+      dsv4 inspect spec specs/tiny.toml --set model.mtp.depth=2 --json
+    """
     from dsv4cli.spec.load import SpecError, resolve_spec, spec_to_toml
 
     try:
@@ -71,7 +89,14 @@ def inspect_spec(
 def schema(
     markdown: bool = typer.Option(False, "--markdown", help="The spec reference page (docs/spec.md) instead."),
 ) -> None:
-    """Print the JSON schema of the spec format."""
+    """Print the JSON schema of the spec format (every section, key, type, default).
+
+    Examples:
+
+    \b
+      dsv4 schema > dsv4-spec.schema.json
+      dsv4 schema --markdown     # the reference page docs/spec.md
+    """
     if markdown:
         from dsv4cli.spec.docs import schema_markdown
 

@@ -36,6 +36,9 @@ checkpointing and launch. `dsv4 validate SPEC` checks it and prints estimates;
 - `--set KEY=VALUE` (repeatable, on every command that takes a spec) overrides one
   dotted key after `extends`; the value is parsed as TOML (`8`, `true`, `["mhc"]`,
   `"text"`) and taken as a plain string when it is not TOML. The last one wins.
+- Values are checked strictly by type: `"2"`, `2.0` or `true` where an integer belongs, or
+  `"yes"` where a boolean belongs, are errors (an integer where a float belongs is fine);
+  `inf` and `nan` are rejected everywhere.
 - Unknown keys are errors at every depth (with a did-you-mean suggestion). Every problem
   is reported as `FILE:LINE: dotted.key: message` (`--set: key: message` for overrides).
 - Cross-field rules (divisibility of heads, layers, experts, batch and world size by the

@@ -11,6 +11,8 @@ order (the last one wins). Relative paths (`extends`, `data.paths`, `data.tokeni
 not "byte", `checkpoint.dir`, `checkpoint.load`) resolve against the directory of the file
 that sets them (the working directory for `--set`) and come out absolute. Every key keeps
 its origin (file, line), so each problem points at the line that set the offending value.
+Types are checked strictly (TOML has real types): "2", 2.0 or true where an integer belongs,
+or "yes" where a boolean belongs, are errors rather than silently converted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import copy
 import difflib
 import itertools
 import json
+import math
 import os
 import re
 import tomllib
@@ -105,12 +108,13 @@ def resolve_partial(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Op
     _apply_overrides(data, origins, overrides, problems)
     data.pop("extends", None)
     origins = {k: v for k, v in origins.items() if k != "extends"}
+    problems.extend(_drop_non_finite(data, origins, root))
 
     from pydantic import ValidationError
 
     spec: Optional[Spec] = None
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate(data, strict=True)
     except ValidationError as e:
         problems.extend(_pydantic_problems(e, data, origins, root))
         spec = _validate_pruned(data, e)
@@ -120,6 +124,24 @@ def resolve_partial(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Op
         spec._origins = origins
         spec._root = root
     return spec, _dedupe(problems)
+
+
+def _drop_non_finite(data: dict, origins: dict[str, Origin], root: str, prefix: str = "") -> list[Problem]:
+    """TOML allows inf and nan; no spec value means either. Report each, drop it (its default stands in)."""
+    problems = []
+    for key in list(data):
+        value, dotted = data[key], f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            problems += _drop_non_finite(value, origins, root, dotted)
+        elif isinstance(value, float) and not math.isfinite(value):
+            file, line = _locate(origins, dotted, root)
+            problems.append(Problem(file, line, dotted, f"must be a finite number, got {value}"))
+            del data[key]
+        elif isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            file, line = _locate(origins, dotted, root)
+            problems.append(Problem(file, line, dotted, f"must hold finite numbers, got {_short(value)}"))
+            del data[key]
+    return problems
 
 
 def _validate_pruned(data: dict, error) -> Optional[Spec]:
@@ -137,7 +159,7 @@ def _validate_pruned(data: dict, error) -> Optional[Spec]:
         if isinstance(node, dict) and keys:
             node.pop(keys[-1], None)
     try:
-        return Spec.model_validate(pruned)
+        return Spec.model_validate(pruned, strict=True)
     except ValidationError:
         return None
 
@@ -443,8 +465,14 @@ def unknown_key_message(path: Sequence[str]) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A value as the user wrote it in TOML (true, "text", 3), cut at 60 characters."""
+    text = ("true" if value else "false") if isinstance(value, bool) else (
+        json.dumps(value) if isinstance(value, str) else repr(value))
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_TABLE_ERRORS = ("model_type", "model_attributes_type", "dict_type")
+"""Pydantic error types of a value given where a section (TOML table) belongs."""
 
 
 def _pydantic_problems(e, data: dict, origins: dict[str, Origin], root: str) -> list[Problem]:
@@ -457,6 +485,8 @@ def _pydantic_problems(e, data: dict, origins: dict[str, Origin], root: str) -> 
             message = unknown_key_message(path)
         elif kind == "missing":
             message = "required key is missing"
+        elif kind in _TABLE_ERRORS:
+            message = f"must be a table ([{key}] or {{ ... }}), got {_short(err.get('input'))}"
         else:
             msg = err["msg"]
             if msg.startswith("Value error, "):

@@ -199,10 +199,10 @@ def _world_rules(spec: Spec, world: int, f: _Findings) -> None:
     if world % dense:
         f.err(f.pick("parallel.tp", "parallel.pp", "parallel.cp", "launch.nproc_per_node"),
               f"world size {world} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {dense}")
-    elif world % expert:
+    if world % expert:  # reported too when the dense grid fails: all problems at once
         f.err(f.pick("parallel.ep", "parallel.etp", "parallel.pp", "launch.nproc_per_node"),
               f"world size {world} is not divisible by the expert grid etp*ep*pp = {p.etp}*{p.ep}*{p.pp} = {expert}")
-    else:
+    if not world % dense and not world % expert:
         dp = world // dense
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:

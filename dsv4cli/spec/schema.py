@@ -104,9 +104,9 @@ class TrainSpec(_Section):
     min_lr: float = Field(3e-5, ge=0, description="Final learning rate of the cosine decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.95, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (first-moment decay).")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (second-moment decay).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW eps (denominator floor).")
     clip_grad: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
     seed: int = Field(1234, ge=0, description="Random seed.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Activation/weight precision.")
@@ -162,9 +162,9 @@ class CheckpointSpec(_Section):
 class LaunchSpec(_Section):
     """torchrun launch settings."""
 
-    nproc_per_node: int = Field(1, ge=1)
-    nnodes: int = Field(1, ge=1)
-    node_rank: int = Field(0, ge=0)
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node.")
+    nnodes: int = Field(1, ge=1, description="Nodes; world size = nproc_per_node * nnodes.")
+    node_rank: int = Field(0, ge=0, description="This node's rank, 0 .. nnodes-1.")
     rdzv_endpoint: str = Field("localhost:29500", description="HOST:PORT of the c10d rendezvous.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with CUDA, gloo otherwise.")
 
