@@ -1,5 +1,137 @@
-"""CLI commands of the train area (thin: parse, call the library, render)."""
+"""CLI commands of the train area (thin: parse, call the library, render): train, eval, prepare-data, plot."""
 
 from __future__ import annotations
 
+import json
+from typing import List, Optional
+
+import typer
+
 from dsv4cli.commands.app import app, inspect_app  # noqa: F401
+
+_SET_HELP = "Override one spec key, e.g. --set train.steps=50 (repeatable; the last one wins)."
+
+
+def _fail(lines, code: int = 2) -> None:
+    for line in lines:
+        typer.echo(line, err=True)
+    raise typer.Exit(code)
+
+
+def _plan(spec: str, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint, extra_args=()):
+    from dsv4cli.train.launch import launch_overrides, plan_launch
+
+    overrides = list(set_ or []) + launch_overrides(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    plan = plan_launch(spec, overrides, extra_args=extra_args)
+    for w in plan.warnings:
+        typer.echo(w, err=True)
+    if plan.problems:
+        _fail(plan.problems)
+    return plan
+
+
+@app.command("train")
+def train(
+    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Overrides launch.nproc_per_node."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, help="Overrides launch.nnodes."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", min=0, help="Overrides launch.node_rank."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", metavar="HOST:PORT",
+                                                help="Overrides launch.rdzv_endpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the torchrun command; run nothing."),
+    slurm: Optional[str] = typer.Option(None, "--slurm", metavar="FILE", help="Write an sbatch script running the same torchrun command on every node."),
+    force: bool = typer.Option(False, "--force", help="Start even if the memory estimate exceeds the device memory."),
+) -> None:
+    """Train a model from SPEC: validate, check memory, then run (in-process for 1 process, else torchrun)."""
+    from dsv4cli.spec.launch_cmd import shell_join
+    from dsv4cli.spec.load import spec_to_toml
+
+    plan = _plan(spec, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    if dry_run:
+        typer.echo(spec_to_toml(plan.spec).rstrip())
+        typer.echo("")
+        typer.echo("# torchrun command:")
+        typer.echo(shell_join(plan.argv))
+        raise typer.Exit(0)
+    if slurm:
+        from dsv4cli.train.launch import slurm_script, write_text_atomic
+
+        write_text_atomic(slurm, slurm_script(plan))
+        typer.echo(f"wrote {slurm}: sbatch {slurm}")
+        raise typer.Exit(0)
+    from dsv4cli.train.launch import preflight_checkpoint, preflight_memory, run_torchrun
+
+    problem = preflight_checkpoint(plan.spec)
+    if problem:
+        _fail([f"error: {problem}"])
+    fits, message = preflight_memory(plan.spec, plan.world_size)
+    if not fits and not force:
+        _fail([f"error: the run does not fit: {message} (--force to try anyway)"])
+    if not fits:
+        typer.echo(f"warning: {message}; starting anyway (--force)", err=True)
+    if plan.in_process:
+        from dsv4cli.train.entry import run
+
+        raise typer.Exit(run(spec, plan.overrides))
+    typer.echo(shell_join(plan.argv), err=True)
+    raise typer.Exit(run_torchrun(plan.argv))
+
+
+@app.command("eval")
+def eval_(
+    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
+    load: str = typer.Option(..., "--load", metavar="DIR", help="Checkpoint root (-> latest) or one iter_* directory."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    batches: Optional[int] = typer.Option(None, "--batches", min=1, help="Held-out global batches (default train.eval_batches)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"loss", "mtp_losses", "tokens"}.'),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Overrides launch.nproc_per_node."),
+) -> None:
+    """Held-out loss of a checkpoint under SPEC's model (weights only; any parallel layout)."""
+    extra = ["--eval", "--load", load] + (["--batches", str(batches)] if batches else []) + (["--json"] if as_json else [])
+    plan = _plan(spec, set_, nproc_per_node, None, None, None, extra_args=extra)
+    if plan.in_process:
+        from dsv4cli.train.entry import run
+
+        raise typer.Exit(run(spec, plan.overrides, mode="eval", load=load, batches=batches, as_json=as_json))
+    from dsv4cli.train.launch import run_torchrun
+
+    raise typer.Exit(run_torchrun(plan.argv))
+
+
+@app.command("prepare-data")
+def prepare_data(
+    input_jsonl: str = typer.Argument(..., metavar="INPUT.jsonl", help="JSON lines, one document per line."),
+    out_prefix: str = typer.Argument(..., metavar="OUT_PREFIX", help="Writes OUT_PREFIX.bin and OUT_PREFIX.idx."),
+    tokenizer: str = typer.Option("byte", "--tokenizer", metavar="byte|PATH", help="'byte' or a tokenizer.json."),
+    key: str = typer.Option("text", "--key", help="JSON field holding the text."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build a Megatron indexed dataset (.bin/.idx) from JSON lines (for data.source = 'indexed')."""
+    from dsv4cli.train.data import DataError
+    from dsv4cli.train.data import prepare_data as build
+
+    try:
+        info = build(input_jsonl, out_prefix, tokenizer=tokenizer, key=key)
+    except DataError as e:
+        _fail([f"error: {e}"])
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        typer.echo(f"wrote {info['prefix']}.bin/.idx: {info['documents']:,} documents, {info['tokens']:,} tokens "
+                   f"({info['dtype']}, vocab {info['vocab_size']}, eod {info['eod']})")
+
+
+@app.command("plot")
+def plot(
+    run_dirs: List[str] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories (checkpoint.dir) with metrics.jsonl."),
+    output: str = typer.Option("curves.png", "-o", "--output", help="Image file to write."),
+) -> None:
+    """Draw the loss curves (training, MTP, held-out) of one or more runs side by side."""
+    from dsv4cli.train.plot import PlotError, plot_runs
+
+    try:
+        out = plot_runs(run_dirs, output)
+    except PlotError as e:
+        _fail([f"error: {e}"])
+    typer.echo(f"wrote {out}")

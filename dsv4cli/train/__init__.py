@@ -1,1 +1,14 @@
-"""dsv4cli.train"""
+"""Training: `dsv4 train`, `dsv4 eval`, `dsv4 prepare-data`, `dsv4 plot` (docs/training.md).
+
+    launch.py         validate, memory preflight, torchrun argv / sbatch script, in-process or torchrun
+    entry.py          per-rank entry point (`python -m dsv4cli.train.entry`), exit codes
+    runtime.py        megatron parallel state, model chunks, DDP, optimizer, scheduler, schedules
+    loop.py           the training loop: steps, held-out loss, checkpoints, exit_interval, signals
+    data.py           builtin stdlib corpus, byte/HF tokenizers, indexed/mock datasets, prepare-data
+    checkpointing.py  torch_dist checkpoints: atomic save, resume, spec/tensor conformance
+    metrics.py        metrics.jsonl, progress lines/bar, TensorBoard
+    eval.py           held-out loss of a checkpoint
+    plot.py           loss curves of run directories
+
+Only launch/checkpointing/metrics/plot/data import without torch; the rest import megatron.
+"""

@@ -1,0 +1,33 @@
+"""`dsv4 eval`: load model weights from a checkpoint and compute the held-out loss.
+
+-> {"loss": main cross-entropy, "mtp_losses": [per depth, unscaled], "tokens": tokens evaluated,
+    "checkpoint": iter dir, "iteration": N}. Works under any parallel layout (torchrun) because
+the torch_dist checkpoint is resharded on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+
+def evaluate(spec, load: str, batches: Optional[int] = None) -> dict:
+    """Collective: every rank calls it; all ranks return the same result."""
+    from dsv4cli.train import checkpointing as ck
+    from dsv4cli.train.data import build_sources
+    from dsv4cli.train.loop import _expected_shapes
+    from dsv4cli.train.runtime import build_runtime, heldout_loss
+
+    iter_dir, iteration = ck.resolve_checkpoint(load)
+    rt = build_runtime(spec, with_optimizer=False)
+    problems = ck.tensor_mismatches(iter_dir, _expected_shapes(rt.chunks))
+    if problems:
+        raise ck.CheckpointError(
+            f"{iter_dir}: checkpoint tensors do not match the spec ({len(problems)} problems): " + "; ".join(problems)
+        )
+    ck.load_model_weights(iter_dir, rt.chunks)
+    data = build_sources(spec)
+    n = batches or spec.train.eval_batches
+    loss, mtp, tokens = heldout_loss(rt, data.valid, n)
+    return {"loss": loss, "mtp_losses": mtp, "tokens": tokens, "checkpoint": str(Path(iter_dir)),
+            "iteration": iteration}

@@ -1,0 +1,199 @@
+"""`dsv4 train` front end: validate, preflight memory, then run in-process, under torchrun, or write sbatch.
+
+The torchrun argv comes from `dsv4cli.spec.launch_cmd.torchrun_command` (the one `dsv4 validate`
+shows); command-line launch flags become `--set launch.*` overrides so the resolved spec that
+every rank loads (and every checkpoint records) is the one that runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+@dataclass
+class LaunchPlan:
+    """What `dsv4 train` is about to do; `problems` non-empty means exit 2 without starting anything."""
+
+    spec_path: str
+    overrides: list[str]
+    spec: object = None
+    world_size: int = 1
+    argv: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def in_process(self) -> bool:
+        return self.world_size == 1
+
+
+def launch_overrides(nproc_per_node=None, nnodes=None, node_rank=None, rdzv_endpoint=None) -> list[str]:
+    """Command-line launch flags -> `--set launch.*` items (None = keep the spec's value)."""
+    out = []
+    for key, value in (("nproc_per_node", nproc_per_node), ("nnodes", nnodes), ("node_rank", node_rank)):
+        if value is not None:
+            out.append(f"launch.{key}={int(value)}")
+    if rdzv_endpoint is not None:
+        out.append(f'launch.rdzv_endpoint="{rdzv_endpoint}"')
+    return out
+
+
+def torchrun_launcher() -> list[str]:
+    """The torchrun of this interpreter's environment (falls back to `python -m torch.distributed.run`)."""
+    here = Path(sys.executable).parent / "torchrun"
+    if here.is_file():
+        return [str(here)]
+    return [sys.executable, "-m", "torch.distributed.run"]
+
+
+def plan_launch(spec_path: str, overrides: Sequence[str] = (), *, extra_args: Sequence[str] = (),
+                launcher: Optional[Sequence[str]] = None) -> LaunchPlan:
+    """Validate (same rules and messages as `dsv4 validate`; unsupported features are errors) and
+    build the torchrun argv. Never imports torch."""
+    from dsv4cli.spec.check import check_spec
+    from dsv4cli.spec.launch_cmd import torchrun_command
+
+    plan = LaunchPlan(spec_path, list(overrides))
+    report = check_spec(spec_path, list(overrides), None, unsupported_are_errors=True)
+    plan.problems = [str(p) for p in report.errors]
+    plan.warnings = [str(p) for p in report.warnings]
+    if report.spec is None or plan.problems:
+        return plan
+    spec = report.spec
+    plan.spec = spec
+    plan.world_size = spec.launch.nproc_per_node * spec.launch.nnodes
+    plan.argv = torchrun_command(spec, spec_path, overrides=list(overrides),
+                                 launcher=launcher or torchrun_launcher()) + list(extra_args)
+    return plan
+
+
+def device_memory() -> tuple[int, str]:
+    """(bytes available to one rank, description): CUDA device memory, else host RAM available."""
+    import psutil
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return int(props.total_memory), f"{props.name} memory"
+    except Exception:
+        pass
+    return int(psutil.virtual_memory().available), "available host RAM"
+
+
+def preflight_memory(spec, world_size: int) -> tuple[bool, str]:
+    """Compare the spec's per-rank memory estimate with the device's memory. -> (fits, message)."""
+    from dsv4cli.spec.estimate import memory_per_rank
+
+    import torch
+
+    need = memory_per_rank(spec, world_size).total
+    have, what = device_memory()
+    per_node = 1 if torch.cuda.is_available() else spec.launch.nproc_per_node  # CPU ranks share RAM
+    total_need = need * per_node
+    gib = 2**30
+    msg = (f"memory estimate {need / gib:.2f} GiB per rank x {per_node} rank(s) = {total_need / gib:.2f} GiB, "
+           f"{what} {have / gib:.2f} GiB")
+    return total_need <= have, msg
+
+
+def preflight_checkpoint(spec) -> Optional[str]:
+    """The checkpoint a run would resume from must hold the spec's model: -> problem line or None.
+
+    Checked in the launching process (reads only dsv4_spec.toml), so a mismatch is exit 2 before
+    any rank starts, also under torchrun.
+    """
+    from dsv4cli.train.checkpointing import CheckpointError, check_model_spec, resolve_checkpoint
+
+    try:
+        if spec.checkpoint.load:
+            check_model_spec(resolve_checkpoint(spec.checkpoint.load)[0], spec)
+        elif (Path(spec.checkpoint.dir) / "latest_checkpointed_iteration.txt").is_file():
+            check_model_spec(resolve_checkpoint(spec.checkpoint.dir)[0], spec)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def slurm_script(plan: LaunchPlan, gpus_per_node: Optional[int] = None) -> str:
+    """An sbatch script that runs the same torchrun command on every node (node rank from SLURM)."""
+    from dsv4cli.spec.launch_cmd import torchrun_command
+
+    spec = plan.spec
+    nnodes, nproc = spec.launch.nnodes, spec.launch.nproc_per_node
+    port = spec.launch.rdzv_endpoint.rsplit(":", 1)[-1] if ":" in spec.launch.rdzv_endpoint else "29500"
+    node_rank, endpoint = "@@NODE_RANK@@", "@@ENDPOINT@@"
+    overrides = [o for o in plan.overrides if not o.startswith(("launch.node_rank=", "launch.rdzv_endpoint="))]
+    argv = torchrun_command(spec, str(Path(plan.spec_path).resolve()), node_rank=0, rdzv_endpoint=endpoint,
+                            overrides=overrides, launcher=["torchrun"])
+    argv[argv.index("--node-rank") + 1] = node_rank
+    inner = shlex.join(argv).replace(node_rank, '"$SLURM_NODEID"').replace(endpoint, '"$MASTER_ADDR:$MASTER_PORT"')
+    name = spec.name or Path(plan.spec_path).stem
+    gpus = gpus_per_node if gpus_per_node is not None else nproc
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=dsv4-{name}",
+        f"#SBATCH --nodes={nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus}",
+        "#SBATCH --exclusive",
+        f"#SBATCH --output=dsv4-{name}-%j.out",
+        "# Written by `dsv4 train --slurm`: one torchrun per node; torchrun starts the ranks.",
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f'export MASTER_PORT="${{MASTER_PORT:-{port}}}"',
+        f"LAUNCH={shlex.quote(inner)}",
+        'srun --kill-on-bad-exit=1 bash -c "$LAUNCH"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_text_atomic(path: str | Path, text: str, mode: int = 0o755) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, p)
+
+
+def run_torchrun(argv: Sequence[str]) -> int:
+    """Run torchrun; -> its exit code.
+
+    torchrun runs in its own session, so a terminal Ctrl-C reaches only this process. SIGTERM and
+    SIGINT are forwarded to the ranks themselves (the agent's children): they save at the next step
+    boundary and exit 0, and torchrun then ends cleanly. Signalling the agent instead makes it
+    report a failure even though the ranks stopped as asked.
+    """
+    import psutil
+
+    proc = subprocess.Popen(list(argv), start_new_session=True)
+
+    def forward(signum, frame):
+        try:
+            ranks = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            ranks = []
+        targets = ranks or [proc]
+        for p in targets:
+            try:
+                p.send_signal(signum)
+            except (ProcessLookupError, psutil.Error):
+                pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

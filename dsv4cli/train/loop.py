@@ -1,0 +1,222 @@
+"""The training loop: steps, held-out evaluation, checkpoints, exit_interval, signals, NaN guard.
+
+Runs in every rank (torchrun) or in-process for one process. Exit codes: 0 done or stopped
+cleanly (exit_interval, SIGTERM/SIGINT after saving), 1 runtime failure (non-finite loss),
+2 bad input (checkpoint that does not fit the spec, bad data settings).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingStopped(RuntimeError):
+    """Non-finite loss or another runtime failure (exit 1)."""
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT -> remember the signal; the loop saves at the next step boundary."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: give up immediately
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _checkpoint_to_resume(spec) -> Optional[Path]:
+    from dsv4cli.train.checkpointing import resolve_checkpoint
+
+    if spec.checkpoint.load:
+        return resolve_checkpoint(spec.checkpoint.load)[0]
+    run_dir = Path(spec.checkpoint.dir)
+    if (run_dir / "latest_checkpointed_iteration.txt").is_file():
+        return resolve_checkpoint(run_dir)[0]
+    return None
+
+
+def train(spec, log=print) -> int:
+    """Train `spec` in this process (one rank of the job). -> exit code."""
+    from megatron.core import parallel_state as ps
+
+    from dsv4cli.spec.load import spec_to_toml
+    from dsv4cli.train import checkpointing as ck
+    from dsv4cli.train.data import build_sources, microbatches
+    from dsv4cli.train.metrics import MetricsLogger, mfu, peak_memory_gb
+    from dsv4cli.train.runtime import build_runtime, heldout_loss, reduce_step_values, run_microbatches
+
+    t = spec.train
+    resume_dir = _checkpoint_to_resume(spec)
+    if resume_dir is not None:
+        ck.check_model_spec(resume_dir, spec)  # before any process group work: exit 2 everywhere
+
+    rt = build_runtime(spec)
+    rank = dist.get_rank()
+    is_logger = rank == 0
+    layout = rt.layout.as_dict()
+    spec_toml = spec_to_toml(spec)
+    say = log if is_logger else (lambda *_: None)
+
+    if spec.train.distributed_optimizer == "on" and not torch.cuda.is_available():
+        say("note: train.distributed_optimizer = 'on' is ignored on CPU (its checkpoints do not resume exactly there)")
+    progress = ck.TrainProgress()
+    if resume_dir is not None:
+        problems = ck.tensor_mismatches(resume_dir, _expected_shapes(rt.chunks))
+        if problems:
+            raise ck.CheckpointError(f"{resume_dir}: tensors do not match the spec: " + "; ".join(problems))
+        progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout)
+        for n in notes:
+            say(f"note: {n}")
+        say(f"resumed from {resume_dir} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
+
+    data = build_sources(spec)
+    dp_rank, dp = ps.get_data_parallel_rank(), rt.layout.dp
+    tokens_per_step = t.global_batch_size * spec.model.seq_length
+    flops_per_token = _flops_per_token(spec)
+    run_dir = Path(spec.checkpoint.dir)
+
+    params = sum(p.numel() for c in rt.chunks for p in c.parameters())
+    say(
+        f"dsv4 train: {spec.name or 'run'} | {params:,} parameters on rank 0 | "
+        f"world {rt.layout.world} (tp {rt.layout.tp}, pp {rt.layout.pp}, dp {dp}) | "
+        f"{tokens_per_step:,} tokens/step | run dir {run_dir}"
+    )
+    logger = MetricsLogger(run_dir, t.steps, progress.iteration) if is_logger else None
+    stop = _StopFlag()
+    stop.install()
+    start_iteration = progress.iteration
+    window_time, window_steps = 0.0, 0
+
+    def save(reason: str) -> None:
+        path = ck.save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
+                                  keep_last=spec.checkpoint.keep_last)
+        if logger:
+            logger.print(f"saved checkpoint {path} ({reason})")
+
+    if progress.iteration >= t.steps:
+        say(f"nothing to do: the checkpoint is at step {progress.iteration}, train.steps is {t.steps}")
+    try:
+        last_saved = progress.iteration if resume_dir is not None else -1
+        while progress.iteration < t.steps:
+            t0 = time.perf_counter()
+            batches = microbatches(data.train, progress.consumed_samples, t.global_batch_size, t.micro_batch_size,
+                                   dp_rank, dp)
+            for m in rt.model:
+                m.zero_grad_buffer()
+            rt.optimizer.zero_grad()
+            losses = run_microbatches(rt, batches, forward_only=False)
+            ok, grad_norm, _ = rt.optimizer.step()
+            if ok:
+                rt.scheduler.step(increment=1)
+            loss, mtp, stop_now = reduce_step_values(rt, losses, len(batches), stop.signum is not None)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                last = ck.latest_iteration(run_dir)
+                where = f"; the last good checkpoint is {run_dir}/{ck.iter_dirname(last)}" if last is not None else ""
+                raise TrainingStopped(
+                    f"non-finite loss at step {progress.iteration + 1} (loss {loss}, grad norm {grad_norm}); "
+                    f"stopped without saving{where}"
+                )
+            progress.iteration += 1
+            progress.consumed_samples += t.global_batch_size
+            progress.tokens_seen += tokens_per_step
+            window_time += dt
+            window_steps += 1
+            step = progress.iteration
+
+            eval_loss = None
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+                eval_loss, eval_mtp, _ = heldout_loss(rt, data.valid, t.eval_batches)
+            if logger:
+                logger.advance(step)
+            if logger and (step % t.log_interval == 0 or step == t.steps or eval_loss is not None or stop_now):
+                step_time = window_time / max(window_steps, 1)
+                tps = tokens_per_step / step_time if step_time > 0 else 0.0
+                rec = {
+                    "step": step,
+                    "loss": loss,
+                    "mtp_losses": mtp,
+                    "grad_norm": grad_norm,
+                    "lr": rt.optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": tps,
+                    "step_time_s": step_time,
+                    "peak_mem_gb": peak_memory_gb(),
+                    "tokens_seen": progress.tokens_seen,
+                }
+                util = mfu(flops_per_token, tps, rt.layout.world)
+                if util is not None:
+                    rec["mfu"] = util
+                if eval_loss is not None:
+                    rec["eval_loss"] = eval_loss
+                    rec["eval_mtp_losses"] = eval_mtp
+                logger.log(rec)
+                window_time, window_steps = 0.0, 0
+
+            interval_due = spec.checkpoint.interval and step % spec.checkpoint.interval == 0
+            exit_due = t.exit_interval and step - start_iteration >= t.exit_interval
+            if interval_due or step == t.steps or exit_due or stop_now:
+                if last_saved != step:
+                    save("signal" if stop_now else "exit_interval" if exit_due else "interval" if interval_due
+                         else "end of training")
+                    last_saved = step
+            if stop_now:
+                say(f"stopped by signal after step {step}; resume with the same command")
+                break
+            if exit_due and step < t.steps:
+                say(f"exit_interval reached after {step - start_iteration} steps (step {step}); resume with the same command")
+                break
+    finally:
+        stop.restore()
+        if logger:
+            logger.close()
+    return 0
+
+
+def _expected_shapes(chunks) -> dict:
+    from dsv4cli.train.checkpointing import model_tensor_shapes
+
+    shapes = {}
+    for c in chunks:
+        shapes.update(model_tensor_shapes(c.sharded_state_dict()))
+    # every pipeline rank sees only its own layers: gather the union
+    if dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, shapes)
+        for g in gathered:
+            shapes.update(g)
+    return shapes
+
+
+def _flops_per_token(spec) -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from dsv4cli.spec.estimate import flops_per_token
+
+        return float(flops_per_token(spec))
+    except Exception:
+        return None

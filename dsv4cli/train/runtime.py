@@ -1,0 +1,344 @@
+"""Per-process runtime: process group, megatron parallel state, model chunks, DDP, optimizer, scheduler.
+
+Everything here is megatron-core's own machinery (parallel_state, DistributedDataParallel,
+get_megatron_optimizer, OptimizerParamScheduler, get_forward_backward_func); this module only
+wires it up from a spec, the way Megatron-LM's `training.py` does.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Layout:
+    """Parallel sizes of this run; `as_dict()` is what checkpoints record."""
+
+    world: int
+    tp: int
+    pp: int
+    vpp: int
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def backend_for(spec) -> str:
+    b = spec.launch.backend
+    if b == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return b
+
+
+def init_process_group(spec) -> None:
+    """torchrun's env:// when RANK/WORLD_SIZE are set, else a private one-process group."""
+    if dist.is_initialized():
+        return
+    backend = backend_for(spec)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def init_parallel(spec) -> Layout:
+    """Process group + megatron parallel_state from [parallel]; DP = world / (tp*pp*cp)."""
+    from megatron.core import parallel_state as ps
+
+    from dsv4cli.model import cpu_compat
+
+    cpu_compat.apply()
+    init_process_group(spec)
+    p = spec.parallel
+    world = dist.get_world_size()
+    if world % (p.tp * p.pp * p.cp) != 0:
+        raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {p.tp * p.pp * p.cp}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
+        context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
+    )
+    return Layout(world=world, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
+                  dp=world // (p.tp * p.pp * p.cp))
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank (with CPU initialisation weights do not depend on TP)."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def use_bf16(spec) -> bool:
+    return spec.train.precision == "bf16" and torch.cuda.is_available()
+
+
+def use_distributed_optimizer(spec, layout: Layout) -> bool:
+    """'auto' = on with CUDA and dp > 1; never on CPU (its checkpoints do not resume exactly there)."""
+    mode = spec.train.distributed_optimizer
+    if not torch.cuda.is_available():
+        return False
+    if mode == "auto":
+        return layout.dp > 1
+    return mode == "on"
+
+
+def build_chunks(spec) -> list:
+    """Unwrapped model chunks of this pipeline rank (one per virtual stage)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from dsv4cli.build import build_model
+
+    vpp = spec.parallel.vpp
+    chunks = []
+    for i in range(vpp):
+        vp_stage = i if vpp > 1 else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunk = build_model(spec, pre_process=pre, post_process=post, vp_stage=vp_stage)
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        for param in chunk.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        chunks.append(chunk)
+    return chunks
+
+
+@dataclass
+class Runtime:
+    spec: object
+    layout: Layout
+    chunks: list  # unwrapped modules (checkpointing, eval)
+    model: list  # DDP-wrapped modules (training)
+    config: object
+    optimizer: Optional[object] = None
+    scheduler: Optional[object] = None
+
+
+def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
+    """Parallel state, seeded model chunks, DDP wrappers and (optionally) optimizer + scheduler."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.utils import get_model_config
+
+    layout = init_parallel(spec)
+    clear_mtp_tracker()
+    set_seed(spec.train.seed)
+    chunks = build_chunks(spec)
+    bf16 = use_bf16(spec)
+    wrapped = chunks
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        wrapped = [Float16Module(c.config, c) for c in chunks]
+    dist_opt = use_distributed_optimizer(spec, layout)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=bf16,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+        use_distributed_optimizer=dist_opt,
+        check_for_nan_in_grad=False,
+    )
+    model = [
+        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=w, disable_bucketing=(i > 0))
+        for i, (c, w) in enumerate(zip(chunks, wrapped))
+    ]
+    config = get_model_config(model[0])
+    if layout.vpp > 1 and not torch.cuda.is_available():
+        # CPU_NOTES: batched p2p on gloo silently corrupts VPP gradients.
+        config.overlap_p2p_comm = True
+        config.batch_p2p_comm = False
+    rt = Runtime(spec=spec, layout=layout, chunks=chunks, model=model, config=config)
+    if not with_optimizer:
+        return rt
+    t = spec.train
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=dist_opt,
+    )
+    rt.optimizer = get_megatron_optimizer(opt_config, model)
+    warmup = min(t.warmup_steps, max(t.steps - 1, 0))
+    rt.scheduler = OptimizerParamScheduler(
+        rt.optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(t.steps, warmup + 1),
+        lr_decay_style="cosine",
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(t.steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+    config.grad_scale_func = rt.optimizer.scale_loss
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return rt
+
+
+# --------------------------------------------------------------------------- forward / loss
+
+
+def _to_device(a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.cuda(non_blocking=True) if torch.cuda.is_available() else t
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token losses [b, s] -> masked mean (megatron divides it by the micro-batch count)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def forward_step(data_iterator, model):
+    """megatron forward_step_func: one micro-batch -> (per-token loss [b, s], loss_func)."""
+    mb = next(data_iterator)
+    tokens = _to_device(mb["tokens"])
+    labels = _to_device(mb["labels"])
+    loss_mask = _to_device(mb["loss_mask"])
+    position_ids = _to_device(mb["position_ids"])
+    output = model(tokens, position_ids, attention_mask=None, labels=labels, loss_mask=loss_mask)
+    return output, partial(loss_func, loss_mask)
+
+
+def run_microbatches(rt: Runtime, batches: list[dict], forward_only: bool) -> list[dict]:
+    """megatron's pipeline schedule over this rank's micro-batches -> loss dicts (last stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    iters = [iter(batches) for _ in rt.model] if len(rt.model) > 1 else iter(batches)
+    s = rt.spec.model.seq_length
+    return fb(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=rt.model,
+        num_microbatches=len(batches),
+        seq_length=s,
+        micro_batch_size=rt.spec.train.micro_batch_size,
+        decoder_seq_length=s,
+        forward_only=forward_only,
+    )
+
+
+def clear_mtp_tracker() -> None:
+    """Forget MTP losses tracked by an earlier run in this process (the tracker is class-level)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.tracker.clear()
+
+
+def take_mtp_losses(depth: int, num_microbatches: int) -> torch.Tensor:
+    """This rank's per-depth MTP losses (mean over micro-batches, unscaled); clears the tracker."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    out = torch.zeros(depth, dtype=torch.float64)
+    tracker = MTPLossLoggingHelper.tracker
+    values = tracker.get("values")
+    if depth and values is not None:
+        n = min(depth, values.numel())
+        out[:n] = values.detach().double().cpu()[:n] / max(num_microbatches, 1)
+        values.zero_()
+    return out
+
+
+def reduce_step_values(rt: Runtime, losses: list[dict], num_microbatches: int, stop: bool = False
+                       ) -> tuple[float, list[float], bool]:
+    """Average main and MTP losses over the data-parallel ranks and bring them to every rank.
+
+    Each last-stage rank with tp rank 0 contributes; one all-reduce also agrees on `stop`.
+    -> (loss, mtp_losses, any_rank_wants_stop).
+    """
+    from megatron.core import parallel_state as ps
+
+    depth = rt.spec.model.mtp.depth
+    vec = torch.zeros(3 + depth, dtype=torch.float64)
+    contributes = bool(losses) and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    mtp = take_mtp_losses(depth, num_microbatches)
+    if contributes:
+        vec[0] = 1.0
+        vec[1] = sum(float(d["lm loss"]) for d in losses) / len(losses)
+        vec[2 : 2 + depth] = mtp
+    vec[-1] = 1.0 if stop else 0.0
+    if dist.get_world_size() > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        v = vec.to(dev) if dev is not None else vec
+        dist.all_reduce(v)
+        vec = v.cpu()
+    n = max(vec[0].item(), 1.0)
+    return vec[1].item() / n, [x / n for x in vec[2 : 2 + depth].tolist()], vec[-1].item() > 0
+
+
+def heldout_loss(rt: Runtime, valid, batches: int) -> tuple[float, list[float], int]:
+    """Loss on the first `batches` global batches of the held-out source -> (loss, mtp, tokens)."""
+    from megatron.core import parallel_state as ps
+
+    from dsv4cli.train.data import microbatches
+
+    t = rt.spec.train
+    dp_rank, dp = ps.get_data_parallel_rank(), rt.layout.dp
+    cfg = rt.config
+    dropout = float(getattr(cfg, "hidden_dropout", 0.0) or 0.0) + float(getattr(cfg, "attention_dropout", 0.0) or 0.0)
+    # MTP losses are only tracked in training mode; without dropout the two modes compute the same.
+    for m in rt.model:
+        m.train(dropout == 0.0)
+    total, total_mtp = 0.0, None
+    with torch.no_grad():
+        for b in range(batches):
+            mbs = microbatches(valid, b * t.global_batch_size, t.global_batch_size, t.micro_batch_size, dp_rank, dp)
+            losses = run_microbatches(rt, mbs, forward_only=True)
+            loss, mtp, _ = reduce_step_values(rt, losses, len(mbs))
+            total += loss
+            total_mtp = mtp if total_mtp is None else [a + c for a, c in zip(total_mtp, mtp)]
+    for m in rt.model:
+        m.train()
+    mtp_mean = [x / batches for x in (total_mtp or [])] if dropout == 0.0 else []
+    return total / batches, mtp_mean, batches * t.global_batch_size * rt.spec.model.seq_length
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state as ps
+
+    clear_mtp_tracker()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
