@@ -44,13 +44,16 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 
 def make_case(op: str, T: int, n: int, h: int, dtype: torch.dtype, device: str) -> Case:
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # on the device: CPU randn of a 16k x 28k x would take seconds
 
     def act(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
 
     def par(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g) * s).to(device=device)
+        return torch.randn(*shape, generator=g, device=device) * s
+
+    def unif(*shape):
+        return torch.rand(*shape, generator=g, device=device)
 
     K, M = n * h, n * n + 2 * n
     x = act(T, K)
@@ -63,11 +66,11 @@ def make_case(op: str, T: int, n: int, h: int, dtype: torch.dtype, device: str) 
         z = par(T, n, n)
         return Case(op, [z], lambda F, a: F(a, ITERATIONS, EPS), 2 * _nbytes(z), 3 * _nbytes(z))
     if op == "mhc_aggregate":
-        w = torch.rand(T, n, generator=g).to(device)
+        w = unif(T, n)
         y = T * h * x.element_size()
         return Case(op, [x, w], lambda F, *a: F(*a, n), _nbytes(x, w) + y, 2 * _nbytes(x, w) + y)
     if op == "mhc_post_res":
-        ins = [x, act(T, h), torch.rand(T, n, generator=g).to(device), torch.rand(T, n, n, generator=g).to(device)]
+        ins = [x, act(T, h), unif(T, n), unif(T, n, n)]
         return Case(op, ins, lambda F, *a: F(*a, n), _nbytes(*ins) + _nbytes(x), 2 * _nbytes(*ins) + _nbytes(x))
     if op == "learned_output_contract":
         ins = [x, par(n, K, s=K**-0.5), par(n), torch.ones(1, device=device)]
@@ -85,7 +88,11 @@ def _sync(device: str) -> None:
 
 
 def time_it(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
-    """Median seconds per call."""
+    """Median seconds per call (CUDA: triton.testing.do_bench, CUDA events, L2 flushed between calls)."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=max(100, 5 * reps), return_mode="median") / 1e3
     for _ in range(warmup):
         fn()
     _sync(device)

@@ -4,30 +4,49 @@ Kernels (T tokens, K = n*h flattened width, M = n*n + 2n mapping rows; every ker
 - `_proj_sumsq_fwd`: one pass over x -> raw x @ W^T [T, M] and rsqrt(mean(x^2) + eps) [T]
   (the RMS is applied after the matmul, in the coefficient kernel);
 - `_mhc_coef_fwd` / `_mhc_coef_bwd`: gating, bias, sigmoids and Sinkhorn in one kernel; the backward
-  recomputes the Sinkhorn iterations from the logits instead of storing them;
+  recomputes the Sinkhorn iterations once from the logits (keeping only each step's n divisors in a small
+  scratch) and then runs the steps in reverse: O(iterations), no forward state stored;
 - `_proj_bwd`: dx = dmix @ W + c * x (+ the contraction's pre * dy) and per-split partial dW = dmix^T x;
 - `_sinkhorn_fwd` / `_sinkhorn_bwd`: the standalone Sinkhorn op;
 - `_aggregate_fwd` / `_aggregate_bwd`: u = sum_i w_i x_i (also the mean contraction with w = 1/n);
 - `_post_res_fwd` / `_post_res_bwd`: x'_k = h_post[k] f + sum_j h_res[j, k] x_j in one pass;
-- `_contract_fwd` / `_contract_bwd_coef`: learned contraction (projection, RMS, sigmoid and the
-  weighted stream sum in one kernel); its backward is `_contract_bwd_coef` + `_proj_bwd`.
+- `_contract_fwd_row` / `_contract_fwd` / `_contract_bwd_coef`: learned contraction (projection, RMS,
+  sigmoid and the weighted stream sum in one kernel; `_contract_fwd_row` keeps whole token rows on chip
+  and reads x once, `_contract_fwd` is the two-pass fallback for rows too wide for that); its backward is
+  `_contract_bwd_row` (rows on chip: dx from one read of x and dy) + `_proj_bwd` without dx (dhead_fn), or
+  for wide rows `_contract_bwd_coef` + `_proj_bwd`.
 Under TRITON_INTERPRET=1 (set before this module is imported) they run on CPU tensors.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+try:
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # Triton without knobs (< 3.4): it reads the variable itself
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 # Block-size caps (powers of two). Tests lower them to exercise multi-block loops on tiny shapes.
 MAX_BLOCK_T = 64
 MAX_BLOCK_K = 128
 MAX_BLOCK_H = 256
 PROJ_BWD_SPLITS = 8
+MIN_PROGRAMS = 512  # token blocks shrink (or stop growing) to keep at least this many programs
+# Learned contraction forward: token rows of up to this many (padded) elements are held on chip whole,
+# so x is read once (`_contract_fwd_row`); wider rows use the two-pass `_contract_fwd`. 0 forces two-pass.
+CONTRACT_ROW_MAX_ELEMS = 32768
+CONTRACT_ROW_PER_THREAD = 64  # row elements per thread (sets num_warps)
+CONTRACT_ROW_MIN_ELEMS = 8192  # narrow rows: several tokens per program up to this many elements
+CONTRACT_BWD_ROW_MAX_ELEMS = 16384  # backward with rows on chip (it holds more per element than the forward)
+# Two-pass fallback: tokens per program. Larger amortises the head_fn reads (L2), smaller keeps the block
+# that pass 2 re-reads (BT * n*h elements) small enough to still be in L1/L2. Untimed; gpu_check.py sweeps it.
+CONTRACT_TWO_PASS_BT = 16
 DOT_PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; the interpreter computes in fp32 anyway
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,9 +82,9 @@ def _flat(x: Tensor, width: int, name: str) -> Tensor:
 
 
 def _block_t(T: int, lo: int = 1) -> int:
-    """Token block: the largest power of two <= MAX_BLOCK_T that still gives >= 512 programs (else lo)."""
+    """Token block: the largest power of two <= MAX_BLOCK_T that still gives >= MIN_PROGRAMS programs (else lo)."""
     bt = max(lo, min(_p2(T), MAX_BLOCK_T))
-    while bt > lo and triton.cdiv(T, bt) < 512:
+    while bt > lo and triton.cdiv(T, bt) < MIN_PROGRAMS:
         bt //= 2
     return bt
 
@@ -96,16 +115,6 @@ def _sk_step(p, valid, k, eps):
 
 
 @triton.jit
-def _sk_step_bwd(q, g, valid, k, eps):
-    """Gradient through step k given its input q and the output gradient g."""
-    rs = tl.sum(q, axis=2)[:, :, None] + eps
-    cs = tl.sum(q, axis=1)[:, None, :] + eps
-    g_row = (g - tl.sum(g * (q / rs), axis=2)[:, :, None]) / rs
-    g_col = (g - tl.sum(g * (q / cs), axis=1)[:, None, :]) / cs
-    return tl.where(valid, tl.where((k % 2) == 1, g_row, g_col), 0.0)
-
-
-@triton.jit
 def _sk_forward(z, valid, iterations, eps):
     _, p = _sk_softmax_eps(z, valid, eps)
     for k in range(0, 2 * iterations - 1):
@@ -114,16 +123,31 @@ def _sk_forward(z, valid, iterations, eps):
 
 
 @triton.jit
-def _sk_backward(z, g, valid, iterations, eps):
-    """d(sinkhorn)/d(logits) . g, recomputing each step's input from the softmax (O(steps^2) tiny work)."""
-    sm, p0 = _sk_softmax_eps(z, valid, eps)
+def _sk_backward(z, g, valid, rows, rmask, scr_ptr, iterations, eps, NP: tl.constexpr):
+    """d(sinkhorn)/d(logits) . g in O(steps): one forward recompute that writes each step's divisors
+    (row or column sums + eps, NP floats per token and step) to the scratch `scr_ptr` [T, 2*iterations-1, NP],
+    then the steps in reverse. Step k maps q -> y = q / c; its backward is dq = (g - sum(g * y)) / c along the
+    normalised axis, and its input is recovered as q = y * c, so only the divisors are kept.
+    """
+    sm, p = _sk_softmax_eps(z, valid, eps)
     nsteps = 2 * iterations - 1
+    i = tl.arange(0, NP)
+    cmask = rmask[:, None] & (i[None, :] < NP)
+    coff = rows[:, None].to(tl.int64) * (nsteps * NP) + i[None, :]
+    for k in range(0, nsteps):
+        by_row = (k % 2) == 1
+        c = tl.where(by_row, tl.sum(p, axis=2), tl.sum(p, axis=1)) + eps  # [BT, NP]
+        tl.store(scr_ptr + coff + k * NP, c, mask=cmask)
+        p = tl.where(valid, tl.where(by_row, p / c[:, :, None], p / c[:, None, :]), 0.0)
+    tl.debug_barrier()  # every thread reads back the divisors it wrote (same layout); the barrier makes it safe
     for kk in range(0, nsteps):
         k = nsteps - 1 - kk
-        q = p0
-        for j in range(0, k):
-            q = _sk_step(q, valid, j, eps)
-        g = _sk_step_bwd(q, g, valid, k, eps)
+        by_row = (k % 2) == 1
+        c = tl.load(scr_ptr + coff + k * NP, mask=cmask, other=1.0)
+        g_row = (g - tl.sum(g * p, axis=2)[:, :, None]) / c[:, :, None]
+        g_col = (g - tl.sum(g * p, axis=1)[:, None, :]) / c[:, None, :]
+        g = tl.where(valid, tl.where(by_row, g_row, g_col), 0.0)
+        p = tl.where(valid, tl.where(by_row, p * c[:, :, None], p * c[:, None, :]), 0.0)  # input of step k
     dz = sm * (g - tl.sum(g * sm, axis=2)[:, :, None])
     return tl.where(valid, dz, 0.0)
 
@@ -139,14 +163,17 @@ def _sinkhorn_fwd(z_ptr, out_ptr, T, n: tl.constexpr, iterations, eps, BT: tl.co
 
 
 @triton.jit
-def _sinkhorn_bwd(z_ptr, g_ptr, dz_ptr, T, n: tl.constexpr, iterations, eps, BT: tl.constexpr, NP: tl.constexpr):
+def _sinkhorn_bwd(
+    z_ptr, g_ptr, dz_ptr, scr_ptr, T, n: tl.constexpr, iterations, eps, BT: tl.constexpr, NP: tl.constexpr
+):  # fmt: skip
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     i = tl.arange(0, NP)
     valid = (rows[:, None, None] < T) & (i[None, :, None] < n) & (i[None, None, :] < n)
     off = rows[:, None, None].to(tl.int64) * (n * n) + i[None, :, None] * n + i[None, None, :]
     z = tl.load(z_ptr + off, mask=valid, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + off, mask=valid, other=0.0).to(tl.float32)
-    tl.store(dz_ptr + off, _sk_backward(z, g, valid, iterations, eps), mask=valid)
+    dz = _sk_backward(z, g, valid, rows, rows < T, scr_ptr, iterations, eps, NP)
+    tl.store(dz_ptr + off, dz, mask=valid)
 
 
 # ------------------------------------------------------------------------------------------ projection
@@ -180,8 +207,10 @@ def _proj_sumsq_fwd(
 def _proj_bwd(
     x_ptr, w_ptr, dmix_ptr, xcoef_ptr, pre_ptr, dy_ptr, dx_ptr, dw_ptr, T, K, M, h, n, tokens_per_split,
     HAS_COMBINE: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
+    HAS_DX: tl.constexpr = True,
 ):  # fmt: skip
-    """Columns block x token split: dx = dmix @ W + xcoef * x [+ pre[stream] * dy]; dW_partial[split] = dmix^T x."""
+    """Columns block x token split: dx = dmix @ W + xcoef * x [+ pre[stream] * dy] (when HAS_DX);
+    dW_partial[split] = dmix^T x."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     kk = pid_n * BN + tl.arange(0, BN)
@@ -199,14 +228,15 @@ def _proj_bwd(
         xoff = rows[:, None].to(tl.int64) * K + kk[None, :]
         xt = tl.load(x_ptr + xoff, mask=mask2, other=0.0).to(tl.float32)
         dm = tl.load(dmix_ptr + rows[:, None] * M + m[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
-        c = tl.load(xcoef_ptr + rows, mask=rmask, other=0.0)
-        dx = tl.dot(dm, w, input_precision=PREC) + c[:, None] * xt
-        if HAS_COMBINE:
-            stream = kk // h
-            pre = tl.load(pre_ptr + rows[:, None] * n + stream[None, :], mask=mask2, other=0.0)
-            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * h + (kk - stream * h)[None, :], mask=mask2, other=0.0)
-            dx += pre * dy.to(tl.float32)
-        tl.store(dx_ptr + xoff, dx.to(dx_ptr.dtype.element_ty), mask=mask2)
+        if HAS_DX:
+            c = tl.load(xcoef_ptr + rows, mask=rmask, other=0.0)
+            dx = tl.dot(dm, w, input_precision=PREC) + c[:, None] * xt
+            if HAS_COMBINE:
+                stream = kk // h
+                pre = tl.load(pre_ptr + rows[:, None] * n + stream[None, :], mask=mask2, other=0.0)
+                dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * h + (kk - stream * h)[None, :], mask=mask2, other=0.0)
+                dx += pre * dy.to(tl.float32)
+            tl.store(dx_ptr + xoff, dx.to(dx_ptr.dtype.element_ty), mask=mask2)
         dw = tl.dot(tl.trans(dm), xt, dw, input_precision=PREC)
     tl.store(dw_ptr + pid_s * M * K + m[:, None] * K + kk[None, :], dw, mask=mmask[:, None] & kmask[None, :])
 
@@ -241,9 +271,12 @@ def _projection(x2: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def _projection_bwd(
-    x2: Tensor, w: Tensor, dmix: Tensor, xcoef: Tensor, pre: Tensor | None = None, dy: Tensor | None = None, h: int = 1
-) -> tuple[Tensor, Tensor]:
-    """-> dx [T, K] (x2's dtype), dW [M, K] fp32 (the contraction adds pre[stream] * dy to dx)."""
+    x2: Tensor, w: Tensor, dmix: Tensor, xcoef: Tensor | None, pre: Tensor | None = None, dy: Tensor | None = None,
+    h: int = 1,
+) -> tuple[Tensor | None, Tensor]:
+    """-> dx [T, K] (x2's dtype), dW [M, K] fp32 (the contraction adds pre[stream] * dy to dx).
+
+    xcoef None: dW only (dx is None), for callers that formed dx themselves."""
     T, K = x2.shape
     M = w.shape[0]
     meta = proj_bwd_meta(T, K, M, x2.element_size())
@@ -251,12 +284,14 @@ def _projection_bwd(
     splits = max(1, min(PROJ_BWD_SPLITS, triton.cdiv(T, BT)))
     per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
     splits = triton.cdiv(T, per_split)
-    dx = torch.empty_like(x2)
+    has_dx = xcoef is not None
+    dx = torch.empty_like(x2) if has_dx else None
     dw = torch.empty(splits, M, K, device=x2.device, dtype=torch.float32)
     combine = pre is not None
     _proj_bwd[(triton.cdiv(K, meta["BN"]), splits)](
-        x2, w, dmix, xcoef, pre if combine else dmix, dy if combine else dmix, dx, dw,
-        T, K, M, h, pre.shape[1] if combine else 1, per_split, HAS_COMBINE=combine, **meta,
+        x2, w, dmix, xcoef if has_dx else dmix, pre if combine else dmix, dy if combine else dmix,
+        dx if has_dx else x2, dw, T, K, M, h, pre.shape[1] if combine else 1, per_split,
+        HAS_COMBINE=combine, HAS_DX=has_dx, **meta,
     )  # fmt: skip
     return dx, dw.sum(0)
 
@@ -307,7 +342,7 @@ def _mhc_coef_fwd(
 @triton.jit
 def _mhc_coef_bwd(
     mix_ptr, rstd_ptr, alpha_ptr, bias_ptr, gpre_ptr, gpost_ptr, gres_ptr,
-    dmix_ptr, dz_ptr, xcoef_ptr, dalpha_ptr, T, K, iterations, eps,
+    dmix_ptr, dz_ptr, xcoef_ptr, dalpha_ptr, scr_ptr, T, K, iterations, eps,
     n: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
 ):  # fmt: skip
     """-> dmix = dL/d(raw x @ W^T), dz = dL/d(logits) (bias grad per token), xcoef = dL/dr * dr/dx / x, dalpha per token."""
@@ -325,7 +360,7 @@ def _mhc_coef_bwd(
     s_post = tl.sigmoid(z_post)
     dz_pre = tl.where(vmask, g_pre * s_pre * (1.0 - s_pre), 0.0)
     dz_post = tl.where(vmask, g_post * 2.0 * s_post * (1.0 - s_post), 0.0)
-    dz_res = _sk_backward(z_res, g_res, valid, iterations, eps)
+    dz_res = _sk_backward(z_res, g_res, valid, rows, rows < T, scr_ptr, iterations, eps, NP)
     # alpha: d z / d alpha = mix * r ; bias: dz ; raw mix: dz * alpha * r ; r: sum dz * alpha * mix
     s_mix_pre = tl.sum(dz_pre * mix_pre, axis=1)
     s_mix_post = tl.sum(dz_post * mix_post, axis=1)
@@ -347,6 +382,11 @@ def _mhc_coef_bwd(
     res_col = rows[:, None, None] * M + 2 * n + i[None, :, None] * n + i[None, None, :]
     tl.store(dz_ptr + res_col, dz_res, mask=valid)
     tl.store(dmix_ptr + res_col, dz_res * a_res * r[:, None, None], mask=valid)
+
+
+def _sk_scratch(T: int, n: int, iterations: int, device) -> Tensor:
+    """Scratch for the Sinkhorn backward: each step's divisors, [T, 2*iterations-1, NP] fp32 (written, then read)."""
+    return torch.empty(T, 2 * iterations - 1, _p2(n), device=device, dtype=torch.float32)
 
 
 def _coef_block(T: int, n: int) -> int:
@@ -382,7 +422,8 @@ class _MhcMappings(torch.autograd.Function):
         BT = _coef_block(T, n)
         _mhc_coef_bwd[(triton.cdiv(T, BT),)](
             mix, rstd, alpha, bias, g_pre.float().contiguous(), g_post.float().contiguous(), g_res.float().contiguous(),
-            dmix, dz, xcoef, dalpha, T, K, iterations, eps, n=n, BT=BT, NP=_p2(n),
+            dmix, dz, xcoef, dalpha, _sk_scratch(T, n, iterations, x2.device), T, K, iterations, eps,
+            n=n, BT=BT, NP=_p2(n),
         )  # fmt: skip
         dx, dw = _projection_bwd(x2, w, dmix, xcoef)
         return dx, dw.to(w.dtype), dalpha.sum(0).to(alpha.dtype), dz.sum(0).to(bias.dtype), None, None, None
@@ -428,7 +469,10 @@ class _Sinkhorn(torch.autograd.Function):
         T = z.shape[0]
         dz = torch.empty(T, n, n, device=z.device, dtype=torch.float32)
         BT = _coef_block(T, n)
-        _sinkhorn_bwd[(triton.cdiv(T, BT),)](z, g.float().contiguous(), dz, T, n, iterations, eps, BT=BT, NP=_p2(n))
+        scr = _sk_scratch(T, n, iterations, z.device)
+        _sinkhorn_bwd[(triton.cdiv(T, BT),)](
+            z, g.float().contiguous(), dz, scr, T, n, iterations, eps, BT=BT, NP=_p2(n)
+        )
         return dz.to(z.dtype), None, None, None
 
 
@@ -700,7 +744,10 @@ def _contract_fwd(
         kmask = kk < K
         xt = tl.load(x_ptr + xrow + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         wt = tl.load(fn_ptr + m[None, :] * K + kk[:, None], mask=mmask[None, :] & kmask[:, None], other=0.0)
-        acc = tl.dot(xt, wt.to(tl.float32), acc, input_precision=PREC)
+        if BT >= 16:  # tl.dot needs every dim >= 16; smaller token blocks (gpu_check.py times them) use a sum
+            acc = tl.dot(xt, wt.to(tl.float32), acc, input_precision=PREC)
+        else:
+            acc += tl.sum(xt[:, :, None] * wt.to(tl.float32)[None, :, :], axis=1)
         ss += tl.sum(xt * xt, axis=1)
     r = 1.0 / tl.sqrt(ss / K + eps)
     base = tl.load(base_ptr + m, mask=mmask, other=0.0).to(tl.float32)
@@ -719,6 +766,220 @@ def _contract_fwd(
             xi = tl.load(x_ptr + xrow + i * h + d[None, :], mask=dmask, other=0.0).to(tl.float32)
             y += pre_i[:, None] * xi
         tl.store(y_ptr + rows[:, None].to(tl.int64) * h + d[None, :], y.to(y_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _row_stream(x_ptr, xrow, j: tl.constexpr, h, d, ymask):
+    """Stream j of BT token rows -> [BT, HP] fp32."""
+    return tl.load(x_ptr + xrow + j * h + d[None, :], mask=ymask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_dot(xj, fn_ptr, m: tl.constexpr, j: tl.constexpr, K, h, d, dmask):
+    """<x_j, head_fn[m, j*h:(j+1)*h]> per token -> [BT] (the head_fn slice is loaded [HP], from L2)."""
+    w = tl.load(fn_ptr + m * K + j * h + d, mask=dmask, other=0.0).to(tl.float32)
+    return tl.sum(xj * w[None, :], axis=1)
+
+
+@triton.jit
+def _row_mix(fn_ptr, m: tl.constexpr, K, h, d, dmask, n: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7):
+    """Row m of x @ head_fn^T per token, summed stream by stream (x_j unused for j >= n)."""
+    acc = _row_dot(x0, fn_ptr, m, 0, K, h, d, dmask)
+    if n > 1:
+        acc += _row_dot(x1, fn_ptr, m, 1, K, h, d, dmask)
+    if n > 2:
+        acc += _row_dot(x2, fn_ptr, m, 2, K, h, d, dmask)
+    if n > 3:
+        acc += _row_dot(x3, fn_ptr, m, 3, K, h, d, dmask)
+    if n > 4:
+        acc += _row_dot(x4, fn_ptr, m, 4, K, h, d, dmask)
+    if n > 5:
+        acc += _row_dot(x5, fn_ptr, m, 5, K, h, d, dmask)
+    if n > 6:
+        acc += _row_dot(x6, fn_ptr, m, 6, K, h, d, dmask)
+    if n > 7:
+        acc += _row_dot(x7, fn_ptr, m, 7, K, h, d, dmask)
+    return acc
+
+
+@triton.jit
+def _pick(v, i, j: tl.constexpr):
+    """Column j of [BT, NP] -> [BT, 1]."""
+    return tl.sum(tl.where(i[None, :] == j, v, 0.0), axis=1)[:, None]
+
+
+@triton.jit
+def _contract_fwd_row(
+    x_ptr, fn_ptr, base_ptr, scale_ptr, y_ptr, mix_ptr, rstd_ptr, pre_ptr, T, h, eps,
+    n: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, HP: tl.constexpr,
+):  # fmt: skip
+    """One read of x: BT whole token rows stay in registers, one [BT, HP] tensor per stream (n <= 8), while
+    mix = x @ fn^T, sum(x^2), pre = sigmoid(mix r scale + base) + eps and y = sum_i pre_i x_i are formed.
+    head_fn is read (from L2) in [HP] slices, one per (row m, stream j), so only x is held whole."""
+    K = n * h
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < T
+    i = tl.arange(0, NP)
+    d = tl.arange(0, HP)
+    dmask = d < h
+    ymask = rmask[:, None] & dmask[None, :]
+    xrow = rows[:, None].to(tl.int64) * K
+    x0 = _row_stream(x_ptr, xrow, 0, h, d, ymask)
+    ss = tl.sum(x0 * x0, axis=1)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    x4 = x0
+    x5 = x0
+    x6 = x0
+    x7 = x0
+    if n > 1:
+        x1 = _row_stream(x_ptr, xrow, 1, h, d, ymask)
+        ss += tl.sum(x1 * x1, axis=1)
+    if n > 2:
+        x2 = _row_stream(x_ptr, xrow, 2, h, d, ymask)
+        ss += tl.sum(x2 * x2, axis=1)
+    if n > 3:
+        x3 = _row_stream(x_ptr, xrow, 3, h, d, ymask)
+        ss += tl.sum(x3 * x3, axis=1)
+    if n > 4:
+        x4 = _row_stream(x_ptr, xrow, 4, h, d, ymask)
+        ss += tl.sum(x4 * x4, axis=1)
+    if n > 5:
+        x5 = _row_stream(x_ptr, xrow, 5, h, d, ymask)
+        ss += tl.sum(x5 * x5, axis=1)
+    if n > 6:
+        x6 = _row_stream(x_ptr, xrow, 6, h, d, ymask)
+        ss += tl.sum(x6 * x6, axis=1)
+    if n > 7:
+        x7 = _row_stream(x_ptr, xrow, 7, h, d, ymask)
+        ss += tl.sum(x7 * x7, axis=1)
+    r = 1.0 / tl.sqrt(ss / K + eps)  # [BT]
+    mix = tl.zeros((BT, NP), dtype=tl.float32)
+    for m in tl.static_range(n):
+        mm = _row_mix(fn_ptr, m, K, h, d, dmask, n, x0, x1, x2, x3, x4, x5, x6, x7)
+        mix = tl.where(i[None, :] == m, mm[:, None], mix)
+    base = tl.load(base_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    vmask = rmask[:, None] & (i[None, :] < n)
+    pre = tl.where(vmask, tl.sigmoid(mix * r[:, None] * scale + base[None, :]) + eps, 0.0)
+    y = _pick(pre, i, 0) * x0
+    if n > 1:
+        y += _pick(pre, i, 1) * x1
+    if n > 2:
+        y += _pick(pre, i, 2) * x2
+    if n > 3:
+        y += _pick(pre, i, 3) * x3
+    if n > 4:
+        y += _pick(pre, i, 4) * x4
+    if n > 5:
+        y += _pick(pre, i, 5) * x5
+    if n > 6:
+        y += _pick(pre, i, 6) * x6
+    if n > 7:
+        y += _pick(pre, i, 7) * x7
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * h + d[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+    tl.store(mix_ptr + rows[:, None] * n + i[None, :], mix, mask=vmask)
+    tl.store(pre_ptr + rows[:, None] * n + i[None, :], pre, mask=vmask)
+    tl.store(rstd_ptr + rows, r, mask=rmask)
+
+
+@triton.jit
+def _row_dx(xj, dy, pre_j, c, dmix, i, fn_ptr, j: tl.constexpr, K, h, d, dmask, n: tl.constexpr):
+    """dx_j = sum_m dmix[m] head_fn[m, j-slice] + c x_j + pre_j dy -> [BT, HP]."""
+    acc = c[:, None] * xj + pre_j * dy
+    for m in range(0, n):  # a runtime loop: the head_fn slices are not all hoisted (register pressure)
+        w = tl.load(fn_ptr + m * K + j * h + d, mask=dmask, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.where(i[None, :] == m, dmix, 0.0), axis=1)[:, None] * w[None, :]
+    return acc
+
+
+@triton.jit
+def _contract_bwd_row(
+    x_ptr, dy_ptr, fn_ptr, mix_ptr, rstd_ptr, pre_ptr, scale_ptr, dx_ptr, dmix_ptr, dz_ptr, dscale_ptr, T, h, eps,
+    n: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, HP: tl.constexpr,
+):  # fmt: skip
+    """One read of x and of dy: with whole rows on chip (one [BT, HP] tensor per stream), dpre_i = <dy, x_i>,
+    the sigmoid / RMS chain (dmix, dz = dbase per token, dscale per token) and
+    dx_i = sum_m dmix[m] head_fn[m, i-slice] - (dL/dr) r^3 x_i / K + pre_i dy. dhead_fn = dmix^T x is a
+    reduction over tokens and is left to `_proj_bwd` (HAS_DX=False)."""
+    K = n * h
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < T
+    i = tl.arange(0, NP)
+    d = tl.arange(0, HP)
+    dmask = d < h
+    ymask = rmask[:, None] & dmask[None, :]
+    xrow = rows[:, None].to(tl.int64) * K
+    dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * h + d[None, :], mask=ymask, other=0.0).to(tl.float32)
+    x0 = _row_stream(x_ptr, xrow, 0, h, d, ymask)
+    dpre = tl.where(i[None, :] == 0, tl.sum(x0 * dy, axis=1)[:, None], 0.0)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    x4 = x0
+    x5 = x0
+    x6 = x0
+    x7 = x0
+    if n > 1:
+        x1 = _row_stream(x_ptr, xrow, 1, h, d, ymask)
+        dpre = tl.where(i[None, :] == 1, tl.sum(x1 * dy, axis=1)[:, None], dpre)
+    if n > 2:
+        x2 = _row_stream(x_ptr, xrow, 2, h, d, ymask)
+        dpre = tl.where(i[None, :] == 2, tl.sum(x2 * dy, axis=1)[:, None], dpre)
+    if n > 3:
+        x3 = _row_stream(x_ptr, xrow, 3, h, d, ymask)
+        dpre = tl.where(i[None, :] == 3, tl.sum(x3 * dy, axis=1)[:, None], dpre)
+    if n > 4:
+        x4 = _row_stream(x_ptr, xrow, 4, h, d, ymask)
+        dpre = tl.where(i[None, :] == 4, tl.sum(x4 * dy, axis=1)[:, None], dpre)
+    if n > 5:
+        x5 = _row_stream(x_ptr, xrow, 5, h, d, ymask)
+        dpre = tl.where(i[None, :] == 5, tl.sum(x5 * dy, axis=1)[:, None], dpre)
+    if n > 6:
+        x6 = _row_stream(x_ptr, xrow, 6, h, d, ymask)
+        dpre = tl.where(i[None, :] == 6, tl.sum(x6 * dy, axis=1)[:, None], dpre)
+    if n > 7:
+        x7 = _row_stream(x_ptr, xrow, 7, h, d, ymask)
+        dpre = tl.where(i[None, :] == 7, tl.sum(x7 * dy, axis=1)[:, None], dpre)
+    vmask = rmask[:, None] & (i[None, :] < n)
+    off = rows[:, None] * n + i[None, :]
+    mix = tl.load(mix_ptr + off, mask=vmask, other=0.0)
+    pre = tl.load(pre_ptr + off, mask=vmask, other=0.0)
+    r = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    s = pre - eps
+    dz = tl.where(vmask, dpre * s * (1.0 - s), 0.0)
+    dscale = tl.sum(dz * mix, axis=1) * r
+    dmix = dz * scale * r[:, None]
+    c = -(dscale * scale) * r * r / K  # dL/dr = sum_i dz_i mix_i scale ; dr/dx = -r^3 x / K
+    tl.store(dz_ptr + off, dz, mask=vmask)
+    tl.store(dmix_ptr + off, dmix, mask=vmask)
+    tl.store(dscale_ptr + rows, dscale, mask=rmask)
+    dxp = dx_ptr + xrow + d[None, :]
+    ety = dx_ptr.dtype.element_ty
+    tl.store(dxp, _row_dx(x0, dy, _pick(pre, i, 0), c, dmix, i, fn_ptr, 0, K, h, d, dmask, n).to(ety), mask=ymask)
+    if n > 1:
+        dx1 = _row_dx(x1, dy, _pick(pre, i, 1), c, dmix, i, fn_ptr, 1, K, h, d, dmask, n)
+        tl.store(dxp + h, dx1.to(ety), mask=ymask)
+    if n > 2:
+        dx2 = _row_dx(x2, dy, _pick(pre, i, 2), c, dmix, i, fn_ptr, 2, K, h, d, dmask, n)
+        tl.store(dxp + 2 * h, dx2.to(ety), mask=ymask)
+    if n > 3:
+        dx3 = _row_dx(x3, dy, _pick(pre, i, 3), c, dmix, i, fn_ptr, 3, K, h, d, dmask, n)
+        tl.store(dxp + 3 * h, dx3.to(ety), mask=ymask)
+    if n > 4:
+        dx4 = _row_dx(x4, dy, _pick(pre, i, 4), c, dmix, i, fn_ptr, 4, K, h, d, dmask, n)
+        tl.store(dxp + 4 * h, dx4.to(ety), mask=ymask)
+    if n > 5:
+        dx5 = _row_dx(x5, dy, _pick(pre, i, 5), c, dmix, i, fn_ptr, 5, K, h, d, dmask, n)
+        tl.store(dxp + 5 * h, dx5.to(ety), mask=ymask)
+    if n > 6:
+        dx6 = _row_dx(x6, dy, _pick(pre, i, 6), c, dmix, i, fn_ptr, 6, K, h, d, dmask, n)
+        tl.store(dxp + 6 * h, dx6.to(ety), mask=ymask)
+    if n > 7:
+        dx7 = _row_dx(x7, dy, _pick(pre, i, 7), c, dmix, i, fn_ptr, 7, K, h, d, dmask, n)
+        tl.store(dxp + 7 * h, dx7.to(ety), mask=ymask)
 
 
 @triton.jit
@@ -756,11 +1017,46 @@ def _contract_bwd_coef(
 
 
 def contract_fwd_meta(T: int, n: int, h: int) -> dict:
-    """Constexprs and launch options of `_contract_fwd`."""
+    """Constexprs and launch options of `_contract_fwd` (the two-pass fallback)."""
     return dict(
-        BT=16, BK=max(16, min(_p2(n * h), MAX_BLOCK_K, 64)), BM=max(16, _p2(n)),
+        BT=CONTRACT_TWO_PASS_BT, BK=max(16, min(_p2(n * h), MAX_BLOCK_K, 64)), BM=max(16, _p2(n)),
         BH=max(16, min(_p2(h), MAX_BLOCK_H, 128 if n <= 4 else 64)), PREC=DOT_PRECISION, num_warps=8, num_stages=3,
     )  # fmt: skip
+
+
+def contract_row_meta(T: int, n: int, h: int) -> dict | None:
+    """Constexprs and launch options of `_contract_fwd_row`, or None when a token row does not fit on chip.
+
+    The program holds BT * NP * HP values (HP = next power of two >= h), CONTRACT_ROW_PER_THREAD = 64 per
+    thread (num_warps = BT * NP * HP / 2048, at most 16). ptxas for sm_90 (tests/test_kernels_compile.py):
+    n = 4, h = 7168 (4 x 8192 padded) -> 16 warps, 121-128 registers, no spills; n = 4, h = 4096 -> 8 warps,
+    123-156 registers, no spills. Rows above CONTRACT_ROW_MAX_ELEMS = 32768 padded elements (n = 8 with
+    h > 4096) would exceed the SM's registers and take the two-pass `_contract_fwd`.
+    """
+    NP, HP = _p2(n), _p2(h)
+    row = NP * HP
+    if row > CONTRACT_ROW_MAX_ELEMS:
+        return None
+    BT = 1
+    while BT * 2 * row <= CONTRACT_ROW_MIN_ELEMS and triton.cdiv(T, BT * 2) >= MIN_PROGRAMS:
+        BT *= 2
+    num_warps = max(4, min(16, BT * row // (32 * CONTRACT_ROW_PER_THREAD)))
+    return dict(BT=BT, NP=NP, HP=HP, num_warps=num_warps, num_stages=1)
+
+
+def contract_bwd_row_meta(T: int, n: int, h: int) -> dict | None:
+    """Launch config of `_contract_bwd_row` (the forward's), or None for the two-kernel backward.
+
+    The backward also holds dy, the dx accumulator and a head_fn slice ([HP] each), so it fits in fewer
+    cases than the forward. ptxas for sm_90, with and without the divisibility-by-16 specialisation: rows up
+    to CONTRACT_BWD_ROW_MAX_ELEMS = 16384 padded elements (n = 4 with h <= 4096, n <= 2 with h <= 8192,
+    n = 8 with h <= 2048) take 146-255 registers, no spills; 32768-element rows (n = 4, h = 7168 at 16 and
+    32 warps; n = 8, h = 4096) spill 20-168 B, so they use `_contract_bwd_coef` + `_proj_bwd`.
+    """
+    meta = contract_row_meta(T, n, h)
+    if meta is None or meta["NP"] * meta["HP"] > CONTRACT_BWD_ROW_MAX_ELEMS:
+        return None
+    return meta
 
 
 class _LearnedContract(torch.autograd.Function):
@@ -772,8 +1068,11 @@ class _LearnedContract(torch.autograd.Function):
         mix = torch.empty(T, n, device=x2.device, dtype=torch.float32)
         pre = torch.empty_like(mix)
         rstd = torch.empty(T, device=x2.device, dtype=torch.float32)
-        meta = contract_fwd_meta(T, n, h)
-        _contract_fwd[(triton.cdiv(T, meta["BT"]),)](x2, head_fn, base, scale, y, mix, rstd, pre, T, h, eps, n=n, **meta)
+        meta = contract_row_meta(T, n, h)
+        kernel = _contract_fwd_row
+        if meta is None:
+            meta, kernel = contract_fwd_meta(T, n, h), _contract_fwd
+        kernel[(triton.cdiv(T, meta["BT"]),)](x2, head_fn, base, scale, y, mix, rstd, pre, T, h, eps, n=n, **meta)
         ctx.save_for_backward(x2, head_fn, scale, mix, rstd, pre)
         ctx.cfg = (n, eps, base.dtype)
         return y
@@ -789,11 +1088,19 @@ class _LearnedContract(torch.autograd.Function):
         dz = torch.empty_like(dmix)
         xcoef = torch.empty(T, device=x2.device, dtype=torch.float32)
         dscale = torch.empty(T, device=x2.device, dtype=torch.float32)
-        BT, NP, BH = _stream_blocks(T, n, h)
-        _contract_bwd_coef[(triton.cdiv(T, BT),)](
-            x2, dy, mix, rstd, pre, scale, dmix, dz, xcoef, dscale, T, h, eps, n=n, BT=BT, NP=NP, BH=BH
-        )
-        dx, dfn = _projection_bwd(x2, head_fn, dmix, xcoef, pre=pre, dy=dy, h=h)
+        row = contract_bwd_row_meta(T, n, h)
+        if row is not None:  # one read of x and dy for dx; dhead_fn (a sum over tokens) reads x once more
+            dx = torch.empty_like(x2)
+            _contract_bwd_row[(triton.cdiv(T, row["BT"]),)](
+                x2, dy, head_fn, mix, rstd, pre, scale, dx, dmix, dz, dscale, T, h, eps, n=n, **row
+            )
+            _, dfn = _projection_bwd(x2, head_fn, dmix, None)
+        else:
+            BT, NP, BH = _stream_blocks(T, n, h)
+            _contract_bwd_coef[(triton.cdiv(T, BT),)](
+                x2, dy, mix, rstd, pre, scale, dmix, dz, xcoef, dscale, T, h, eps, n=n, BT=BT, NP=NP, BH=BH
+            )
+            dx, dfn = _projection_bwd(x2, head_fn, dmix, xcoef, pre=pre, dy=dy, h=h)
         return dx, dfn.to(head_fn.dtype), dz.sum(0).to(base_dtype), dscale.sum().reshape(1).to(scale.dtype), None, None
 
 

@@ -38,6 +38,7 @@ def test_benchmark_quick_cpu_prints_ratio_lines_for_every_op():
     assert "FAILED" not in out
 
 
+@pytest.mark.slow  # the default suite covers this path through tests/test_kernels_gpu_check.py (all ops, bench_case)
 def test_benchmark_triton_code_path_under_interpreter():
     out = _run(
         "--quick", "--tokens", "16", "--hidden", "24", "--reps", "1", "--impls", "eager", "triton",

@@ -2,8 +2,8 @@
 
 The interpreter (tests/test_kernels_triton.py) checks the numbers but accepts programs the GPU compiler
 rejects (loop-carried type changes, dot shapes, layouts); this compiles the kernels ahead of time in a
-subprocess without TRITON_INTERPRET so they are real JIT functions. Default suite: the small kernels at
-n = 4, bf16; slow: every kernel, n in {1, 4, 8}, bf16 and fp32.
+subprocess without TRITON_INTERPRET so they are real JIT functions. Default suite: the small kernels and
+`_contract_fwd_row` / `_contract_bwd_row` at n = 4, h = 7168, bf16; slow: every kernel, n in {1, 4, 8}, bf16 and fp32.
 """
 
 from __future__ import annotations
@@ -37,18 +37,24 @@ _SCRIPT = textwrap.dedent(
         bt, np_, bh = K._stream_blocks(T, n, h)
         stream = dict(n=n, BT=bt, NP=np_, BH=bh)
         yield "_proj_sumsq_fwd", dict(x_ptr=act, w_ptr=F, mix_ptr=F, rstd_ptr=F, T="i32", K="i32", M="i32", eps="fp32"), K.proj_fwd_meta(T, n * h, M, eb)
-        for comb, m in ((False, M), (True, n)):
-            yield "_proj_bwd", dict(x_ptr=act, w_ptr=F, dmix_ptr=F, xcoef_ptr=F, pre_ptr=F, dy_ptr=act, dx_ptr=act, dw_ptr=F, T="i32", K="i32", M="i32", h="i32", n="i32", tokens_per_split="i32"), dict(HAS_COMBINE=comb, **K.proj_bwd_meta(T, n * h, m, eb))
+        for comb, m, has_dx in ((False, M, True), (True, n, True), (False, n, False)):
+            yield "_proj_bwd", dict(x_ptr=act, w_ptr=F, dmix_ptr=F, xcoef_ptr=F, pre_ptr=F, dy_ptr=act, dx_ptr=act, dw_ptr=F, T="i32", K="i32", M="i32", h="i32", n="i32", tokens_per_split="i32"), dict(HAS_COMBINE=comb, HAS_DX=has_dx, **K.proj_bwd_meta(T, n * h, m, eb))
         yield "_mhc_coef_fwd", dict(mix_ptr=F, rstd_ptr=F, alpha_ptr=F, bias_ptr=F, pre_ptr=F, post_ptr=F, res_ptr=F, T="i32", iterations="i32", eps="fp32"), coef
-        yield "_mhc_coef_bwd", dict(mix_ptr=F, rstd_ptr=F, alpha_ptr=F, bias_ptr=F, gpre_ptr=F, gpost_ptr=F, gres_ptr=F, dmix_ptr=F, dz_ptr=F, xcoef_ptr=F, dalpha_ptr=F, T="i32", K="i32", iterations="i32", eps="fp32"), coef
+        yield "_mhc_coef_bwd", dict(mix_ptr=F, rstd_ptr=F, alpha_ptr=F, bias_ptr=F, gpre_ptr=F, gpost_ptr=F, gres_ptr=F, dmix_ptr=F, dz_ptr=F, xcoef_ptr=F, dalpha_ptr=F, scr_ptr=F, T="i32", K="i32", iterations="i32", eps="fp32"), coef
         yield "_sinkhorn_fwd", dict(z_ptr=F, out_ptr=F, T="i32", iterations="i32", eps="fp32"), coef
-        yield "_sinkhorn_bwd", dict(z_ptr=F, g_ptr=F, dz_ptr=F, T="i32", iterations="i32", eps="fp32"), coef
+        yield "_sinkhorn_bwd", dict(z_ptr=F, g_ptr=F, dz_ptr=F, scr_ptr=F, T="i32", iterations="i32", eps="fp32"), coef
         for uni in (False, True):
             yield "_aggregate_fwd", dict(x_ptr=act, w_ptr=F, u_ptr=act, T="i32", h="i32"), dict(UNIFORM=uni, **stream)
             yield "_aggregate_bwd", dict(x_ptr=act, w_ptr=F, du_ptr=act, dx_ptr=act, dw_ptr=F, T="i32", h="i32"), dict(UNIFORM=uni, **stream)
         yield "_post_res_fwd", dict(x_ptr=act, f_ptr=act, post_ptr=F, res_ptr=F, out_ptr=act, T="i32", h="i32"), stream
         yield "_post_res_bwd", dict(x_ptr=act, f_ptr=act, post_ptr=F, res_ptr=F, g_ptr=act, dx_ptr=act, df_ptr=act, dpost_ptr=F, dres_ptr=F, T="i32", h="i32"), dict(n=n, **K.post_res_bwd_meta(T, n, h))
         yield "_contract_fwd", dict(x_ptr=act, fn_ptr=F, base_ptr=F, scale_ptr=F, y_ptr=act, mix_ptr=F, rstd_ptr=F, pre_ptr=F, T="i32", h="i32", eps="fp32"), dict(n=n, **K.contract_fwd_meta(T, n, h))
+        row = K.contract_row_meta(T, n, h)
+        if row is not None:
+            yield "_contract_fwd_row", dict(x_ptr=act, fn_ptr=F, base_ptr=F, scale_ptr=F, y_ptr=act, mix_ptr=F, rstd_ptr=F, pre_ptr=F, T="i32", h="i32", eps="fp32"), dict(n=n, **row)
+        row = K.contract_bwd_row_meta(T, n, h)
+        if row is not None:
+            yield "_contract_bwd_row", dict(x_ptr=act, dy_ptr=act, fn_ptr=F, mix_ptr=F, rstd_ptr=F, pre_ptr=F, scale_ptr=F, dx_ptr=act, dmix_ptr=F, dz_ptr=F, dscale_ptr=F, T="i32", h="i32", eps="fp32"), dict(n=n, **row)
         yield "_contract_bwd_coef", dict(x_ptr=act, dy_ptr=act, mix_ptr=F, rstd_ptr=F, pre_ptr=F, scale_ptr=F, dmix_ptr=F, dz_ptr=F, xcoef_ptr=F, dscale_ptr=F, T="i32", h="i32", eps="fp32"), stream
 
     done = []
@@ -78,7 +84,7 @@ _SCRIPT = textwrap.dedent(
 
 SMALL = ["_mhc_coef_fwd", "_mhc_coef_bwd", "_sinkhorn_fwd", "_sinkhorn_bwd", "_aggregate_fwd", "_aggregate_bwd",
          "_post_res_fwd", "_post_res_bwd", "_contract_bwd_coef"]  # fmt: skip
-LARGE = ["_proj_sumsq_fwd", "_proj_bwd", "_contract_fwd"]
+LARGE = ["_proj_sumsq_fwd", "_proj_bwd", "_contract_fwd", "_contract_fwd_row", "_contract_bwd_row"]
 
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
@@ -104,7 +110,10 @@ def _check(done: list[dict], names: list[str]) -> None:
 
 
 def test_small_kernels_compile_for_sm90():
-    _check(_compile(SMALL, ["*bf16"], [4], [[4096, 7168]]), SMALL)
+    """Plus the register-tight one-read contraction kernels (whole rows on chip) at n = 4, h = 7168 and 4096
+    (the backward's row kernel is only chosen at h = 4096)."""
+    names = SMALL + ["_contract_fwd_row", "_contract_bwd_row"]
+    _check(_compile(names, ["*bf16"], [4], [[4096, 7168], [4096, 4096]]), names)
 
 
 @pytest.mark.slow

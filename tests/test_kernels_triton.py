@@ -115,6 +115,29 @@ def test_triton_multi_block_loops(op, monkeypatch):
     check_op(op, 2, 19, torch.float32, lead=(37,))
 
 
+@pytest.mark.parametrize("path", ["row", "row_multi_token", "row_fwd_only", "two_pass", "two_pass_small_block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_contraction_paths(path, dtype, monkeypatch):
+    """Every kernel path of the learned contraction, outputs and all gradients: whole rows on chip forward
+    and backward (one read of x; one or several tokens per program), rows on chip in the forward only (the
+    backward's two-kernel path, as at n = 4, h = 7168), and the two-pass forward for rows too wide for that
+    (16 tokens per program with tl.dot, 2 without)."""
+    n, h, T = 3, 11, 9
+    if path.startswith("two_pass"):
+        monkeypatch.setattr(triton_ops, "CONTRACT_ROW_MAX_ELEMS", 0)
+        if path == "two_pass_small_block":  # < 16 tokens per program: the projection without tl.dot
+            monkeypatch.setattr(triton_ops, "CONTRACT_TWO_PASS_BT", 2)
+        assert triton_ops.contract_row_meta(T, n, h) is None and triton_ops.contract_bwd_row_meta(T, n, h) is None
+    else:
+        monkeypatch.setattr(triton_ops, "MIN_PROGRAMS", 2 if path == "row_multi_token" else 512)
+        if path == "row_fwd_only":
+            monkeypatch.setattr(triton_ops, "CONTRACT_BWD_ROW_MAX_ELEMS", 0)
+        meta = triton_ops.contract_row_meta(T, n, h)
+        assert meta is not None and (meta["BT"] > 1) == (path == "row_multi_token"), meta
+        assert (triton_ops.contract_bwd_row_meta(T, n, h) is None) == (path == "row_fwd_only")
+    check_op("learned_output_contract", n, h, dtype, lead=(T,))
+
+
 def test_triton_sinkhorn_20_iterations_backward():
     check_op("sinkhorn", 4, 1, torch.float32, iterations=20, lead=(3,))
 
