@@ -7,17 +7,45 @@ import torch
 
 
 def test_apply_is_idempotent_and_maps_cuda_to_cpu(cpu_compat):
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.pipeline_parallel import schedules
+
     assert cpu_compat.apply() is True and cpu_compat.apply() is True
-    assert torch.zeros(3, device="cuda").device.type == "cpu"
+    # megatron's hard-coded device="cuda" tensors land on CPU (schedules, clip_grads, ...)
+    assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+    assert clip_grads.torch.tensor([1.0], device="cuda").device.type == "cpu"
+    assert schedules.torch.Tensor is torch.Tensor and schedules.torch.distributed is torch.distributed
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
     t = torch.ones(2)
     assert t.cuda() is t
-    assert t.to("cuda").device.type == "cpu"
-    assert t.type() == "torch.cuda.FloatTensor"
-    assert t.type(torch.float64).dtype == torch.float64
+    with cpu_compat.cuda_as_cpu():
+        assert torch.zeros(3, device="cuda").device.type == "cpu"
+        assert t.to("cuda").device.type == "cpu"
+        assert t.type() == "torch.cuda.FloatTensor"
+        assert t.type(torch.float64).dtype == torch.float64
     torch.cuda.synchronize()
     with torch.cuda.stream(torch.cuda.Stream()):
         pass
+
+
+def test_no_process_wide_torch_function_mode(cpu_compat):
+    """The CUDA->CPU mapping must not intercept the model's own ops (it cost ~50% of a step)."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    cpu_compat.apply()
+    assert _get_current_function_mode_stack() == []
+    assert torch.ones(2).type() == "torch.FloatTensor"
+
+
+def test_clip_grads_and_optimizer_step_run_on_cpu(cpu_compat):
+    """clip_grad_by_total_norm_fp32 asserts CUDA grads and allocates on CUDA; it runs on CPU."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 3.0)
+    optimizer.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=6.0)
+    assert torch.allclose(p.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))
+    assert optimizer.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
 
 
 def test_rng_tracker_forks_named_cpu_streams(cpu_compat):

@@ -1,5 +1,7 @@
 """TP=2 (with and without sequence parallelism) and PP=2 (default split and a pp_layout) under torchrun (2 processes, gloo, CPU) give
-the loss, per-depth MTP losses and gradients of one process for the same weights and batch.
+the loss, per-depth MTP losses and gradients of one process for the same weights and batch; and
+a FRESH model (no weights loaded) under PP=2, VPP=2 and TP=2 equals the one-process fresh model
+of the same seed (the reference below is built fresh).
 
 The one-process reference saves its weights with megatron dist_checkpointing (torch_dist); each
 2-process case loads them resharded, so this also exercises our sharded_state_dict under TP/PP.
@@ -29,6 +31,12 @@ CASES = {  # case -> (model, parallel layout)
     "vpp2_layout": ("mhc", {"parallel.pp": 2, "parallel.vpp": 2, "parallel.pp_layout": "E|t|t|mL"}),
     # experts split over 2 ranks (all-to-all dispatch); both ranks see the same batch
     "ep2": ("moe", {"parallel.ep": 2}),
+    # fresh initialisation (no weights loaded): each unit draws from (seed, unit), so the same seed
+    # gives the one-process model under any PP/VPP/TP layout (dsv4cli/model/init_seed.py)
+    "fresh_pp2": ("mhc", {"parallel.pp": 2}),
+    "fresh_pp2_layout": ("mhc", {"parallel.pp": 2, "parallel.pp_layout": "Ett|mL"}),
+    "fresh_vpp2_layout": ("mhc", {"parallel.pp": 2, "parallel.vpp": 2, "parallel.pp_layout": "E|t|t|mL"}),
+    "fresh_tp2": ("mhc", {"parallel.tp": 2}),
 }
 
 
@@ -78,13 +86,16 @@ def worker(args: dict) -> dict:
         reference = torch.load(args["references"][model_key]["file"], weights_only=False)
         spec = make_tiny_spec(**MODELS[model_key], **layout)
         initialize_parallel(spec, seed=SEED)
+        torch.manual_seed(SEED)  # the builder seeds each unit from (this seed, unit)
         _clear_mtp_tracker()
         chunks = build_model_chunks(spec)
-        # all chunks of a rank load in ONE call (their sharded state dicts are disjoint)
-        sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-        loaded = dist_checkpointing.load(sharded, args["references"][model_key]["ckpt"])
-        for i, c in enumerate(chunks):
-            c.load_state_dict(loaded[f"chunk{i}"], strict=False)
+        if not case.startswith("fresh_"):
+            # all chunks of a rank load in ONE call (their sharded state dicts are disjoint)
+            sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+            loaded = dist_checkpointing.load(sharded, args["references"][model_key]["ckpt"])
+            for i, c in enumerate(chunks):
+                c.load_state_dict(loaded[f"chunk{i}"], strict=False)
+        for c in chunks:
             c.train()
         microbatches = 2 if len(chunks) > 1 else 1  # the interleaved schedule wants >= pp microbatches
         ids, pos = _batch()

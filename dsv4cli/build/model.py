@@ -37,11 +37,26 @@ def _ensure_parallel(spec: Spec) -> None:
 def build_model_from_config(spec: Spec, config, pre_process: bool = True, post_process: bool = True,
                             vp_stage: Optional[int] = None, backend=None):
     """build_model with an explicit TransformerConfig (and optionally a Backend of layer_specs)."""
-    from dsv4cli.build.config import padded_vocab_size
-    from dsv4cli.build.layer_specs import decoder_block_spec, mtp_block_spec, select_backend
-    from dsv4cli.model.gpt import Dsv4GPTModel
+    import torch
+
+    from dsv4cli.build.layer_specs import select_backend
+    from dsv4cli.model.init_seed import reinit_output_layer, seeded_units
 
     backend = backend or select_backend()
+    # Every unit (embedding, layer L, MTP depth k, output) draws from (seed, unit), seed = the one
+    # last given to torch.manual_seed (train.seed in training): the same fresh model under any
+    # PP/VPP layout (dsv4cli/model/init_seed.py).
+    with seeded_units(torch.initial_seed()):
+        model = _new_model(spec, config, pre_process, post_process, vp_stage, backend)
+        reinit_output_layer(model)
+    return model
+
+
+def _new_model(spec: Spec, config, pre_process, post_process, vp_stage, backend):
+    from dsv4cli.build.config import padded_vocab_size
+    from dsv4cli.build.layer_specs import decoder_block_spec, mtp_block_spec
+    from dsv4cli.model.gpt import Dsv4GPTModel
+
     m = spec.model
     return Dsv4GPTModel(
         config,

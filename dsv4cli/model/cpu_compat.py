@@ -6,9 +6,16 @@ through this module. What each patch fixes (measured, see shared/CPU_NOTES.md §
 
 - `torch.cuda.current_device()` -> the CPU device, `torch.cuda.synchronize()` -> no-op
   (GlobalMemoryBuffer, p2p shapes, router, RoPE, dist-ckpt all ask for the current device).
-- A TorchFunctionMode that maps `device="cuda"`/int device arguments to CPU, `Tensor.cuda()` to
-  identity and `Tensor.type()` to the CUDA type name (optimizer, clip_grads and schedules
-  hard-code CUDA).
+- Hard-coded CUDA in megatron (optimizer, clip_grads, grad scaler, schedules, dist-ckpt, MoE
+  tracker, ...), patched where it is, so the model's own ops pay nothing:
+  * the modules listed in `_CUDA_HARDCODED_MODULES` see a `torch` whose tensor factories map
+    `device="cuda"`/int devices to CPU (`torch.zeros([], device="cuda")` in the schedules);
+  * `Tensor.cuda()` is the identity (a CPU-only torch would raise there anyway);
+  * `clip_grad_by_total_norm_fp32` (asserts `grad.type() == 'torch.cuda.FloatTensor'`) runs inside
+    `cuda_as_cpu()`, a TorchFunctionMode that also maps `Tensor.type()` to the CUDA type name.
+  A process-wide TorchFunctionMode would intercept every op of every forward/backward
+  (~4,000 torch calls per tiny-spec step; measured +8-15% step time on 2 loaded cores), so it is
+  only entered around the functions that need it.
 - An RNG tracker with megatron's add/fork/get_states/set_states interface on the CPU generator,
   and no-op CUDA RNG get/set for activation recompute.
 - `MTPLossLoggingHelper` creates its tracker on the loss' device (megatron allocates on CUDA).
@@ -24,12 +31,31 @@ through this module. What each patch fixes (measured, see shared/CPU_NOTES.md §
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import queue
 import threading
+import types
 
 _APPLIED = False
 _LOCK = threading.Lock()
-_MODE = None
+
+# megatron-core 0.16.1 modules that create tensors with a literal device="cuda" on paths a CPU
+# run reaches (or may reach: dist-ckpt exchange, MoE aux-loss tracker, attention masks).
+_CUDA_HARDCODED_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.utils",
+)
 
 
 def cuda_available() -> bool:
@@ -53,7 +79,7 @@ def apply() -> bool:
         _patch_mla()
         _patch_checkpoint_without_output()
         _patch_dist_checkpointing()
-        _enter_device_mode()
+        _patch_hardcoded_cuda()
         _APPLIED = True
     return True
 
@@ -118,16 +144,6 @@ def _patch_torch_cuda() -> None:
     torch.Tensor.record_stream = lambda self, *a, **k: None
 
 
-def _enter_device_mode() -> None:
-    """Map CUDA device arguments to CPU for every torch call in this thread (and new ones)."""
-    global _MODE
-    from torch.overrides import TorchFunctionMode
-
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()
-    assert isinstance(_MODE, TorchFunctionMode)
-
-
 def _is_cuda_device(dev) -> bool:
     import torch
 
@@ -181,8 +197,82 @@ def _make_mode_class():
     return CudaToCpuMode
 
 
-def _CudaToCpuMode():
-    return _make_mode_class()()
+_MODE_CLASS = None
+
+
+@contextlib.contextmanager
+def cuda_as_cpu():
+    """Inside: every torch call maps CUDA devices to CPU, `Tensor.cuda()` -> self, `Tensor.type()`
+    -> the CUDA type name. For short megatron functions only (it intercepts every op)."""
+    global _MODE_CLASS
+    if _MODE_CLASS is None:
+        _MODE_CLASS = _make_mode_class()
+    with _MODE_CLASS():
+        yield
+
+
+def _in_cuda_as_cpu(fn):
+    """fn wrapped to run inside `cuda_as_cpu()` (idempotent)."""
+    if getattr(fn, "_dsv4_cuda_as_cpu", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with cuda_as_cpu():
+            return fn(*args, **kwargs)
+
+    wrapper._dsv4_cuda_as_cpu = True
+    return wrapper
+
+
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like",
+)
+
+
+def _cpu_torch_module():
+    """A stand-in for the `torch` module whose tensor factories map CUDA devices to CPU;
+    everything else is torch's own object (same functions, classes and submodules)."""
+    import torch
+
+    def mapped(factory):
+        @functools.wraps(factory)
+        def call(*args, **kwargs):
+            dev = kwargs.get("device")
+            if dev is not None and _is_cuda_device(dev):
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+
+        return call
+
+    class CpuTorch(types.ModuleType):
+        def __getattr__(self, name):  # attributes torch creates lazily (submodules, ...)
+            return getattr(torch, name)
+
+    proxy = CpuTorch("torch")
+    proxy.__dict__.update({k: v for k, v in vars(torch).items() if k not in ("__name__", "__spec__")})
+    for name in _FACTORIES:
+        setattr(proxy, name, mapped(getattr(torch, name)))
+    proxy._dsv4_cpu_torch = True
+    return proxy
+
+
+def _patch_hardcoded_cuda() -> None:
+    import torch
+
+    proxy = _cpu_torch_module()
+    for name in _CUDA_HARDCODED_MODULES:
+        mod = importlib.import_module(name)
+        if getattr(getattr(mod, "torch", None), "_dsv4_cpu_torch", False):
+            continue
+        mod.torch = proxy
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    for mod in (clip_grads, optimizer):
+        mod.clip_grad_by_total_norm_fp32 = _in_cuda_as_cpu(clip_grads.clip_grad_by_total_norm_fp32)
 
 
 # --------------------------------------------------------------------------- RNG

@@ -28,6 +28,7 @@ from dsv4cli.model.contraction import (
 )
 from dsv4cli.model.fp32_params import KeepFp32Params
 from dsv4cli.model.hyper_connection import param_device
+from dsv4cli.model.init_seed import DECODER_HEAD_UNIT, reseed
 
 
 @dataclass
@@ -56,6 +57,7 @@ class MultiStreamTransformerBlock(KeepFp32Params, TransformerBlock):
         # With MTP the GPT model needs the un-contracted streams of the last layer.
         self.return_streams = config.mtp_num_layers is not None
         if self.final_layernorm is not None:
+            reseed(DECODER_HEAD_UNIT)  # same hc_head_* whichever layers this stage built before
             add_contraction_params(self, config.hidden_size, spec.contraction, config.sequence_parallel,
                                    device=param_device(config))
         else:

@@ -71,7 +71,47 @@ def plan_launch(spec_path: str, overrides: Sequence[str] = (), *, extra_args: Se
     plan.world_size = spec.launch.nproc_per_node * spec.launch.nnodes
     plan.argv = torchrun_command(spec, spec_path, overrides=list(overrides),
                                  launcher=launcher or torchrun_launcher()) + list(extra_args)
+    load = _eval_load_arg(extra_args)
+    if load is not None and not plan.in_process:
+        # Under torchrun a rank's exit 2 surfaces as torchrun's failure (1): check here instead.
+        problem = preflight_eval(spec, load)
+        if problem:
+            plan.problems.append(f"error: {problem}")
     return plan
+
+
+def _eval_load_arg(extra_args: Sequence[str]) -> Optional[str]:
+    """The checkpoint of an eval launch (`--eval --load DIR` in the entry point's arguments), else None."""
+    args = list(extra_args)
+    if "--eval" not in args or "--load" not in args:
+        return None
+    i = args.index("--load")
+    return args[i + 1] if i + 1 < len(args) else None
+
+
+def preflight_eval(spec, load: str) -> Optional[str]:
+    """Does the checkpoint at `load` hold the tensors of SPEC's model? -> problem line or None.
+
+    Compares the checkpoint's `.metadata` (names and global shapes; no tensor data, no model
+    built, no process group) with the spec's parameter inventory, the check `dsv4 ckpt` tools
+    use, so `dsv4 eval` under torchrun exits 2 before any rank starts, naming the missing,
+    unexpected and mis-shaped tensors. (In-process eval checks against the built model.)
+    """
+    from dsv4cli.ckpt.conformance import check_conformance
+    from dsv4cli.ckpt.errors import CheckpointError as CkptError
+    from dsv4cli.ckpt.metadata import read_checkpoint_info
+
+    try:
+        info = read_checkpoint_info(load)
+    except CkptError as e:
+        return str(e)
+    result = check_conformance(info, spec)
+    counted = [p for p in result.problems if p.kind in ("missing", "unexpected", "mis-shaped", "corrupt")]
+    if not counted:
+        return None
+    hints = [p.message for p in result.problems if p.kind == "legacy"]
+    return (f"{info.location.iter_dir}: checkpoint tensors do not match the spec ({len(counted)} problems): "
+            + "; ".join([p.message for p in counted] + hints))
 
 
 def device_memory() -> tuple[int, str]:
