@@ -49,7 +49,7 @@ def learned_output_contract(x: Tensor, head_fn: Tensor, base: Tensor, scale: Ten
     xf = x.to(dt)
     r = stream_rms_rsqrt(xf, eps)
     pre = torch.sigmoid((xf @ head_fn.to(dt).t()) * r * scale.to(dt) + base.to(dt)) + eps  # [..., n]
-    y = (pre.unsqueeze(-1) * _streams(xf, n)).sum(-2)
+    y = (pre.unsqueeze(-2) @ _streams(xf, n)).squeeze(-2)  # sum_i pre[i] x_i as a [1, n] @ [n, h] product
     return y.to(x.dtype)
 
 
@@ -106,7 +106,7 @@ def mhc_mappings(
 def mhc_aggregate(x: Tensor, h_pre: Tensor, n: int) -> Tensor:
     """[..., n*h], h_pre [..., n] -> u [..., h] = sum_i h_pre[i] * x_i (in x's dtype)."""
     dt = compute_dtype(x, h_pre)
-    u = (h_pre.to(dt).unsqueeze(-1) * _streams(x.to(dt), n)).sum(-2)
+    u = (h_pre.to(dt).unsqueeze(-2) @ _streams(x.to(dt), n)).squeeze(-2)  # [1, n] @ [n, h] per token
     return u.to(x.dtype)
 
 
