@@ -203,20 +203,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tmp_path):
     spec = write_small_spec(tmp_path)
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dsv4cli.cli", "train", str(spec), "--set", "train.steps=100000",
-         "--set", "train.eval_interval=0", "--set", f"checkpoint.dir={run}"],
-        cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2):
-            time.sleep(0.5)
-        assert (run / "metrics.jsonl").is_file(), "training did not start"
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    log = tmp_path / "train.log"  # a file, not a pipe: an unread pipe that fills up would block the trainer
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsv4cli.cli", "train", str(spec), "--set", "train.steps=100000",
+             "--set", "train.eval_interval=0", "--set", f"checkpoint.dir={run}"],
+            cwd=str(REPO), env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2):
+                time.sleep(0.5)
+            assert (run / "metrics.jsonl").is_file(), "training did not start:\n" + log.read_text()[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "stopped by signal" in out
     last = int((run / "latest_checkpointed_iteration.txt").read_text())

@@ -46,6 +46,17 @@ def test_unsupported_feature_is_an_error_in_train(tmp_path):
     assert "parallel.cp" in r.stderr and "not supported" in r.stderr
 
 
+def test_bf16_on_a_machine_without_cuda_is_refused_before_starting(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = write_small_spec(tmp_path)
+    r = cli("train", str(spec), "--set", 'train.precision="bf16"', "--set", f"checkpoint.dir={tmp_path / 'run'}")
+    assert r.exit_code == 2, r.output
+    assert "train.precision" in r.stderr and "CUDA" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_memory_preflight_refuses_with_numbers(tmp_path):
     spec = write_small_spec(tmp_path)
     big = ["--set", "model.hidden_size=16384", "--set", "model.num_layers=64", "--set", "model.ffn_hidden_size=65536",

@@ -60,9 +60,9 @@ def train(
         write_text_atomic(slurm, slurm_script(plan))
         typer.echo(f"wrote {slurm}: sbatch {slurm}")
         raise typer.Exit(0)
-    from dsv4cli.train.launch import preflight_checkpoint, preflight_memory, run_torchrun
+    from dsv4cli.train.launch import preflight_checkpoint, preflight_device, preflight_memory, run_torchrun
 
-    problem = preflight_checkpoint(plan.spec)
+    problem = preflight_device(plan.spec) or preflight_checkpoint(plan.spec)
     if problem:
         _fail([f"error: {problem}"])
     fits, message = preflight_memory(plan.spec, plan.world_size)

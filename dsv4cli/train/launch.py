@@ -145,6 +145,20 @@ def preflight_memory(spec, world_size: int) -> tuple[bool, str]:
     return total_need <= have, msg
 
 
+def preflight_device(spec) -> Optional[str]:
+    """Settings this machine cannot run: -> problem line or None.
+
+    bf16 training goes through Megatron-Core's mixed-precision optimizer, whose gradient clipping
+    is CUDA-only; on CPU the run would die in the first step, so say so before starting.
+    """
+    import torch
+
+    if spec.train.precision == "bf16" and not torch.cuda.is_available():
+        return ('train.precision: "bf16" needs CUDA GPUs (no CUDA device here); '
+                "on CPU run with --set train.precision=fp32")
+    return None
+
+
 def preflight_checkpoint(spec) -> Optional[str]:
     """The checkpoint a run would resume from must hold the spec's model: -> problem line or None.
 
