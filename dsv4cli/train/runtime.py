@@ -7,7 +7,6 @@ wires it up from a spec, the way Megatron-LM's `training.py` does.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -42,41 +41,14 @@ def backend_for(spec) -> str:
     return b
 
 
-def init_process_group(spec) -> None:
-    """torchrun's env:// when RANK/WORLD_SIZE are set, else a private one-process group."""
-    if dist.is_initialized():
-        return
-    backend = backend_for(spec)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend)
-    else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-
-
 def init_parallel(spec) -> Layout:
-    """Process group + megatron parallel_state from [parallel]; DP = world / (tp*pp*cp)."""
-    from megatron.core import parallel_state as ps
+    """Process group + megatron parallel_state from [parallel] (dsv4cli.build.initialize_parallel);
+    DP = world / (tp*pp*cp)."""
+    from dsv4cli.build import initialize_parallel
 
-    from dsv4cli.model import cpu_compat
-
-    cpu_compat.apply()
-    init_process_group(spec)
+    initialize_parallel(spec, backend=backend_for(spec))
     p = spec.parallel
     world = dist.get_world_size()
-    if world % (p.tp * p.pp * p.cp) != 0:
-        raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {p.tp * p.pp * p.cp}")
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
-        context_parallel_size=p.cp,
-        expert_model_parallel_size=p.ep,
-        expert_tensor_parallel_size=p.etp,
-    )
     return Layout(world=world, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
                   dp=world // (p.tp * p.pp * p.cp))
 
