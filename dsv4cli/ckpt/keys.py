@@ -22,6 +22,14 @@ EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OPTIMIZER_STATE_PREFIX = "optimizer.state."
 _MTP_RE = re.compile(r"^mtp\.layers\.(\d+)\.")
 _OPT_RE = re.compile(r"^optimizer\.state\.([^.]+)\.(.+)$")
+# Megatron's ChainedOptimizer (MoE with expert parallelism: dense + expert groups) prefixes the
+# sharded keys of its i-th inner optimizer with `chained_{i}.`.
+_OPT_OWNER_RE = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
+
+
+def is_optimizer_key(name: str) -> bool:
+    """Is this stored name optimizer state (plain or chained)? The one definition every tool uses."""
+    return _OPT_OWNER_RE.match(name) is not None
 
 
 def mtp_depths(names: Iterable[str]) -> list[int]:
