@@ -82,9 +82,7 @@ def train(spec, log=print) -> int:
         say("note: train.distributed_optimizer = 'on' is ignored on CPU (its checkpoints do not resume exactly there)")
     progress = ck.TrainProgress()
     if resume_dir is not None:
-        problems = ck.tensor_mismatches(resume_dir, _expected_shapes(rt.chunks))
-        if problems:
-            raise ck.CheckpointError(f"{resume_dir}: tensors do not match the spec: " + "; ".join(problems))
+        ck.check_tensors(resume_dir, _expected_shapes(rt.chunks))
         progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout)
         for n in notes:
             say(f"note: {n}")
