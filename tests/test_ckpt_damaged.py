@@ -121,6 +121,21 @@ def test_resume_from_a_damaged_latest_is_exit_2_and_names_the_earlier_checkpoint
     assert tree(run_dir) == before, "a refused run wrote into the run directory"
 
 
+def test_the_rank_entry_point_checks_too(copy, capsys, monkeypatch):
+    """`python -m dsv4cli.train.entry` (what torchrun runs) refuses a damaged checkpoint before building anything."""
+    from dsv4cli.train.entry import run
+
+    spec, run_dir = copy
+    name = damage(run_dir / "iter_0000002", "truncated")
+    built = []
+    monkeypatch.setattr("dsv4cli.train.runtime.build_runtime", lambda *a, **k: built.append(1))
+    assert run(str(spec), [f"checkpoint.dir={run_dir}"]) == 2
+    assert run(str(spec), [], mode="eval", load=str(run_dir)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(name in line for line in err) and built == []
+    assert f"--set checkpoint.load={run_dir / 'iter_0000001'}" in err[0]
+
+
 def test_resume_with_no_complete_checkpoint_left_says_so(copy):
     spec, run_dir = copy
     damage(run_dir / "iter_0000001", "missing")

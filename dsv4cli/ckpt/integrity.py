@@ -77,16 +77,18 @@ def is_complete(iter_dir: Path, loading: bool = True) -> bool:
     return True
 
 
+def _iteration(iter_dir: Path) -> Optional[int]:
+    m = _ITER_RE.match(Path(iter_dir).name)
+    return int(m.group(1)) if m else None
+
+
 def earlier_complete(run_dir: str | Path, before: Optional[int] = None) -> Optional[Path]:
     """The newest complete `iter_*` checkpoint in run_dir older than iteration `before` (all when None)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    found = []
-    for d in run_dir.iterdir():
-        m = _ITER_RE.match(d.name)
-        if m and d.is_dir() and (before is None or int(m.group(1)) < before):
-            found.append((int(m.group(1)), d))
+    found = [(it, d) for d in run_dir.iterdir()
+             if (it := _iteration(d)) is not None and d.is_dir() and (before is None or it < before)]
     for _, d in sorted(found, reverse=True):
         if is_complete(d):
             return d
@@ -100,3 +102,12 @@ def resume_advice(run_dir: str | Path, before: Optional[int] = None) -> str:
         return f"; no earlier complete checkpoint in {run_dir}"
     return (f"; the newest complete earlier checkpoint is {earlier}: resume from it with "
             f"{shlex.join(['--set', f'checkpoint.load={earlier}'])}")
+
+
+def check_resumable(iter_dir: str | Path) -> None:
+    """check_integrity for a resume: the error also names the newest complete earlier checkpoint."""
+    try:
+        check_integrity(iter_dir, loading=True)
+    except CheckpointError as e:
+        iter_dir = Path(iter_dir)
+        raise CheckpointError(str(e) + resume_advice(iter_dir.parent, _iteration(iter_dir))) from None

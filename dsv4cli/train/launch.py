@@ -168,7 +168,7 @@ def preflight_checkpoint(spec) -> Optional[str]:
     under torchrun. A damaged or missing one is reported with the newest complete earlier checkpoint
     and the `--set checkpoint.load=...` that resumes from it.
     """
-    from dsv4cli.ckpt.integrity import check_integrity, resume_advice
+    from dsv4cli.ckpt.integrity import check_resumable, resume_advice
     from dsv4cli.train.checkpointing import (LATEST, CheckpointError, check_model_spec, latest_iteration,
                                              resolve_checkpoint)
 
@@ -177,17 +177,14 @@ def preflight_checkpoint(spec) -> Optional[str]:
     if not (spec.checkpoint.load or resuming_latest):
         return None
     try:
-        iter_dir, iteration = resolve_checkpoint(spec.checkpoint.load or run_dir)
+        iter_dir, _ = resolve_checkpoint(spec.checkpoint.load or run_dir)
     except CheckpointError as e:  # e.g. `latest` names a directory that is gone
         return str(e) + (resume_advice(run_dir, latest_iteration(run_dir)) if resuming_latest else "")
     try:
-        check_model_spec(iter_dir, spec)  # another model: an earlier checkpoint would not help either
+        check_model_spec(iter_dir, spec)  # first: for another model an earlier checkpoint would not help either
+        check_resumable(iter_dir)
     except CheckpointError as e:
         return str(e)
-    try:
-        check_integrity(iter_dir, loading=True)
-    except CheckpointError as e:
-        return str(e) + resume_advice(iter_dir.parent, iteration)
     return None
 
 
