@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Optional
 
 from dsv4cli.ckpt.errors import CheckpointError
-from dsv4cli.ckpt.layout import COMMON_STATE, MEGATRON_CONFIG, CheckpointLocation, resolve_checkpoint
-
-_ITER_RE = re.compile(r"^iter_(\d+)$")
+from dsv4cli.ckpt.layout import COMMON_STATE, MEGATRON_CONFIG, CheckpointLocation, iteration_of, resolve_checkpoint
 
 
 def one_line(message: str) -> str:
     """Any message -> one line (library errors may span several)."""
-    return " ".join(message.split())
+    return re.sub(r"\s*\n\s*", " ", message).strip()
 
 
 def integrity_problems(iter_dir: str | Path, loading: bool = False) -> list[str]:
@@ -77,18 +75,13 @@ def is_complete(iter_dir: Path, loading: bool = True) -> bool:
     return True
 
 
-def _iteration(iter_dir: Path) -> Optional[int]:
-    m = _ITER_RE.match(Path(iter_dir).name)
-    return int(m.group(1)) if m else None
-
-
 def earlier_complete(run_dir: str | Path, before: Optional[int] = None) -> Optional[Path]:
     """The newest complete `iter_*` checkpoint in run_dir older than iteration `before` (all when None)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
     found = [(it, d) for d in run_dir.iterdir()
-             if (it := _iteration(d)) is not None and d.is_dir() and (before is None or it < before)]
+             if (it := iteration_of(d.name)) is not None and d.is_dir() and (before is None or it < before)]
     for _, d in sorted(found, reverse=True):
         if is_complete(d):
             return d
@@ -110,4 +103,4 @@ def check_resumable(iter_dir: str | Path) -> None:
         check_integrity(iter_dir, loading=True)
     except CheckpointError as e:
         iter_dir = Path(iter_dir)
-        raise CheckpointError(str(e) + resume_advice(iter_dir.parent, _iteration(iter_dir))) from None
+        raise CheckpointError(str(e) + resume_advice(iter_dir.parent, iteration_of(iter_dir.name))) from None

@@ -54,9 +54,10 @@ def torchrun_launcher() -> list[str]:
 
 
 def plan_launch(spec_path: str, overrides: Sequence[str] = (), *, extra_args: Sequence[str] = (),
-                launcher: Optional[Sequence[str]] = None) -> LaunchPlan:
+                launcher: Optional[Sequence[str]] = None, verbose: bool = False) -> LaunchPlan:
     """Validate (same rules and messages as `dsv4 validate`; unsupported features are errors) and
-    build the torchrun argv. Never imports torch."""
+    build the torchrun argv; for an eval (`--eval --load DIR` in extra_args) check the checkpoint
+    (every mismatched key listed with `verbose`). Imports torch only for that checkpoint check."""
     from dsv4cli.spec.check import check_spec
     from dsv4cli.spec.launch_cmd import torchrun_command
 
@@ -75,7 +76,7 @@ def plan_launch(spec_path: str, overrides: Sequence[str] = (), *, extra_args: Se
     if load is not None:
         # Before any rank starts (under torchrun a rank's exit 2 would surface as torchrun's 1) and
         # before an in-process eval builds the model or loads a tensor.
-        problem = preflight_eval(spec, load)
+        problem = preflight_eval(spec, load, verbose)
         if problem:
             plan.problems.append(f"error: {problem}")
     return plan
