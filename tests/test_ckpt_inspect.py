@@ -104,18 +104,20 @@ def test_inspect_default_mode_opens_no_distcp_file(learned, monkeypatch):
     assert rec.distcp()
 
 
-def test_inspect_works_with_unreadable_data_files(learned):
-    """Moving every .distcp away does not change the default report (it never needs them)."""
+def test_inspect_of_a_checkpoint_without_its_data_files_is_exit_2(learned):
+    """The report itself needs only metadata, but a checkpoint whose data files are gone is damaged:
+    exit 2, one line naming the file, no convert-ckpt offer."""
     root, _ = learned
     it = root / "iter_0000005"
-    full = run_json("inspect", "checkpoint", str(root))
     aside = it.parent / "aside"
     aside.mkdir()
     for f in it.glob("*.distcp"):
         shutil.move(str(f), aside / f.name)
-    r = run_json("inspect", "checkpoint", str(root))
-    assert r["tensors"] == full["tensors"]
-    assert r["conformant"] is False and any(p["kind"] == "corrupt" and "missing" in p["message"] for p in r["problems"])
+    for args in ([], ["--json"]):
+        res = run("inspect", "checkpoint", str(root), *args)
+        assert res.exit_code == 2, res.output
+        (line,) = res.output.strip().splitlines()
+        assert "__0_0.distcp is missing" in line and "convert-ckpt" not in line
 
 
 def test_inspect_flags_checkpoint_without_hc_head_as_legacy(tmp_path, tiny_spec):

@@ -2,8 +2,10 @@
 
     layout       run root / iter_* / bare DCP directory -> CheckpointLocation
     metadata     read_checkpoint_info(path): everything from metadata files, no tensor data
+    integrity    check_checkpoint(path): is it complete? run first by every command that reads one
     keys         stored key patterns: mHC tensors, contraction heads, MTP depths, optimizer state
     conformance  check_conformance(info, spec): missing / unexpected / mis-shaped / legacy
+    summary      summarize(problems): a long key-problem list as one line (counts, first few, hints)
     report       inspect_checkpoint(path, ...): the `dsv4 inspect checkpoint` report
     stats        per-tensor statistics, one tensor at a time
     diff         diff_checkpoints(a, b): `dsv4 inspect diff`

@@ -12,12 +12,12 @@ into that per-layer form to compare, and problems are reported folded back to st
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from dsv4cli.ckpt.keys import contraction_blocks, hc_head_keys, infer_stream_layout
 from dsv4cli.ckpt.metadata import CheckpointInfo, TensorEntry
+from dsv4cli.ckpt.summary import SEE_ALL, KeyProblem, convert_command, summarize
 
 _STACKED_LAYERS = re.compile(r"^(decoder\.layers\.)(?!\d+\.)")
 _STACKED_EXPERTS = ".mlp.experts.experts."
@@ -26,6 +26,9 @@ _NORM_ALIASES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 _FOLD = [(re.compile(r"(decoder\.layers\.)\d+\."), r"\1"), (re.compile(r"\.mlp\.experts\.local_experts\.\d+\."), _STACKED_EXPERTS)]
+
+
+BLOCKING = ("missing", "unexpected", "mis-shaped", "corrupt")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,16 @@ class Conformance:
     problems: list[Problem] = field(default_factory=list)
     legacy: bool = False
     fix_command: Optional[str] = None
+
+    def blocking(self) -> list[Problem]:
+        """The problems that make the checkpoint unusable with the spec (not the legacy flag, spec or meta notes)."""
+        return [p for p in self.problems if p.kind in BLOCKING]
+
+    def summary(self, verbose: bool = False, see_all: str = SEE_ALL) -> str:
+        """The blocking problems in one line (counts, first few, how to see all), with the legacy fix."""
+        hints = [p.message for p in self.problems if p.kind == "legacy"]
+        return summarize([KeyProblem(p.kind, p.name, p.message) for p in self.blocking()], verbose=verbose,
+                         see_all=see_all, hints=hints)
 
 
 def _alias(name: str) -> str:
@@ -101,8 +114,7 @@ def stored_name(name: str, stack_layers: bool = True, moe: bool = False) -> str:
 
 
 def legacy_fix_command(info: CheckpointInfo) -> str:
-    src = info.location.root or info.iter_dir
-    return f"dsv4 convert-ckpt {shlex.quote(str(src))} {shlex.quote(str(src).rstrip('/') + '-learned')}"
+    return convert_command(info.location.root or info.iter_dir)
 
 
 def detect_legacy(info: CheckpointInfo) -> list[str]:
@@ -138,9 +150,8 @@ def check_conformance(info: CheckpointInfo, spec: Any = None, spec_source: Optio
     if spec is not None:
         problems += _inventory_problems(info, spec)
     result.problems = problems
-    counted = [p for p in problems if p.kind in ("missing", "unexpected", "mis-shaped", "corrupt")]
     if spec is not None or info.integrity_problems:
-        result.conformant = not counted
+        result.conformant = not result.blocking()
     return result
 
 

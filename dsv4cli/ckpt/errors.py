@@ -1,7 +1,11 @@
-"""The one exception the checkpoint tools raise for bad input (the CLI maps it to exit 2)."""
+"""The one exception for a checkpoint that cannot be used (bad input: the CLI and the ranks map it to exit 2).
+
+Raised by the checkpoint tools (`dsv4cli.ckpt`) and by training / eval (`dsv4cli.train.checkpointing`
+re-exports it). A ValueError, so code that treats bad values generally still catches it.
+"""
 
 from __future__ import annotations
 
 
-class CheckpointError(Exception):
-    """A checkpoint (or an argument about one) that cannot be used; the message says why."""
+class CheckpointError(ValueError):
+    """A checkpoint (or an argument about one) that cannot be used; the message says why, in one line."""

@@ -39,7 +39,8 @@ def iter_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _iteration_of(name: str) -> Optional[int]:
+def iteration_of(name: str) -> Optional[int]:
+    """'iter_0000100' -> 100; None for any other name."""
     m = _ITER_RE.match(name)
     return int(m.group(1)) if m else None
 
@@ -55,7 +56,7 @@ def resolve_checkpoint(path: str | Path) -> CheckpointLocation:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (a checkpoint is a directory)")
     if (path / DCP_METADATA).is_file():
-        it = _iteration_of(path.name)
+        it = iteration_of(path.name)
         root = path.parent if it is not None and (path.parent / TRACKER_FILE).is_file() else None
         return CheckpointLocation(path, root, it)
     tracker = path / TRACKER_FILE
@@ -78,7 +79,7 @@ def resolve_checkpoint(path: str | Path) -> CheckpointLocation:
         if not (iter_dir / DCP_METADATA).is_file():
             raise CheckpointError(f"{iter_dir}: no {DCP_METADATA} file (incomplete or not a torch_dist checkpoint)")
         return CheckpointLocation(iter_dir, path, iteration)
-    iters = sorted((d for d in path.iterdir() if d.is_dir() and _iteration_of(d.name) is not None), key=lambda d: d.name)
+    iters = sorted((d for d in path.iterdir() if d.is_dir() and iteration_of(d.name) is not None), key=lambda d: d.name)
     if iters:
         raise CheckpointError(
             f"{path}: no {TRACKER_FILE}; pass one iteration directory, e.g. {iters[-1]}"

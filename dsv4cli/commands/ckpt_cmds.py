@@ -15,6 +15,9 @@ _SET_HELP = ("Override one key of the spec in use (--spec, else the saved one), 
              "(repeatable; the last one wins).")
 
 
+_LISTED = 10  # problems listed by `inspect checkpoint`; --json has every one
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -64,8 +67,10 @@ def convert_ckpt(
     """
     from dsv4cli.ckpt.convert import convert_checkpoint
     from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.ckpt.integrity import check_checkpoint
 
     try:
+        check_checkpoint(src, loading=True)  # a damaged SRC: exit 2 before DST is touched
         result = convert_checkpoint(src, dst, spec, streams, eps, force, drop_optimizer, verify,
                                     overrides=set_ or ())
     except CheckpointError as e:
@@ -118,7 +123,8 @@ def inspect_checkpoint_cmd(
     Reads metadata only (no tensor data unless --stats): format, iteration, saved spec,
     provenance, totals, a tensor tree, and missing / unexpected / mis-shaped tensors; a
     legacy (averaging) checkpoint is flagged with the convert-ckpt command that fixes it.
-    Exit 0 when read (also if not conformant), 2 when unreadable.
+    Exit 0 when read (also if not conformant), 2 when unreadable or damaged (a data file
+    missing or shorter than .metadata says).
 
     Examples:
 
@@ -128,9 +134,11 @@ def inspect_checkpoint_cmd(
       dsv4 inspect checkpoint runs/tiny --spec specs/tiny.toml --json
     """
     from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.ckpt.integrity import check_checkpoint
     from dsv4cli.ckpt.report import inspect_checkpoint
 
     try:
+        check_checkpoint(path)
         report = inspect_checkpoint(path, spec, stats, filter_, overrides=set_ or ())
     except CheckpointError as e:
         _fail(str(e))
@@ -142,6 +150,8 @@ def inspect_checkpoint_cmd(
 
 def _render_report(r: dict) -> None:
     from rich.table import Table
+
+    from dsv4cli.ckpt.summary import KeyProblem, count_line, ordered
 
     con = _console()
     meta = r["meta"] or {}
@@ -175,14 +185,16 @@ def _render_report(r: dict) -> None:
                     cells.append(f"{st['nan']}/{st['inf']}")
             table.add_row(*cells)
     con.print(table)
+    problems = ordered(KeyProblem(p["kind"], p["name"], p["message"]) for p in r["problems"] if p["kind"] != "legacy")
+    counts = f" ({count_line(problems)})" if problems else ""
     if r["conformant"] is None:
-        con.print("conformance: not checked (no spec saved; pass --spec)")
+        con.print(f"conformance: not checked (no spec saved; pass --spec){counts}")
     else:
-        con.print(f"conformance vs {r['spec_source']}: {'conformant' if r['conformant'] else 'NOT conformant'}")
-    for p in r["problems"]:
-        if p["kind"] == "legacy":
-            continue  # said below, with the command
-        con.print(f"  {p['kind']}: {p['message']}" if not p["message"].startswith(p["kind"]) else f"  {p['message']}")
+        con.print(f"conformance vs {r['spec_source']}: {'conformant' if r['conformant'] else 'NOT conformant'}{counts}")
+    for p in problems[:_LISTED]:  # the legacy flag is said below, with the command
+        con.print(f"  {p.text}" if p.text.startswith(p.kind) else f"  {p.kind}: {p.text}")
+    if len(problems) > _LISTED:
+        con.print(f"  ... {len(problems) - _LISTED} more (see all with --json)")
     if r["legacy"]:
         con.print(f"legacy checkpoint (averaging contraction); convert with:\n  {r['fix_command']}")
 
@@ -204,8 +216,11 @@ def inspect_diff(
     """
     from dsv4cli.ckpt.diff import diff_checkpoints
     from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.ckpt.integrity import check_checkpoint
 
     try:
+        check_checkpoint(a)
+        check_checkpoint(b)
         d = diff_checkpoints(a, b)
     except CheckpointError as e:
         _fail(str(e))

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dsv4cli.ckpt.errors import CheckpointError  # noqa: F401  (the one checkpoint error, exit 2; re-exported)
+
 LATEST = "latest_checkpointed_iteration.txt"
 TMP_PREFIX = ".tmp_iter_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used with this spec (exit 2)."""
 
 
 def iter_dirname(iteration: int) -> str:
@@ -157,18 +155,35 @@ def model_tensor_shapes(sharded_sd: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def tensor_problems(iter_dir: Path, expected: dict[str, tuple[int, ...]]) -> list:
+    """The model's tensors vs the checkpoint's model tensors -> [KeyProblem] (empty = they match)."""
+    from dsv4cli.ckpt.keys import is_optimizer_key
+    from dsv4cli.ckpt.summary import KeyProblem
+
+    stored = {k: v for k, v in stored_tensors(iter_dir).items() if not is_optimizer_key(k)}
+    problems = [KeyProblem.of("missing", k, str(list(expected[k]))) for k in sorted(set(expected) - set(stored))]
+    problems += [KeyProblem.of("unexpected", k, str(list(stored[k]))) for k in sorted(set(stored) - set(expected))]
+    problems += [KeyProblem.of("mis-shaped", k, f"checkpoint {list(stored[k])}, model {list(expected[k])}")
+                 for k in sorted(set(stored) & set(expected)) if stored[k] != expected[k]]
+    return problems
+
+
 def tensor_mismatches(iter_dir: Path, expected: dict[str, tuple[int, ...]]) -> list[str]:
     """Compare the model's tensors with the checkpoint's; -> problem lines (empty = matches)."""
-    stored = {k: v for k, v in stored_tensors(iter_dir).items() if not k.startswith("optimizer.")}
-    problems = []
-    for k in sorted(set(expected) - set(stored)):
-        problems.append(f"missing: {k} {list(expected[k])}")
-    for k in sorted(set(stored) - set(expected)):
-        problems.append(f"unexpected: {k} {list(stored[k])}")
-    for k in sorted(set(stored) & set(expected)):
-        if stored[k] != expected[k]:
-            problems.append(f"mis-shaped: {k}: checkpoint {list(stored[k])}, model {list(expected[k])}")
-    return problems
+    return [str(p) for p in tensor_problems(iter_dir, expected)]
+
+
+def check_tensors(iter_dir: Path, expected: dict[str, tuple[int, ...]], verbose: bool = False) -> None:
+    """CheckpointError with a summary (counts, first few, legacy hint) unless the tensors match."""
+    from dsv4cli.ckpt.layout import resolve_checkpoint as locate
+    from dsv4cli.ckpt.summary import legacy_hint, summarize
+
+    problems = tensor_problems(iter_dir, expected)
+    if problems:
+        loc = locate(iter_dir)
+        hint = legacy_hint(problems, loc.root or loc.iter_dir)
+        raise CheckpointError(f"{iter_dir}: checkpoint tensors do not match the spec: "
+                              + summarize(problems, verbose=verbose, hints=[hint] if hint else []))
 
 
 # --------------------------------------------------------------------------- provenance

@@ -13,18 +13,16 @@ from typing import Optional
 
 def evaluate(spec, load: str, batches: Optional[int] = None) -> dict:
     """Collective: every rank calls it; all ranks return the same result."""
+    from dsv4cli.ckpt.integrity import check_integrity
     from dsv4cli.train import checkpointing as ck
     from dsv4cli.train.data import build_sources
     from dsv4cli.train.loop import _expected_shapes
     from dsv4cli.train.runtime import build_runtime, heldout_loss
 
     iter_dir, iteration = ck.resolve_checkpoint(load)
+    check_integrity(iter_dir, loading=True)  # (`dsv4 eval` checked before starting; this covers the entry point)
     rt = build_runtime(spec, with_optimizer=False)
-    problems = ck.tensor_mismatches(iter_dir, _expected_shapes(rt.chunks))
-    if problems:
-        raise ck.CheckpointError(
-            f"{iter_dir}: checkpoint tensors do not match the spec ({len(problems)} problems): " + "; ".join(problems)
-        )
+    ck.check_tensors(iter_dir, _expected_shapes(rt.chunks))
     ck.load_model_weights(iter_dir, rt.chunks)
     data = build_sources(spec)
     n = batches or spec.train.eval_batches

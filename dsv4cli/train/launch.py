@@ -54,9 +54,10 @@ def torchrun_launcher() -> list[str]:
 
 
 def plan_launch(spec_path: str, overrides: Sequence[str] = (), *, extra_args: Sequence[str] = (),
-                launcher: Optional[Sequence[str]] = None) -> LaunchPlan:
+                launcher: Optional[Sequence[str]] = None, verbose: bool = False) -> LaunchPlan:
     """Validate (same rules and messages as `dsv4 validate`; unsupported features are errors) and
-    build the torchrun argv. Never imports torch."""
+    build the torchrun argv; for an eval (`--eval --load DIR` in extra_args) check the checkpoint
+    (every mismatched key listed with `verbose`). Imports torch only for that checkpoint check."""
     from dsv4cli.spec.check import check_spec
     from dsv4cli.spec.launch_cmd import torchrun_command
 
@@ -72,9 +73,10 @@ def plan_launch(spec_path: str, overrides: Sequence[str] = (), *, extra_args: Se
     plan.argv = torchrun_command(spec, spec_path, overrides=list(overrides),
                                  launcher=launcher or torchrun_launcher()) + list(extra_args)
     load = _eval_load_arg(extra_args)
-    if load is not None and not plan.in_process:
-        # Under torchrun a rank's exit 2 surfaces as torchrun's failure (1): check here instead.
-        problem = preflight_eval(spec, load)
+    if load is not None:
+        # Before any rank starts (under torchrun a rank's exit 2 would surface as torchrun's 1) and
+        # before an in-process eval builds the model or loads a tensor.
+        problem = preflight_eval(spec, load, verbose)
         if problem:
             plan.problems.append(f"error: {problem}")
     return plan
@@ -89,29 +91,29 @@ def _eval_load_arg(extra_args: Sequence[str]) -> Optional[str]:
     return args[i + 1] if i + 1 < len(args) else None
 
 
-def preflight_eval(spec, load: str) -> Optional[str]:
-    """Does the checkpoint at `load` hold the tensors of SPEC's model? -> problem line or None.
+def preflight_eval(spec, load: str, verbose: bool = False) -> Optional[str]:
+    """Is the checkpoint at `load` complete, and does it hold the tensors of SPEC's model? -> problem line or None.
 
-    Compares the checkpoint's `.metadata` (names and global shapes; no tensor data, no model
-    built, no process group) with the spec's parameter inventory, the check `dsv4 ckpt` tools
-    use, so `dsv4 eval` under torchrun exits 2 before any rank starts, naming the missing,
-    unexpected and mis-shaped tensors. (In-process eval checks against the built model.)
+    First the integrity check every checkpoint reader runs (`.metadata` parses, every data file
+    it names is there and long enough, Megatron's common state is sound), then the checkpoint's
+    `.metadata` (names and global shapes; no tensor data, no model built, no process group) against
+    the spec's parameter inventory, the check `dsv4 inspect checkpoint` makes. The mismatch line
+    is summarised (counts, first few keys; every key with `verbose`) and names the convert-ckpt
+    command for a legacy checkpoint.
     """
     from dsv4cli.ckpt.conformance import check_conformance
-    from dsv4cli.ckpt.errors import CheckpointError as CkptError
+    from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.ckpt.integrity import check_checkpoint
     from dsv4cli.ckpt.metadata import read_checkpoint_info
 
     try:
-        info = read_checkpoint_info(load)
-    except CkptError as e:
+        info = read_checkpoint_info(load, check_checkpoint(load, loading=True))
+    except CheckpointError as e:
         return str(e)
     result = check_conformance(info, spec)
-    counted = [p for p in result.problems if p.kind in ("missing", "unexpected", "mis-shaped", "corrupt")]
-    if not counted:
+    if not result.blocking():
         return None
-    hints = [p.message for p in result.problems if p.kind == "legacy"]
-    return (f"{info.location.iter_dir}: checkpoint tensors do not match the spec ({len(counted)} problems): "
-            + "; ".join([p.message for p in counted] + hints))
+    return f"{info.iter_dir}: checkpoint tensors do not match the spec: {result.summary(verbose)}"
 
 
 def device_memory() -> tuple[int, str]:
@@ -160,18 +162,28 @@ def preflight_device(spec) -> Optional[str]:
 
 
 def preflight_checkpoint(spec) -> Optional[str]:
-    """The checkpoint a run would resume from must hold the spec's model: -> problem line or None.
+    """The checkpoint a run would resume from must be complete and hold the spec's model: -> problem line or None.
 
-    Checked in the launching process (reads only dsv4_spec.toml), so a mismatch is exit 2 before
-    any rank starts, also under torchrun.
+    Checked in the launching process (reads `.metadata`, stats the data files, reads dsv4_spec.toml;
+    loads no tensor), so a damaged or mismatched checkpoint is exit 2 before any rank starts, also
+    under torchrun. A damaged or missing one is reported with the newest complete earlier checkpoint
+    and the `--set checkpoint.load=...` that resumes from it.
     """
-    from dsv4cli.train.checkpointing import CheckpointError, check_model_spec, resolve_checkpoint
+    from dsv4cli.ckpt.integrity import check_resumable, resume_advice
+    from dsv4cli.train.checkpointing import (LATEST, CheckpointError, check_model_spec, latest_iteration,
+                                             resolve_checkpoint)
 
+    run_dir = Path(spec.checkpoint.dir)
+    resuming_latest = not spec.checkpoint.load and (run_dir / LATEST).is_file()
+    if not (spec.checkpoint.load or resuming_latest):
+        return None
     try:
-        if spec.checkpoint.load:
-            check_model_spec(resolve_checkpoint(spec.checkpoint.load)[0], spec)
-        elif (Path(spec.checkpoint.dir) / "latest_checkpointed_iteration.txt").is_file():
-            check_model_spec(resolve_checkpoint(spec.checkpoint.dir)[0], spec)
+        iter_dir, _ = resolve_checkpoint(spec.checkpoint.load or run_dir)
+    except CheckpointError as e:  # e.g. `latest` names a directory that is gone
+        return str(e) + (resume_advice(run_dir, latest_iteration(run_dir)) if resuming_latest else "")
+    try:
+        check_model_spec(iter_dir, spec)  # first: for another model an earlier checkpoint would not help either
+        check_resumable(iter_dir)
     except CheckpointError as e:
         return str(e)
     return None

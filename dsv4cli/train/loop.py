@@ -60,6 +60,7 @@ def train(spec, log=print) -> int:
     """Train `spec` in this process (one rank of the job). -> exit code."""
     from megatron.core import parallel_state as ps
 
+    from dsv4cli.ckpt.integrity import check_resumable
     from dsv4cli.spec.load import spec_to_toml
     from dsv4cli.train import checkpointing as ck
     from dsv4cli.train.data import build_sources, microbatches
@@ -70,6 +71,7 @@ def train(spec, log=print) -> int:
     resume_dir = _checkpoint_to_resume(spec)
     if resume_dir is not None:
         ck.check_model_spec(resume_dir, spec)  # before any process group work: exit 2 everywhere
+        check_resumable(resume_dir)  # (`dsv4 train` checked both before starting; this covers the entry point)
 
     rt = build_runtime(spec)
     rank = dist.get_rank()
@@ -82,9 +84,7 @@ def train(spec, log=print) -> int:
         say("note: train.distributed_optimizer = 'on' is ignored on CPU (its checkpoints do not resume exactly there)")
     progress = ck.TrainProgress()
     if resume_dir is not None:
-        problems = ck.tensor_mismatches(resume_dir, _expected_shapes(rt.chunks))
-        if problems:
-            raise ck.CheckpointError(f"{resume_dir}: tensors do not match the spec: " + "; ".join(problems))
+        ck.check_tensors(resume_dir, _expected_shapes(rt.chunks))
         progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout)
         for n in notes:
             say(f"note: {n}")
