@@ -10,8 +10,9 @@ temporary file + os.replace. A save killed midway leaves only a `.tmp_*` directo
 next save removes; `latest` never names an incomplete directory.
 
 Stored: model (unwrapped module's sharded_state_dict), optimizer (per-parameter keys
-`optimizer.state.exp_avg.<param key>` of megatron's non-distributed optimizer), scheduler,
-data position, tokens seen and per-rank RNG state.
+`optimizer.state.<exp_avg|exp_avg_sq>.<param key>`; the distributed optimizer writes megatron's
+`fully_reshardable` format, the same keys plus `optimizer.state.param.<param key>`, so it
+reshards across TP/PP/DP), scheduler, data position, tokens seen and per-rank RNG state.
 """
 
 from __future__ import annotations
@@ -336,6 +337,27 @@ def _model_sharded_sd(chunks) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+# The distributed optimizer's checkpoint format: per-parameter tensors of the model's shapes
+# (gathered over DP at save, sliced per rank at load). Its default `fully_sharded_model_space`
+# needs ShardedTensor.flattened_range, which megatron-core 0.16 no longer supports.
+DISTOPT_SHARDING = "fully_reshardable"
+
+
+def _optimizer_sharded_sd(optimizer, model_sd: dict, is_loading: bool = False, sharding: str = DISTOPT_SHARDING):
+    """optimizer.sharded_state_dict with the distributed optimizer's format (ignored by the others)."""
+    return optimizer.sharded_state_dict(dict(model_sd), is_loading=is_loading,
+                                        metadata={"distrib_optim_sharding_type": sharding})
+
+
+def _saved_distopt_sharding(iter_dir: Path) -> str:
+    """Sharding type a distributed optimizer saved with (`param_state_sharding_type` in common.pt)."""
+    from megatron.core import dist_checkpointing
+
+    opt = dist_checkpointing.load_common_state_dict(str(iter_dir)).get("optimizer")
+    found = opt.get("param_state_sharding_type") if isinstance(opt, dict) else None
+    return found if isinstance(found, str) else DISTOPT_SHARDING
+
+
 def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress: TrainProgress,
                     spec_toml: str, layout: dict, keep_last: int = 0) -> Path:
     """Collective save of model/optimizer/scheduler/progress/RNG to run_dir/iter_XXXXXXX (atomic).
@@ -361,7 +383,7 @@ def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress:
 
     state = _model_sharded_sd(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(dict(state))
+        state["optimizer"] = _optimizer_sharded_sd(optimizer, state)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["progress"] = {
@@ -401,7 +423,7 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
     if optimizer is not None and load_optimizer and not with_opt:
         notes.append("checkpoint has no optimizer state: starting with a fresh optimizer")
     if with_opt:
-        state["optimizer"] = optimizer.sharded_state_dict(dict(model_sd), is_loading=True)
+        state["optimizer"] = _optimizer_sharded_sd(optimizer, model_sd, True, _saved_distopt_sharding(iter_dir))
     same_layout = meta.get("parallel") == layout
     if same_layout:
         import torch.distributed as dist
