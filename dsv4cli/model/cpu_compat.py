@@ -26,6 +26,8 @@ through this module. What each patch fixes (measured, see shared/CPU_NOTES.md §
   True for its default `fp8=False`, and then calls TE's FP8GlobalStateManager: without TE it is
   forced off (megatron's own TransformerLayer crashes with a NameError otherwise).
 - torch_dist saving writes its buckets in-process (no forked writers, no spawn Manager).
+- The distributed optimizer: it sorts params by `Tensor.type()` (run inside `cuda_as_cpu()`), and
+  its checkpoints with torch's Adam need three fixes to resume exactly (`cpu_distopt`).
 """
 
 from __future__ import annotations
@@ -274,65 +276,9 @@ def _patch_hardcoded_cuda() -> None:
     for mod in (clip_grads, optimizer):
         mod.clip_grad_by_total_norm_fp32 = _in_cuda_as_cpu(clip_grads.clip_grad_by_total_norm_fp32)
 
-    # The distributed optimizer sorts model params by `Tensor.type()` == 'torch.cuda.FloatTensor'.
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
+    from dsv4cli.model.cpu_distopt import patch_distributed_optimizer
 
-    build = DO.__dict__["_build_model_and_main_param_groups"].__func__
-    DO._build_model_and_main_param_groups = classmethod(_in_cuda_as_cpu(build))
-    _patch_torch_adam_state(DO)
-
-
-def _patch_torch_adam_state(DO) -> None:
-    """The distributed optimizer with torch's Adam (no TE/apex FusedAdam): state Adam creates lazily."""
-    import torch
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    state_dict = DO.state_dict
-
-    def state_dict_with_adam_state(self):
-        # torch Adam creates its per-parameter state at the first step; megatron's state_dict()
-        # asserts exactly one "step" over it (a fresh optimizer asked for its sharded state
-        # before a load has none). Create the state Adam would: zero moments, step 0.
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                st = self.optimizer.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state_dict(self)
-
-    DO.state_dict = state_dict_with_adam_state
-
-    set_states = DO._set_main_param_and_optimizer_states
-
-    def set_states_but_step(self, model_param, tensors):
-        # megatron copies every key of the parameter's Adam state from `tensors`, which never
-        # hold torch Adam's per-parameter "step" (it comes from the param groups).
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        st = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-        step = st.pop("step", None)
-        try:
-            set_states(self, model_param, tensors)
-        finally:
-            if step is not None:
-                st["step"] = step
-
-    DO._set_main_param_and_optimizer_states = set_states_but_step
-
-    load_state_dict = DO.load_state_dict
-
-    def load_state_dict_own_steps(self, state_dict):
-        # megatron gives every parameter the SAME "step" tensor; Adam increments it in place once
-        # per parameter, so after a resume the bias correction ran ahead (resumed NOT exactly).
-        load_state_dict(self, state_dict)
-        for st in self.optimizer.state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
-
-    DO.load_state_dict = load_state_dict_own_steps
+    patch_distributed_optimizer(_in_cuda_as_cpu)
 
 
 # --------------------------------------------------------------------------- RNG
