@@ -337,27 +337,6 @@ def _model_sharded_sd(chunks) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-# The distributed optimizer's checkpoint format: per-parameter tensors of the model's shapes
-# (gathered over DP at save, sliced per rank at load). Its default `fully_sharded_model_space`
-# needs ShardedTensor.flattened_range, which megatron-core 0.16 no longer supports.
-DISTOPT_SHARDING = "fully_reshardable"
-
-
-def _optimizer_sharded_sd(optimizer, model_sd: dict, is_loading: bool = False, sharding: str = DISTOPT_SHARDING):
-    """optimizer.sharded_state_dict with the distributed optimizer's format (ignored by the others)."""
-    return optimizer.sharded_state_dict(dict(model_sd), is_loading=is_loading,
-                                        metadata={"distrib_optim_sharding_type": sharding})
-
-
-def _saved_distopt_sharding(iter_dir: Path) -> str:
-    """Sharding type a distributed optimizer saved with (`param_state_sharding_type` in common.pt)."""
-    from megatron.core import dist_checkpointing
-
-    opt = dist_checkpointing.load_common_state_dict(str(iter_dir)).get("optimizer")
-    found = opt.get("param_state_sharding_type") if isinstance(opt, dict) else None
-    return found if isinstance(found, str) else DISTOPT_SHARDING
-
-
 def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress: TrainProgress,
                     spec_toml: str, layout: dict, keep_last: int = 0) -> Path:
     """Collective save of model/optimizer/scheduler/progress/RNG to run_dir/iter_XXXXXXX (atomic).
@@ -383,7 +362,9 @@ def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress:
 
     state = _model_sharded_sd(chunks)
     if optimizer is not None:
-        state["optimizer"] = _optimizer_sharded_sd(optimizer, state)
+        from dsv4cli.train.adam_state import optimizer_sharded_sd
+
+        state["optimizer"] = optimizer_sharded_sd(optimizer, state)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["progress"] = {
@@ -422,8 +403,15 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
     with_opt = load_optimizer and optimizer is not None and has_optimizer_state(iter_dir)
     if optimizer is not None and load_optimizer and not with_opt:
         notes.append("checkpoint has no optimizer state: starting with a fresh optimizer")
+    common = dist_checkpointing.load_common_state_dict(str(iter_dir))
+    across = False
     if with_opt:
-        state["optimizer"] = _optimizer_sharded_sd(optimizer, model_sd, True, _saved_distopt_sharding(iter_dir))
+        from dsv4cli.train import adam_state
+
+        saved = adam_state.saved_sharding(common)
+        across = (saved is not None) != adam_state.is_distributed(optimizer)  # distributed optimizer on <-> off
+        if not across:
+            state["optimizer"] = adam_state.optimizer_sharded_sd(optimizer, model_sd, True, saved)
     same_layout = meta.get("parallel") == layout
     if same_layout:
         import torch.distributed as dist
@@ -436,9 +424,12 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
     for i, c in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
         c.load_state_dict(loaded[key])
-    if with_opt:
+    if with_opt and not across:
         optimizer.load_state_dict(loaded["optimizer"])
-    common = dist_checkpointing.load_common_state_dict(str(iter_dir))
+    if across:
+        adam_state.load_across(iter_dir, _model_sharded_sd(chunks), optimizer, common)  # (load consumed model_sd)
+        kind = "distributed" if saved is not None else "plain"
+        notes.append(f"optimizer state taken over from the {kind} optimizer that wrote the checkpoint")
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_layout and loaded.get("rng_state") is not None:
