@@ -1,6 +1,9 @@
 """The distributed optimizer (`train.distributed_optimizer = "on"`) on CPU (gloo, torch Adam).
 
-One legacy (`contraction.mode = "average"`) spec, DP = 2 under torchrun:
+In-process (1 process): a reload continues bit for bit, also with the distributed optimizer
+switched on -> off and off -> on between save and load.
+
+Slow, one legacy (`contraction.mode = "average"`) spec, DP = 2 under torchrun:
 - stopped by `exit_interval` and resumed equals a straight run bit for bit;
 - its checkpoint (megatron's `fully_reshardable` per-parameter format) resumes under 1 process
   (the model evaluates to the logged held-out loss, the next steps equal the DP = 2 run);
