@@ -26,6 +26,8 @@ through this module. What each patch fixes (measured, see shared/CPU_NOTES.md §
   True for its default `fp8=False`, and then calls TE's FP8GlobalStateManager: without TE it is
   forced off (megatron's own TransformerLayer crashes with a NameError otherwise).
 - torch_dist saving writes its buckets in-process (no forked writers, no spawn Manager).
+- The distributed optimizer: it sorts params by `Tensor.type()` (run inside `cuda_as_cpu()`), and
+  its checkpoints with torch's Adam need three fixes to resume exactly (`cpu_distopt`).
 """
 
 from __future__ import annotations
@@ -273,6 +275,10 @@ def _patch_hardcoded_cuda() -> None:
 
     for mod in (clip_grads, optimizer):
         mod.clip_grad_by_total_norm_fp32 = _in_cuda_as_cpu(clip_grads.clip_grad_by_total_norm_fp32)
+
+    from dsv4cli.model.cpu_distopt import patch_distributed_optimizer
+
+    patch_distributed_optimizer(_in_cuda_as_cpu)
 
 
 # --------------------------------------------------------------------------- RNG

@@ -10,8 +10,9 @@ temporary file + os.replace. A save killed midway leaves only a `.tmp_*` directo
 next save removes; `latest` never names an incomplete directory.
 
 Stored: model (unwrapped module's sharded_state_dict), optimizer (per-parameter keys
-`optimizer.state.exp_avg.<param key>` of megatron's non-distributed optimizer), scheduler,
-data position, tokens seen and per-rank RNG state.
+`optimizer.state.<exp_avg|exp_avg_sq>.<param key>`; the distributed optimizer writes megatron's
+`fully_reshardable` format, the same keys plus `optimizer.state.param.<param key>`, so it
+reshards across TP/PP/DP), scheduler, data position, tokens seen and per-rank RNG state.
 """
 
 from __future__ import annotations
@@ -376,7 +377,9 @@ def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress:
 
     state = _model_sharded_sd(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(dict(state))
+        from dsv4cli.train.adam_state import optimizer_sharded_sd
+
+        state["optimizer"] = optimizer_sharded_sd(optimizer, state)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["progress"] = {
@@ -415,8 +418,15 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
     with_opt = load_optimizer and optimizer is not None and has_optimizer_state(iter_dir)
     if optimizer is not None and load_optimizer and not with_opt:
         notes.append("checkpoint has no optimizer state: starting with a fresh optimizer")
+    common = dist_checkpointing.load_common_state_dict(str(iter_dir))
+    across = False
     if with_opt:
-        state["optimizer"] = optimizer.sharded_state_dict(dict(model_sd), is_loading=True)
+        from dsv4cli.train import adam_state
+
+        saved = adam_state.saved_sharding(common)
+        across = (saved is not None) != adam_state.is_distributed(optimizer)  # distributed optimizer on <-> off
+        if not across:
+            state["optimizer"] = adam_state.optimizer_sharded_sd(optimizer, model_sd, True, saved)
     same_layout = meta.get("parallel") == layout
     if same_layout:
         import torch.distributed as dist
@@ -429,9 +439,12 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
     for i, c in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
         c.load_state_dict(loaded[key])
-    if with_opt:
+    if with_opt and not across:
         optimizer.load_state_dict(loaded["optimizer"])
-    common = dist_checkpointing.load_common_state_dict(str(iter_dir))
+    if across:
+        adam_state.load_across(iter_dir, _model_sharded_sd(chunks), optimizer, common)  # (load consumed model_sd)
+        kind = "distributed" if saved is not None else "plain"
+        notes.append(f"optimizer state taken over from the {kind} optimizer that wrote the checkpoint")
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_layout and loaded.get("rng_state") is not None:

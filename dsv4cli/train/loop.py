@@ -80,8 +80,6 @@ def train(spec, log=print) -> int:
     spec_toml = spec_to_toml(spec)
     say = log if is_logger else (lambda *_: None)
 
-    if spec.train.distributed_optimizer == "on" and not torch.cuda.is_available():
-        say("note: train.distributed_optimizer = 'on' is ignored on CPU (its checkpoints do not resume exactly there)")
     progress = ck.TrainProgress()
     if resume_dir is not None:
         ck.check_tensors(resume_dir, _expected_shapes(rt.chunks))

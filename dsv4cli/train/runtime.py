@@ -68,12 +68,10 @@ def use_bf16(spec) -> bool:
 
 
 def use_distributed_optimizer(spec, layout: Layout) -> bool:
-    """'auto' = on with CUDA and dp > 1; never on CPU (its checkpoints do not resume exactly there)."""
+    """'on' = on (GPU and CPU); 'auto' = on with CUDA and dp > 1, off on CPU."""
     mode = spec.train.distributed_optimizer
-    if not torch.cuda.is_available():
-        return False
     if mode == "auto":
-        return layout.dp > 1
+        return torch.cuda.is_available() and layout.dp > 1
     return mode == "on"
 
 
