@@ -141,7 +141,9 @@ def stored_tensors(iter_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def has_optimizer_state(iter_dir: Path) -> bool:
-    return any(k.startswith("optimizer.") for k in stored_tensors(iter_dir))
+    from dsv4cli.ckpt.keys import is_optimizer_key
+
+    return any(is_optimizer_key(k) for k in stored_tensors(iter_dir))
 
 
 def model_tensor_shapes(sharded_sd: dict) -> dict[str, tuple[int, ...]]:
@@ -159,7 +161,9 @@ def model_tensor_shapes(sharded_sd: dict) -> dict[str, tuple[int, ...]]:
 
 def tensor_mismatches(iter_dir: Path, expected: dict[str, tuple[int, ...]]) -> list[str]:
     """Compare the model's tensors with the checkpoint's; -> problem lines (empty = matches)."""
-    stored = {k: v for k, v in stored_tensors(iter_dir).items() if not k.startswith("optimizer.")}
+    from dsv4cli.ckpt.keys import is_optimizer_key
+
+    stored = {k: v for k, v in stored_tensors(iter_dir).items() if not is_optimizer_key(k)}
     problems = []
     for k in sorted(set(expected) - set(stored)):
         problems.append(f"missing: {k} {list(expected[k])}")
