@@ -10,8 +10,9 @@ temporary file + os.replace. A save killed midway leaves only a `.tmp_*` directo
 next save removes; `latest` never names an incomplete directory.
 
 Stored: model (unwrapped module's sharded_state_dict), optimizer (per-parameter keys
-`optimizer.state.exp_avg.<param key>` of megatron's non-distributed optimizer), scheduler,
-data position, tokens seen and per-rank RNG state.
+`[chained_{i}.]optimizer.state.exp_avg.<param key>` of megatron's non-distributed optimizer;
+resumed through train/optimizer_resume.py), scheduler, data position, tokens seen and per-rank
+RNG state.
 """
 
 from __future__ import annotations
@@ -404,8 +405,13 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
     with_opt = load_optimizer and optimizer is not None and has_optimizer_state(iter_dir)
     if optimizer is not None and load_optimizer and not with_opt:
         notes.append("checkpoint has no optimizer state: starting with a fresh optimizer")
+    if optimizer is not None and not load_optimizer:
+        notes.append("checkpoint.load_optimizer = false: starting with a fresh optimizer")
     if with_opt:
-        state["optimizer"] = optimizer.sharded_state_dict(dict(model_sd), is_loading=True)
+        from dsv4cli.train.optimizer_resume import optimizer_request
+
+        opt_request = optimizer_request(optimizer, model_sd, iter_dir, meta.get("parallel"), layout)
+        state[opt_request.key] = opt_request.sharded
     same_layout = meta.get("parallel") == layout
     if same_layout:
         import torch.distributed as dist
@@ -419,7 +425,7 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
         key = "model" if len(chunks) == 1 else f"model{i}"
         c.load_state_dict(loaded[key])
     if with_opt:
-        optimizer.load_state_dict(loaded["optimizer"])
+        opt_request.load_into(optimizer, loaded)
     common = dist_checkpointing.load_common_state_dict(str(iter_dir))
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])

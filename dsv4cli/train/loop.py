@@ -85,7 +85,8 @@ def train(spec, log=print) -> int:
         problems = ck.tensor_mismatches(resume_dir, _expected_shapes(rt.chunks))
         if problems:
             raise ck.CheckpointError(f"{resume_dir}: tensors do not match the spec: " + "; ".join(problems))
-        progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout)
+        progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout,
+                                             load_optimizer=spec.checkpoint.load_optimizer)
         for n in notes:
             say(f"note: {n}")
         say(f"resumed from {resume_dir} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
