@@ -165,7 +165,7 @@ def _render_report(r: dict) -> None:
     for g in r["tree"]:
         table.add_row(f"{g['group']}/", f"{g['tensors']}", "", "", _human(g["bytes"]), "")
         if is_optimizer_key(g["group"]) and not r["filter"]:
-            continue  # one line per optimizer state; --filter 'optimizer.*' lists them
+            continue  # one line per optimizer state; --filter '*optimizer.*' lists them
         for row in g["rows"]:
             cells = [f"  {row['name']}", f"{row['count']}", str(row["shape"]), row["dtype"], _human(row["bytes"]), str(row["shards"])]
             if r["stats"]:

@@ -425,7 +425,7 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
         key = "model" if len(chunks) == 1 else f"model{i}"
         c.load_state_dict(loaded[key])
     if with_opt:
-        opt_request.load_into(optimizer, loaded)
+        opt_request.load_into(optimizer, loaded, iter_dir)
     common = dist_checkpointing.load_common_state_dict(str(iter_dir))
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])

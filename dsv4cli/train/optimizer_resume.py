@@ -135,15 +135,22 @@ class OptimizerRequest:
     local: Optional[dict] = None  # this run's non-tensor state (regrouped loads only)
     step: object = None
 
-    def load_into(self, optimizer, loaded: dict) -> None:
+    def load_into(self, optimizer, loaded: dict, iter_dir: Path) -> None:
+        """Apply the loaded state; a structure megatron cannot apply is bad input (CheckpointError)."""
         from megatron.core.dist_checkpointing.dict_utils import merge
 
+        from dsv4cli.train.checkpointing import CheckpointError
+
         state = loaded[self.key]
-        if self.local is not None:
-            state = merge(self.local, state)
-            if self.step is not None:
-                _set_step(state, self.step)
-        optimizer.load_state_dict(state)
+        try:
+            if self.local is not None:
+                state = merge(self.local, state)
+                if self.step is not None:
+                    _set_step(state, self.step)
+            optimizer.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{iter_dir}: its optimizer state does not fit this run's optimizer "
+                                  f"({type(e).__name__}: {e}); {FRESH_OPTIMIZER_HINT}") from None
 
 
 def optimizer_request(optimizer, model_sd: dict, iter_dir: Path, saved_layout, layout: dict,
