@@ -20,7 +20,7 @@ from typing import Optional
 
 FRESH_OPTIMIZER_HINT = (
     "resume with a fresh optimizer (weights, step, learning-rate schedule and data position are kept): "
-    "add --set checkpoint.load_optimizer=false, or resume under the layout it was saved with"
+    "--set checkpoint.load_optimizer=false (or load_optimizer = false under [checkpoint] in the spec)"
 )
 _SHOWN = 3
 
@@ -191,12 +191,12 @@ def optimizer_sharded_state(optimizer, model_sd: dict, iter_dir: Path, saved_lay
     dist.all_gather_object(gathered, lines)
     lines = sorted({x for g in gathered for x in g})
     if lines:
-        where = f"saved under {_layout_text(saved_layout)}, resumed under {_layout_text(layout)}" \
-            if saved_layout and saved_layout != layout else "same layout"
+        moved = bool(saved_layout) and saved_layout != layout
+        where = f" (saved under {_layout_text(saved_layout)}, resumed under {_layout_text(layout)})" if moved else ""
         shown = "; ".join(lines[:_SHOWN]) + (f"; ... ({len(lines) - _SHOWN} more)" if len(lines) > _SHOWN else "")
         raise CheckpointError(
-            f"{iter_dir}: its optimizer state does not fit this run's optimizer ({where}; "
-            f"{len(lines)} problems: {shown}); {FRESH_OPTIMIZER_HINT}"
+            f"{iter_dir}: its optimizer state does not fit this run's optimizer{where}: {len(lines)} problems "
+            f"({shown}); {FRESH_OPTIMIZER_HINT}" + (", or resume under the layout it was saved with" if moved else "")
         )
     return sd
 
