@@ -10,6 +10,7 @@
     stats        per-tensor statistics, one tensor at a time
     diff         diff_checkpoints(a, b): `dsv4 inspect diff`
     convert      convert_checkpoint(src, dst, ...): `dsv4 convert-ckpt` (average -> learned contraction)
+    optimizer_state  how optimizer state is stored; the entries convert adds for new parameters
     verify       the checks behind `convert-ckpt --verify`
     tensors      TensorReader: load one stored tensor at a time
     synthetic    write a checkpoint in the stored layout from a spec's inventory (tests, examples)

@@ -25,13 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from dsv4cli.ckpt.errors import CheckpointError
-from dsv4cli.ckpt.keys import (
-    contraction_blocks,
-    hc_head_keys,
-    infer_stream_layout,
-    mapping_proj_keys,
-    split_optimizer_key,
-)
+from dsv4cli.ckpt.keys import contraction_blocks, hc_head_keys, infer_stream_layout, is_optimizer_key
 from dsv4cli.ckpt.layout import (
     COMMON_STATE,
     DCP_METADATA,
@@ -42,12 +36,11 @@ from dsv4cli.ckpt.layout import (
     resolve_checkpoint,
 )
 from dsv4cli.ckpt.metadata import CheckpointInfo, check_common_state, read_checkpoint_info
+from dsv4cli.ckpt.optimizer_state import OptimizerLayout, new_optimizer_entries, optimizer_layout
 
 NEW_DATA_FILE = "__dsv4_hc_head.distcp"
 DEFAULT_EPS = 1e-6
 _COPY_CHUNK = 16 << 20
-# Optimizer states that hold the parameter itself (main fp32 copy) rather than a moment.
-_PARAM_COPY_STATES = ("fp32_param", "param")
 
 
 def contraction_base(n: int, eps: float) -> float:
@@ -117,8 +110,15 @@ class _Plan:
     stream_source: str
     eps_source: str
     missing_blocks: list[str]
-    optimizer_mode: str  # "none" | "per-parameter" | "dropped"
-    optimizer_states: dict[str, str]  # state name -> dtype of the reference entry
+    optimizer: OptimizerLayout
+
+    @property
+    def optimizer_mode(self) -> str:  # "none" | "per-parameter" | "dropped" | "unchanged"
+        return self.optimizer.mode
+
+    @property
+    def optimizer_states(self) -> dict[str, str]:  # state name -> dtype of the reference entry
+        return self.optimizer.states
 
 
 def plan_conversion(
@@ -175,8 +175,8 @@ def plan_conversion(
         else:
             _check_head_shapes(block, shapes, layout.streams, layout.hidden)
 
-    mode, states = _optimizer_layout(info, drop_optimizer) if missing else ("unchanged", {})
-    return _Plan(info, spec, layout.streams, layout.hidden, eps_val, n_src, eps_src, missing, mode, states)
+    opt = optimizer_layout(info, missing, drop_optimizer) if missing else OptimizerLayout("unchanged")
+    return _Plan(info, spec, layout.streams, layout.hidden, eps_val, n_src, eps_src, missing, opt)
 
 
 def _check_head_shapes(block: str, shapes: dict, n: int, h: int) -> None:
@@ -184,50 +184,6 @@ def _check_head_shapes(block: str, shapes: dict, n: int, h: int) -> None:
     for name, shape in want.items():
         if tuple(shapes[block + name]) != shape:
             raise CheckpointError(f"{block}{name}: stored shape {list(shapes[block + name])}, expected {list(shape)}")
-
-
-def _optimizer_layout(info: CheckpointInfo, drop: bool) -> tuple[str, dict[str, str]]:
-    """How optimizer state is stored: 'none', 'per-parameter' (with its state names) or 'dropped'."""
-    opt_tensors = info.optimizer_tensors()
-    opt_objects = [o for o in info.objects if o.startswith("optimizer.")]
-    if not opt_tensors and not opt_objects:
-        return "none", {}
-    if drop:
-        return "dropped", {}
-    model = info.model_tensors()
-    not_per_param = list(opt_objects)
-    for name in opt_tensors:
-        parts = split_optimizer_key(name)
-        if parts is None or parts[1] not in model:
-            not_per_param.append(name)
-    flattened = [n for n, e in opt_tensors.items()
-                 if (parts := split_optimizer_key(n)) and parts[1] in model and e.shape != model[parts[1]].shape]
-    if flattened and not not_per_param:
-        # The distributed optimizer's model-space format stores [.., numel] views with flattened ranges;
-        # writing new entries in that layout is not verified, so stop rather than risk an unloadable file.
-        raise CheckpointError(
-            f"optimizer state is stored flattened (distributed optimizer, e.g. {flattened[0]} "
-            f"{list(opt_tensors[flattened[0]].shape)}); adding entries in that layout is not supported; "
-            "pass --drop-optimizer to write a model-only checkpoint"
-        )
-    if not_per_param:
-        raise CheckpointError(
-            f"optimizer state is not stored per parameter (e.g. {not_per_param[0]}), so zero moments for the "
-            "new contraction parameters cannot be added; pass --drop-optimizer to write a model-only checkpoint"
-        )
-    # Reference: an fp32 mHC parameter (like the new ones); its optimizer entries say which states to add.
-    refs = mapping_proj_keys(model)
-    states: dict[str, str] = {}
-    for name, entry in opt_tensors.items():
-        state, param = split_optimizer_key(name)
-        if param in refs:
-            states[state] = entry.dtype
-    if not states:
-        raise CheckpointError(
-            "optimizer state is stored per parameter but has no entry for the mHC parameters; "
-            "pass --drop-optimizer to write a model-only checkpoint"
-        )
-    return "per-parameter", states
 
 
 def new_tensors(plan: _Plan) -> dict:
@@ -243,10 +199,7 @@ def new_tensors(plan: _Plan) -> dict:
         params[block + "hc_head_base"] = torch.full((n,), base, dtype=torch.float64).to(torch.float32)
         params[block + "hc_head_scale"] = torch.ones(1, dtype=torch.float32)
     out.update(params)
-    for state, dtype in sorted(plan.optimizer_states.items()):
-        for name, p in params.items():
-            t = p.clone() if state in _PARAM_COPY_STATES else torch.zeros_like(p)
-            out[f"optimizer.state.{state}.{name}"] = t.to(getattr(torch, dtype))
+    out.update(new_optimizer_entries(plan.optimizer, params))
     return out
 
 
@@ -381,7 +334,7 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
     hook = fail_hook or (lambda stage: None)
     added = new_tensors(plan)
     drop = plan.optimizer_mode == "dropped"
-    keep = (lambda k: not k.startswith("optimizer.")) if drop else (lambda k: True)
+    keep = (lambda k: not is_optimizer_key(k)) if drop else (lambda k: True)
 
     dst.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: DST itself appears only at the end
     shutil.rmtree(tmp, ignore_errors=True)
@@ -434,7 +387,7 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
         with open(out / (DCP_METADATA + ".tmp"), "wb") as f:
             pickle.dump(merged, f)
         os.replace(out / (DCP_METADATA + ".tmp"), out / DCP_METADATA)
-        model_added = [k for k in added if not k.startswith("optimizer.")]
+        model_added = [k for k in added if not is_optimizer_key(k)]
         spec_written = False
         if plan.spec is not None:
             (out / SPEC_FILE).write_text(_updated_spec_text(plan.spec, plan.eps))

@@ -2,8 +2,19 @@
 
 Megatron stores homogeneous decoder layers stacked (`decoder.layers.<rest>` with a leading layer
 dim); heterogeneous ones per layer (`decoder.layers.{i}.<rest>`). MTP depths are always per
-depth (`mtp.layers.{k}.`). Per-parameter optimizer state (Megatron's non-distributed and
-model-space distributed optimizers) is stored as `optimizer.state.<state>.<parameter key>`.
+depth (`mtp.layers.{k}.`).
+
+Optimizer state, as megatron-core 0.16 writes it (every form below may carry a `chained_{i}.`
+prefix: the ChainedOptimizer of MoE models, dense + expert groups, adds it unless told
+`chained_optim_avoid_prefix`):
+- per parameter, `optimizer.state.<state>.<parameter key>`: the non-distributed optimizer
+  (exp_avg, exp_avg_sq, fp32_param with bf16) and the distributed optimizer's
+  `fully_reshardable` (+ `param`) and `fully_sharded_model_space` (+ `fp32_param`; stored as
+  flattened ranges of the parameter) formats;
+- per data-parallel group, `optimizer.distributed.dp_group_idx_<g>.<...>`: the distributed
+  optimizer's bucket-space formats (`dp_reshardable`: `gbuf_idx_*.dtype_*.bucket_idx_*.<state>`
+  tensors + `per_bucket_numel*` objects; `dp_zero_gather_scatter`: one `param_state` object)
+  and the non-reshardable formats' param groups.
 """
 
 from __future__ import annotations
@@ -21,15 +32,37 @@ MAPPING_PROJ_SUFFIX = "_hyper_connection.mapping_proj.weight"
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OPTIMIZER_STATE_PREFIX = "optimizer.state."
 _MTP_RE = re.compile(r"^mtp\.layers\.(\d+)\.")
-_OPT_RE = re.compile(r"^optimizer\.state\.([^.]+)\.(.+)$")
-# Megatron's ChainedOptimizer (MoE with expert parallelism: dense + expert groups) prefixes the
-# sharded keys of its i-th inner optimizer with `chained_{i}.`.
-_OPT_OWNER_RE = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
+_CHAINED = r"(?:chained_\d+\.)?"
+_OPT_RE = re.compile(rf"^({_CHAINED})optimizer\.state\.([^.]+)\.(.+)$")
+_OPT_OWNER_RE = re.compile(rf"^{_CHAINED}optimizer\.")
 
 
 def is_optimizer_key(name: str) -> bool:
-    """Is this stored name optimizer state (plain or chained)? The one definition every tool uses."""
+    """Is this stored name (tensor key or DCP object name) optimizer state, of any format above?
+
+    The one definition every tool uses.
+    """
     return _OPT_OWNER_RE.match(name) is not None
+
+
+@dataclass(frozen=True)
+class OptimizerKey:
+    """A per-parameter optimizer key: `{prefix}optimizer.state.{state}.{param}`."""
+
+    prefix: str  # "" or "chained_{i}."
+    state: str  # exp_avg, exp_avg_sq, fp32_param, param
+    param: str  # the model tensor's key
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}{OPTIMIZER_STATE_PREFIX}{self.state}.{self.param}"
+
+
+def parse_optimizer_key(name: str) -> Optional[OptimizerKey]:
+    """'chained_0.optimizer.state.exp_avg.decoder.hc_head_fn' -> OptimizerKey('chained_0.', 'exp_avg', ...);
+    None for model keys and the distributed optimizer's bucket-space keys."""
+    m = _OPT_RE.match(name)
+    return OptimizerKey(m.group(1), m.group(2), m.group(3)) if m else None
 
 
 def mtp_depths(names: Iterable[str]) -> list[int]:
@@ -48,13 +81,13 @@ def hc_head_keys(block: str) -> list[str]:
 
 
 def mapping_proj_keys(names: Iterable[str]) -> list[str]:
-    return sorted(n for n in names if n.endswith(MAPPING_PROJ_SUFFIX) and not n.startswith("optimizer."))
+    return sorted(n for n in names if n.endswith(MAPPING_PROJ_SUFFIX) and not is_optimizer_key(n))
 
 
 def split_optimizer_key(name: str) -> Optional[tuple[str, str]]:
-    """'optimizer.state.exp_avg.decoder.hc_head_fn' -> ('exp_avg', 'decoder.hc_head_fn'); else None."""
-    m = _OPT_RE.match(name)
-    return (m.group(1), m.group(2)) if m else None
+    """'[chained_0.]optimizer.state.exp_avg.decoder.hc_head_fn' -> ('exp_avg', 'decoder.hc_head_fn'); else None."""
+    k = parse_optimizer_key(name)
+    return (k.state, k.param) if k else None
 
 
 def streams_from_rows(rows: int) -> Optional[int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dsv4cli.ckpt.errors import CheckpointError
+from dsv4cli.ckpt.keys import is_optimizer_key
 from dsv4cli.ckpt.layout import (
     COMMON_STATE,
     DCP_METADATA,
@@ -26,9 +27,6 @@ from dsv4cli.ckpt.layout import (
     CheckpointLocation,
     resolve_checkpoint,
 )
-
-OPTIMIZER_PREFIX = "optimizer."
-
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -46,7 +44,7 @@ class TensorEntry:
 
     @property
     def is_optimizer(self) -> bool:
-        return self.name.startswith(OPTIMIZER_PREFIX)
+        return is_optimizer_key(self.name)
 
 
 @dataclass

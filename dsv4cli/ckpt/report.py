@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from dsv4cli.ckpt.conformance import check_conformance
 from dsv4cli.ckpt.errors import CheckpointError
+from dsv4cli.ckpt.keys import is_optimizer_key
 from dsv4cli.ckpt.layout import SPEC_FILE
 from dsv4cli.ckpt.metadata import CheckpointInfo, TensorEntry, read_checkpoint_info
 
@@ -21,10 +22,11 @@ _FOLDS = [
 
 
 def module_group(name: str) -> str:
-    """The tree node a stored name belongs to: 'decoder.layers', 'mtp.layers.*', 'optimizer.state.exp_avg', ..."""
-    if name.startswith("optimizer."):
-        parts = name.split(".")
-        return ".".join(parts[:3])
+    """The tree node a stored name belongs to: 'decoder.layers', 'mtp.layers.*', 'optimizer.state.exp_avg',
+    'chained_1.optimizer.state.exp_avg', 'optimizer.distributed.dp_group_idx_0', ..."""
+    if is_optimizer_key(name):
+        parts = name.split("/", 1)[0].split(".")
+        return ".".join(parts[:4] if parts[0].startswith("chained_") else parts[:3])
     folded = fold_repeats(name)
     for prefix in ("decoder.layers.*", "decoder.layers", "mtp.layers.*"):
         if folded.startswith(prefix + "."):

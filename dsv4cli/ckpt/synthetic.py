@@ -45,8 +45,13 @@ def stacked_inventory(spec, stack_layers: bool = True) -> dict[str, tuple[int, .
 
 
 def write_synthetic_checkpoint(root: str | Path, spec, iteration: int = 10, optimizer: bool = True,
-                               seed: int = 0, omit: tuple[str, ...] = (), stack_layers: bool = True) -> Path:
-    """root/latest_checkpointed_iteration.txt + root/iter_XXXXXXX (DCP + metadata.json + common.pt + dsv4 files)."""
+                               seed: int = 0, omit: tuple[str, ...] = (), stack_layers: bool = True,
+                               chained: bool = False, states: tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> Path:
+    """root/latest_checkpointed_iteration.txt + root/iter_XXXXXXX (DCP + metadata.json + common.pt + dsv4 files).
+
+    chained: optimizer keys as megatron's ChainedOptimizer stores them (`chained_0.` dense, `chained_1.`
+    routed experts); states: per-parameter states (`fp32_param` holds a copy of the parameter).
+    """
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -60,8 +65,14 @@ def write_synthetic_checkpoint(root: str | Path, spec, iteration: int = 10, opti
         state[name] = torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02
     if optimizer:
         for name, t in list(state.items()):
-            state[f"optimizer.state.exp_avg.{name}"] = torch.randn(t.shape, generator=gen) * 1e-3
-            state[f"optimizer.state.exp_avg_sq.{name}"] = torch.rand(t.shape, generator=gen) * 1e-6
+            prefix = (f"chained_{int('.mlp.experts.' in name)}." if chained else "") + "optimizer.state."
+            for st in states:
+                if st == "fp32_param":
+                    state[f"{prefix}{st}.{name}"] = t.clone()
+                elif st == "exp_avg":
+                    state[f"{prefix}{st}.{name}"] = torch.randn(t.shape, generator=gen) * 1e-3
+                else:
+                    state[f"{prefix}{st}.{name}"] = torch.rand(t.shape, generator=gen) * 1e-6
     root = Path(root)
     iter_dir = root / iter_dir_name(iteration)
     iter_dir.mkdir(parents=True)
@@ -73,8 +84,9 @@ def write_synthetic_checkpoint(root: str | Path, spec, iteration: int = 10, opti
          "common_backend_version": 1}))
     common = {"iteration": iteration}
     if optimizer:
-        common["optimizer"] = {"state": {"common_step": torch.tensor(float(iteration))},
-                               "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}]}
+        one = {"state": {"common_step": torch.tensor(float(iteration))},
+               "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}]}
+        common["optimizer"] = {0: one, 1: one} if chained else one
     torch.save(common, iter_dir / "common.pt")
     (iter_dir / SPEC_FILE).write_text(spec_to_toml(spec))
     (iter_dir / META_FILE).write_text(json.dumps({"format": "torch_dist", "iteration": iteration, "synthetic": True}))

@@ -151,6 +151,7 @@ def inspect_checkpoint_cmd(
 def _render_report(r: dict) -> None:
     from rich.table import Table
 
+    from dsv4cli.ckpt.keys import is_optimizer_key
     from dsv4cli.ckpt.summary import KeyProblem, count_line, ordered
 
     con = _console()
@@ -172,8 +173,8 @@ def _render_report(r: dict) -> None:
     stats = {t["name"]: t.get("stats") for t in r["tensors"]}
     for g in r["tree"]:
         table.add_row(f"{g['group']}/", f"{g['tensors']}", "", "", _human(g["bytes"]), "")
-        if g["group"].startswith("optimizer.") and not r["filter"]:
-            continue  # one line per optimizer state; --filter 'optimizer.*' lists them
+        if is_optimizer_key(g["group"]) and not r["filter"]:
+            continue  # one line per optimizer state; --filter '*optimizer.*' lists them
         for row in g["rows"]:
             cells = [f"  {row['name']}", f"{row['count']}", str(row["shape"]), row["dtype"], _human(row["bytes"]), str(row["shards"])]
             if r["stats"]:

@@ -157,6 +157,12 @@ class CheckpointSpec(_Section):
     interval: int = Field(0, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep_last: int = Field(0, ge=0, description="Keep this many newest checkpoints (0 = all).")
     load: Optional[str] = Field(None, description="Checkpoint to resume from (default: dir's latest).")
+    load_optimizer: bool = Field(
+        True,
+        description="Restore the optimizer state (Adam moments) on resume; false starts a fresh optimizer from "
+        "the saved weights, step, learning-rate schedule and data position (for a checkpoint whose optimizer "
+        "state does not fit the new parallel layout).",
+    )
 
 
 class LaunchSpec(_Section):

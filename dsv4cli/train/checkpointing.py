@@ -10,9 +10,10 @@ temporary file + os.replace. A save killed midway leaves only a `.tmp_*` directo
 next save removes; `latest` never names an incomplete directory.
 
 Stored: model (unwrapped module's sharded_state_dict), optimizer (per-parameter keys
-`optimizer.state.<exp_avg|exp_avg_sq>.<param key>`; the distributed optimizer writes megatron's
-`fully_reshardable` format, the same keys plus `optimizer.state.param.<param key>`, so it
-reshards across TP/PP/DP), scheduler, data position, tokens seen and per-rank RNG state.
+`[chained_{i}.]optimizer.state.<exp_avg|exp_avg_sq>.<param key>`; the distributed optimizer writes
+megatron's `fully_reshardable` format, the same keys plus `optimizer.state.param.<param key>`, so it
+reshards across TP/PP/DP; resumed through train/optimizer_resume.py), scheduler, data position,
+tokens seen and per-rank RNG state.
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def stored_tensors(iter_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def has_optimizer_state(iter_dir: Path) -> bool:
-    return any(k.startswith("optimizer.") for k in stored_tensors(iter_dir))
+    from dsv4cli.ckpt.keys import is_optimizer_key
+
+    return any(is_optimizer_key(k) for k in stored_tensors(iter_dir))
 
 
 def model_tensor_shapes(sharded_sd: dict) -> dict[str, tuple[int, ...]]:
@@ -418,15 +421,21 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
     with_opt = load_optimizer and optimizer is not None and has_optimizer_state(iter_dir)
     if optimizer is not None and load_optimizer and not with_opt:
         notes.append("checkpoint has no optimizer state: starting with a fresh optimizer")
+    if optimizer is not None and not load_optimizer:
+        notes.append("checkpoint.load_optimizer = false: starting with a fresh optimizer")
     common = dist_checkpointing.load_common_state_dict(str(iter_dir))
     across = False
     if with_opt:
         from dsv4cli.train import adam_state
+        from dsv4cli.train.optimizer_resume import optimizer_request
 
         saved = adam_state.saved_sharding(common)
         across = (saved is not None) != adam_state.is_distributed(optimizer)  # distributed optimizer on <-> off
         if not across:
-            state["optimizer"] = adam_state.optimizer_sharded_sd(optimizer, model_sd, True, saved)
+            opt_request = optimizer_request(
+                optimizer, model_sd, iter_dir, meta.get("parallel"), layout,
+                metadata={"distrib_optim_sharding_type": saved or adam_state.DISTOPT_SHARDING})
+            state[opt_request.key] = opt_request.sharded
     same_layout = meta.get("parallel") == layout
     if same_layout:
         import torch.distributed as dist
@@ -440,7 +449,7 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
         key = "model" if len(chunks) == 1 else f"model{i}"
         c.load_state_dict(loaded[key])
     if with_opt and not across:
-        optimizer.load_state_dict(loaded["optimizer"])
+        opt_request.load_into(optimizer, loaded, iter_dir)
     if across:
         adam_state.load_across(iter_dir, _model_sharded_sd(chunks), optimizer, common)  # (load consumed model_sd)
         kind = "distributed" if saved is not None else "plain"

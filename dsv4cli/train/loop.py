@@ -83,7 +83,8 @@ def train(spec, log=print) -> int:
     progress = ck.TrainProgress()
     if resume_dir is not None:
         ck.check_tensors(resume_dir, _expected_shapes(rt.chunks))
-        progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout)
+        progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout,
+                                             load_optimizer=spec.checkpoint.load_optimizer)
         for n in notes:
             say(f"note: {n}")
         say(f"resumed from {resume_dir} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
