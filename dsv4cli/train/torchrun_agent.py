@@ -38,6 +38,9 @@ class _Tee:
     def isatty(self) -> bool:
         return False
 
+    def fileno(self) -> int:  # for faulthandler: crash dumps go to the first stream (the log)
+        return self.streams[0].fileno()
+
 
 def failure_exit_code(first_exitcode: int, exitcodes: Sequence[int]) -> int:
     """Rank exit codes -> the launcher's: 2 only where bad input is the whole story."""
