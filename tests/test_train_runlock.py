@@ -196,3 +196,29 @@ def test_lock_left_by_a_sigkilled_run_is_taken_over(tmp_path):
     assert f"took over the lock of pid {killed.pid}" in r.stderr
     assert [x["step"] for x in metrics(run)][-1] == 2
     assert not (run / LOCK_NAME).exists()
+
+
+def test_only_node_0_of_a_multi_node_run_takes_the_lock(tmp_path, monkeypatch):
+    spec = write_small_spec(tmp_path)
+    run = tmp_path / "run"
+    started = []
+
+    def fake_run_torchrun(argv, log_path=None, **kwargs):
+        started.append((log_path, read_holder(run)))
+        return 0
+
+    monkeypatch.setattr("dsv4cli.train.launch.run_torchrun", fake_run_torchrun)
+    common = ("train", str(spec), "--set", f"checkpoint.dir={run}", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-endpoint", "127.0.0.1:1")
+    r0 = cli(*common, "--node-rank", "0")
+    assert r0.exit_code == 0, r0.output
+    assert started[0][1]["pid"] == os.getpid(), "node 0 held the lock while torchrun ran"
+    assert Path(started[0][0]).name.endswith("-node0.log") and Path(started[0][0]).parent == run / "logs"
+    p = _holder(run)
+    try:
+        r1 = cli(*common, "--node-rank", "1")  # the directory is shared with node 0, which holds it
+        assert r1.exit_code == 0, r1.output
+        assert started[1][1]["pid"] == p.pid and Path(started[1][0]).name.endswith("-node1.log")
+    finally:
+        p.kill()
+        p.wait()

@@ -66,7 +66,8 @@ def train(
     from dsv4cli.train.runlock import RunLocked, check_free
 
     try:
-        check_free(plan.spec.checkpoint.dir)  # a second run into a busy directory: refused at once
+        if plan.spec.launch.node_rank == 0:  # node 0 holds a run's lock (run_plan)
+            check_free(plan.spec.checkpoint.dir)  # a second run into a busy directory: refused at once
     except RunLocked as e:
         _fail([f"error: {e}"])
     problem = preflight_device(plan.spec) or preflight_checkpoint(plan.spec)

@@ -221,11 +221,13 @@ def write_text_atomic(path: str | Path, text: str, mode: int = 0o755) -> None:
     os.replace(tmp, p)
 
 
-def run_log_path(run_dir: str | Path, kind: str = "train") -> Path:
-    """RUN_DIR/logs/KIND-YYYYmmdd-HHMMSS.log: where torchrun's own output of a run is kept."""
+def run_log_path(run_dir: str | Path, kind: str = "train", node_rank: Optional[int] = None) -> Path:
+    """RUN_DIR/logs/KIND-YYYYmmdd-HHMMSS[-nodeR].log: where torchrun's own output of a run is kept
+    (the node suffix for multi-node runs, whose nodes share the directory)."""
     import time
 
-    return Path(run_dir) / "logs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    node = f"-node{node_rank}" if node_rank is not None else ""
+    return Path(run_dir) / "logs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}{node}.log"
 
 
 def _torchrun_args(argv: Sequence[str]) -> list[str]:
@@ -345,7 +347,8 @@ def run_plan(plan: LaunchPlan, *, verbose: bool = False, log=print) -> int:
                 if old is not None:
                     signal.signal(signal.SIGTERM, old)
         log(shlex.join(plan.argv))
-        return run_torchrun(plan.argv, run_log_path(spec.checkpoint.dir), verbose=verbose,
+        node = spec.launch.node_rank if spec.launch.nnodes > 1 else None
+        return run_torchrun(plan.argv, run_log_path(spec.checkpoint.dir, node_rank=node), verbose=verbose,
                             on_start=lock.add_child if lock else None)
     finally:
         if lock:
