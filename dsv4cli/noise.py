@@ -30,15 +30,26 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
 )
 
 
-def verbose_requested() -> bool:
-    """True where the launcher asked for everything (`DSV4_VERBOSE=1` in the environment)."""
+_verbose_here = False  # set by quiet_known_noise: `--verbose` of the command running in this process
+
+
+def _env_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+def verbose_requested() -> bool:
+    """Is `--verbose` in effect: asked for in this process, or by the launcher (DSV4_VERBOSE=1)?
+    (For code that shortens its output, e.g. long key lists, unless verbose.)"""
+    return _verbose_here or _env_verbose()
+
+
 def quiet_known_noise(verbose: bool | None = None) -> None:
-    """Hide the KNOWN_WARNINGS in this process (nothing when `verbose`; None: from the environment)."""
+    """Hide the KNOWN_WARNINGS in this process (nothing when `verbose`; None: from the environment)
+    and record the choice for verbose_requested()."""
+    global _verbose_here
     if verbose is None:
-        verbose = verbose_requested()
+        verbose = _env_verbose()
+    _verbose_here = bool(verbose)
     if verbose:
         return
     for category, pattern in KNOWN_WARNINGS:

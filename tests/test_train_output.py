@@ -36,11 +36,19 @@ def _warn_all(verbose):
     return [str(w.message) for w in seen]
 
 
-def test_known_noise_is_hidden_by_category_and_message_only():
+def test_known_noise_is_hidden_by_category_and_message_only(monkeypatch):
+    from dsv4cli import noise
+
+    monkeypatch.delenv(noise.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(noise, "_verbose_here", False)  # restored afterwards
     shown = _warn_all(False)
     assert shown == ["Please use DTensor instead and we are deprecating ShardedTensor.",
                      "something else is deprecated", "a dsv4 problem"]
+    assert not noise.verbose_requested()
     assert len(_warn_all(True)) == 8, "--verbose hides nothing"
+    assert noise.verbose_requested()
+    monkeypatch.setenv(noise.VERBOSE_ENV, "1")  # what the launcher gives torchrun's ranks
+    assert len(_warn_all(None)) == 8 and noise.verbose_requested()
     assert all(issubclass(c, Warning) for c, _ in KNOWN_WARNINGS)
 
 
