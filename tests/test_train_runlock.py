@@ -222,3 +222,9 @@ def test_only_node_0_of_a_multi_node_run_takes_the_lock(tmp_path, monkeypatch):
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_directory_that_cannot_hold_the_lock_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(RunLocked, match="checkpoint.dir: cannot create"):
+        RunLock(tmp_path / "file" / "run").acquire()

@@ -31,7 +31,7 @@ LOCK_NAME = "dsv4.lock"
 
 
 class RunLocked(Exception):
-    """The run directory is held by another live `dsv4 train` (exit 2)."""
+    """The run directory is held by another live `dsv4 train`, or cannot hold a lock file (exit 2)."""
 
 
 def lock_path(run_dir: str | Path) -> Path:
@@ -132,9 +132,12 @@ class RunLock:
         self._record: dict = {}
 
     def acquire(self) -> "RunLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunLocked(f"checkpoint.dir: cannot create {self.path}: {e.strerror or e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
