@@ -100,7 +100,7 @@ def test_record_of_a_live_process_is_obeyed_even_without_flock(tmp_path):
         assert holder_alive({**dead, "children": [[sleeper.pid, started]]})
         assert not holder_alive({**dead, "children": [[sleeper.pid, started - 100]]}), "a reused pid is not the holder"
         (tmp_path / LOCK_NAME).write_text(json.dumps({**dead, "children": [[sleeper.pid, started]]}))
-        with pytest.raises(RunLocked, match=f"pid {dead['pid']}"):
+        with pytest.raises(RunLocked, match=f"pid {dead['pid']} .*whose torchrun \\(pid {sleeper.pid}\\) is still running"):
             RunLock(tmp_path).acquire()
     finally:
         sleeper.kill()

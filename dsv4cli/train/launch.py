@@ -312,7 +312,7 @@ def run_torchrun(argv: Sequence[str], log_path: str | Path | None = None, *, ver
     if code == 0 and temporary:
         log_path.unlink(missing_ok=True)
     elif code != 0:
-        print(f"torchrun's own output: {log_path}", file=sys.stderr, flush=True)
+        print(f"torchrun's log (its traceback and error report): {log_path}", file=sys.stderr, flush=True)
     return code
 
 

@@ -82,7 +82,12 @@ def holder_alive(holder: dict) -> bool:
 def describe(holder: Optional[dict]) -> str:
     if not holder:
         return "another process (its lock file is being written or unreadable)"
-    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+    text = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid", -1), holder.get("started")):
+        orphans = [str(pid) for pid, started in holder.get("children", []) if _alive(pid, started)]
+        if orphans:
+            text += f", whose torchrun (pid {', '.join(orphans)}) is still running"
+    return text
 
 
 def _refusal(run_dir: Path, holder: Optional[dict]) -> str:
