@@ -6,8 +6,9 @@ print, progress bar included. torchrun's own
 Python-level output (its log lines, the OMP_NUM_THREADS banner, the ChildFailedError traceback and
 the elastic error block) goes to LOG instead; with DSV4_VERBOSE=1 it stays on stderr too.
 
-Exit code: 0 success; 2 when the first rank to fail exited 2 (bad input, the rank printed why) and
-no rank exited 1; 1 otherwise, with one `error:` line on stderr saying which rank failed and how.
+Exit code: 0 success; 2 when the first rank to fail exited 2 (bad input, the rank said why) and
+no rank exited 1; 1 otherwise, with one `error:` line on stderr saying which rank failed and how
+where no rank wrote an `error:` line of its own.
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ def describe_failure(rank: int, failure) -> str:
     return f"rank {rank} (pid {failure.pid}) exited with code {failure.exitcode}"
 
 
+def _ranks_reported() -> bool:
+    """Did a rank write its own `error:` line (which the launcher prints) into DSV4_ERROR_DIR?"""
+    import os
+    from pathlib import Path
+
+    from dsv4cli.train.entry import ERROR_DIR_ENV
+
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    return bool(error_dir) and any(f.stat().st_size for f in Path(error_dir).glob("rank*.txt"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     log_path, torchrun_args = argv[0], argv[1:]
@@ -72,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
             first_rank, first = e.get_first_failure()
             code = failure_exit_code(first.exitcode, [f.exitcode for f in e.failures.values()])
-            if code != 2:
+            if code != 2 and not _ranks_reported():
                 print(f"error: torchrun: {describe_failure(first_rank, first)}", file=user_err, flush=True)
             return code
         except Exception as e:  # rendezvous, port in use, ...: torchrun itself failed
