@@ -28,7 +28,7 @@ def _write_spec(tmp_path: Path, **overrides) -> tuple[Path, object]:
 def no_torchrun(monkeypatch):
     started = []
 
-    def fake_run_torchrun(argv):
+    def fake_run_torchrun(argv, *args, **kwargs):
         started.append(list(argv))
         return 0
 

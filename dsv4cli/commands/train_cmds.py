@@ -10,6 +10,7 @@ import typer
 from dsv4cli.commands.app import app, inspect_app  # noqa: F401
 
 _SET_HELP = "Override one spec key, e.g. --set train.steps=50 (repeatable; the last one wins)."
+_VERBOSE_HELP = "Also show known library warnings and torchrun's own output (hidden by default)."
 
 
 def _fail(lines, code: int = 2) -> None:
@@ -42,6 +43,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the torchrun command; run nothing."),
     slurm: Optional[str] = typer.Option(None, "--slurm", metavar="FILE", help="Write an sbatch script running the same torchrun command on every node."),
     force: bool = typer.Option(False, "--force", help="Start even if the memory estimate exceeds the device memory."),
+    verbose: bool = typer.Option(False, "--verbose", help=_VERBOSE_HELP),
 ) -> None:
     """Train a model from SPEC: validate, check memory, then run (in-process for 1 process, else torchrun)."""
     from dsv4cli.spec.launch_cmd import shell_join
@@ -60,8 +62,14 @@ def train(
         write_text_atomic(slurm, slurm_script(plan))
         typer.echo(f"wrote {slurm}: sbatch {slurm}")
         raise typer.Exit(0)
-    from dsv4cli.train.launch import preflight_checkpoint, preflight_device, preflight_memory, run_torchrun
+    from dsv4cli.train.launch import preflight_checkpoint, preflight_device, preflight_memory, run_plan
+    from dsv4cli.train.runlock import RunLocked, check_free
 
+    try:
+        if plan.spec.launch.node_rank == 0:  # node 0 holds a run's lock (run_plan)
+            check_free(plan.spec.checkpoint.dir)  # a second run into a busy directory: refused at once
+    except RunLocked as e:
+        _fail([f"error: {e}"])
     problem = preflight_device(plan.spec) or preflight_checkpoint(plan.spec)
     if problem:
         _fail([f"error: {problem}"])
@@ -70,12 +78,11 @@ def train(
         _fail([f"error: the run does not fit: {message} (--force to try anyway)"])
     if not fits:
         typer.echo(f"warning: {message}; starting anyway (--force)", err=True)
-    if plan.in_process:
-        from dsv4cli.train.entry import run
-
-        raise typer.Exit(run(spec, plan.overrides))
-    typer.echo(shell_join(plan.argv), err=True)
-    raise typer.Exit(run_torchrun(plan.argv))
+    try:
+        code = run_plan(plan, verbose=verbose, log=lambda line: typer.echo(line, err=True))
+    except RunLocked as e:
+        _fail([f"error: {e}"])
+    raise typer.Exit(code)
 
 
 @app.command("eval")
@@ -86,6 +93,7 @@ def eval_(
     batches: Optional[int] = typer.Option(None, "--batches", min=1, help="Held-out global batches (default train.eval_batches)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"loss", "mtp_losses", "tokens"}.'),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Overrides launch.nproc_per_node."),
+    verbose: bool = typer.Option(False, "--verbose", help=_VERBOSE_HELP),
 ) -> None:
     """Held-out loss of a checkpoint under SPEC's model (weights only; any parallel layout)."""
     extra = ["--eval", "--load", load] + (["--batches", str(batches)] if batches else []) + (["--json"] if as_json else [])
@@ -93,10 +101,11 @@ def eval_(
     if plan.in_process:
         from dsv4cli.train.entry import run
 
-        raise typer.Exit(run(spec, plan.overrides, mode="eval", load=load, batches=batches, as_json=as_json))
+        raise typer.Exit(run(spec, plan.overrides, mode="eval", load=load, batches=batches, as_json=as_json,
+                             verbose=verbose))
     from dsv4cli.train.launch import run_torchrun
 
-    raise typer.Exit(run_torchrun(plan.argv))
+    raise typer.Exit(run_torchrun(plan.argv, verbose=verbose))
 
 
 @app.command("prepare-data")
@@ -106,11 +115,14 @@ def prepare_data(
     tokenizer: str = typer.Option("byte", "--tokenizer", metavar="byte|PATH", help="'byte' or a tokenizer.json."),
     key: str = typer.Option("text", "--key", help="JSON field holding the text."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
 ) -> None:
     """Build a Megatron indexed dataset (.bin/.idx) from JSON lines (for data.source = 'indexed')."""
+    from dsv4cli.noise import quiet_known_noise
     from dsv4cli.train.data import DataError
     from dsv4cli.train.data import prepare_data as build
 
+    quiet_known_noise(verbose)
     try:
         info = build(input_jsonl, out_prefix, tokenizer=tokenizer, key=key)
     except DataError as e:

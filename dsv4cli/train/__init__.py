@@ -2,6 +2,8 @@
 
     launch.py         validate, memory preflight, torchrun argv / sbatch script, in-process or torchrun
     entry.py          per-rank entry point (`python -m dsv4cli.train.entry`), exit codes
+    torchrun_agent.py torchrun with its own output in the run's log; ranks' exit codes -> 0/1/2
+    runlock.py        one `dsv4 train` per run directory (checkpoint.dir/dsv4.lock)
     runtime.py        megatron parallel state, model chunks, DDP, optimizer, scheduler, schedules
     loop.py           the training loop: steps, held-out loss, checkpoints, exit_interval, signals
     data.py           builtin stdlib corpus, byte/HF tokenizers, indexed/mock datasets, prepare-data
@@ -11,5 +13,5 @@
     eval.py           held-out loss of a checkpoint
     plot.py           loss curves of run directories
 
-Only launch/checkpointing/metrics/plot/data import without torch; the rest import megatron.
+Only launch/runlock/checkpointing/metrics/plot/data import without torch; the rest import megatron.
 """

@@ -244,23 +244,101 @@ class MegatronSource:
         )
 
 
+def _indexed_blend(spec) -> Optional[tuple[list[str], Optional[list[float]]]]:
+    """(paths, weights) of data.source = 'indexed' after checking the files exist; None for mock data."""
+    d = spec.data
+    if d.source != "indexed":
+        return None
+    if not d.paths:
+        raise DataError("data.paths: source = 'indexed' needs at least one dataset prefix")
+    for p in d.paths:
+        for ext in (".bin", ".idx"):
+            if not Path(p + ext).is_file():
+                raise DataError(f"data.paths: {p + ext} does not exist")
+    if d.weights and len(d.weights) != len(d.paths):
+        raise DataError(f"data.weights: {len(d.weights)} weights for {len(d.paths)} paths")
+    return list(d.paths), list(d.weights) if d.weights else None
+
+
+def _valid_percent(valid_fraction: float) -> int:
+    """megatron splits documents by whole percents: the held-out share of data.valid_fraction."""
+    return max(1, round(valid_fraction * 100))
+
+
+def split_document_ranges(num_documents: int, valid_percent: int) -> tuple[range, range]:
+    """Document index ranges (train, valid) megatron's GPTDataset gives a data set of
+    `num_documents` under the split "100-p,p,0" (its own split matrix and rounding)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(f"{100 - valid_percent},{valid_percent},0"))
+    out = []
+    for bookends in matrix[:2]:
+        if bookends is None:
+            out.append(range(0))
+        else:
+            out.append(range(int(round(bookends[0] * num_documents)), int(round(bookends[1] * num_documents))))
+    return out[0], out[1]
+
+
+def check_splits(spec, num_train: int, num_valid: int) -> None:
+    """Every indexed data set must give each split that samples are drawn from at least one
+    non-empty document (megatron's GPTDataset loops forever on an empty one). Raises DataError
+    naming data.valid_fraction, the path and the document counts."""
+    blend = _indexed_blend(spec)
+    if blend is None:
+        return
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    pct = _valid_percent(spec.data.valid_fraction)
+    for path in blend[0]:
+        try:
+            index = IndexedDataset(path, mmap=True)
+            lengths = np.array(index.sequence_lengths, dtype=np.int64)  # a copy: the mmap closes with `index`
+            del index
+        except Exception as e:  # a damaged .idx: say which file, not where megatron tripped
+            raise DataError(f"data.paths: cannot read {path}.idx ({type(e).__name__}: {e})") from None
+        n = len(lengths)
+        train, valid = split_document_ranges(n, pct)
+        for name, docs, wanted in (("training", train, num_train), ("validation", valid, num_valid)):
+            if wanted > 0 and int(lengths[docs.start:docs.stop].sum()) == 0:
+                fix = _split_fix(n)
+                raise DataError(
+                    f"data.valid_fraction: {spec.data.valid_fraction} leaves the {name} split of {path} with "
+                    f"{len(docs)} of {n} documents (train {len(train)}, validation {len(valid)}; "
+                    f"{wanted} samples requested); {fix}")
+
+
+def _split_fix(num_documents: int) -> str:
+    """What to change so both splits of a data set of `num_documents` get a document."""
+    ok = [pct for pct in range(1, 100) if all(len(r) for r in split_document_ranges(num_documents, pct))]
+    if not ok:
+        return "a data set needs at least 2 documents (one per split); prepare a larger one"
+    return f"use a data.valid_fraction between {ok[0] / 100:g} and {ok[-1] / 100:g}, or a larger data set"
+
+
+def check_data(spec) -> None:
+    """The data settings a run will use, checked without building a dataset (cheap; no process
+    group): tokenizer against the model, data files present, no empty split. Raises DataError."""
+    make_tokenizer(spec.data.tokenizer, spec.model.vocab_size)
+    check_splits(spec, *_sample_counts(spec))
+
+
+def _sample_counts(spec) -> tuple[int, int]:
+    """(training samples, held-out samples) a run draws from the data sets."""
+    t = spec.train
+    return t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size
+
+
 def _megatron_datasets(spec, tokenizer, num_train: int, num_valid: int):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    d = spec.data
-    blend = None
-    if d.source == "indexed":
-        if not d.paths:
-            raise DataError("data.paths: source = 'indexed' needs at least one dataset prefix")
-        for p in d.paths:
-            for ext in (".bin", ".idx"):
-                if not Path(p + ext).is_file():
-                    raise DataError(f"data.paths: {p + ext} does not exist")
-        if d.weights and len(d.weights) != len(d.paths):
-            raise DataError(f"data.weights: {len(d.weights)} weights for {len(d.paths)} paths")
-        blend = (list(d.paths), list(d.weights) if d.weights else None)
-    valid_pct = max(1, round(d.valid_fraction * 100))
+    blend = _indexed_blend(spec)
+    check_splits(spec, num_train, num_valid)
+    valid_pct = _valid_percent(spec.data.valid_fraction)
     config = GPTDatasetConfig(
         random_seed=spec.train.seed,
         sequence_length=spec.model.seq_length,
@@ -290,13 +368,10 @@ class DataSources:
 def build_sources(spec) -> DataSources:
     """Train and held-out SampleSources for a spec (sizes from train.steps and eval settings)."""
     tok = make_tokenizer(spec.data.tokenizer, spec.model.vocab_size)
-    t = spec.train
-    num_valid = t.eval_batches * t.global_batch_size
     if spec.data.source == "builtin":
-        args = (tok, spec.model.seq_length, spec.data.valid_fraction, t.seed)
+        args = (tok, spec.model.seq_length, spec.data.valid_fraction, spec.train.seed)
         return DataSources(BuiltinCorpus("train", *args), BuiltinCorpus("valid", *args), tok)
-    num_train = t.steps * t.global_batch_size
-    train, valid = _megatron_datasets(spec, tok, num_train, num_valid)
+    train, valid = _megatron_datasets(spec, tok, *_sample_counts(spec))
     return DataSources(train, valid, tok)
 
 

@@ -2,7 +2,9 @@
 
 torchrun runs this module in every rank; a one-process `dsv4 train` calls `run()` in-process.
 Bad input (spec, data, checkpoint) -> exit 2 with one line on stderr (rank 0 only);
-runtime failure -> exit 1.
+runtime failure -> exit 1. Under `dsv4 train`/`dsv4 eval` (DSV4_ERROR_DIR set) every rank writes its
+`error:` lines to DSV4_ERROR_DIR/rank{R}.txt instead and the launcher prints them once.
+Known library warnings are hidden (dsv4cli.noise) unless DSV4_VERBOSE=1 or `verbose`.
 """
 
 from __future__ import annotations
@@ -14,37 +16,39 @@ import sys
 from typing import Optional, Sequence
 
 
+ERROR_DIR_ENV = "DSV4_ERROR_DIR"
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
 def _err(message: str) -> None:
-    if _rank() == 0:
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir:
+        with open(os.path.join(error_dir, f"rank{_rank()}.txt"), "a", encoding="utf-8") as f:
+            f.write(f"error: {message}\n")
+    elif _rank() == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def _quiet_known_warnings() -> None:
-    """megatron-core's import-time notices about optional CUDA libraries say nothing actionable here."""
-    import warnings
-
-    for pattern in (r"\s*(Transformer Engine and )?Apex (is|are) not installed", r"full scope is deprecated"):
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
-
-
 def run(spec_path: str, overrides: Sequence[str] = (), *, mode: str = "train", load: Optional[str] = None,
-        batches: Optional[int] = None, as_json: bool = False, out=None) -> int:
-    """Train or evaluate in this process; -> exit code. `out` collects the eval result (dict)."""
+        batches: Optional[int] = None, as_json: bool = False, out=None, verbose: Optional[bool] = None) -> int:
+    """Train or evaluate in this process; -> exit code. `out` collects the eval result (dict).
+    `verbose`: show known library warnings (None: from DSV4_VERBOSE)."""
+    from dsv4cli.noise import quiet_known_noise
     from dsv4cli.spec.load import load_spec
     from dsv4cli.spec.problems import SpecError
     from dsv4cli.train.checkpointing import CheckpointError
-    from dsv4cli.train.data import DataError
+    from dsv4cli.train.data import DataError, check_data
+
+    quiet_known_noise(verbose)
     from dsv4cli.train.loop import TrainingStopped, train
 
-    _quiet_known_warnings()
     code = 0
     try:
         spec = load_spec(spec_path, list(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        check_data(spec)  # before any process group: a bad data set is exit 2 in seconds, on every rank
         if mode == "train":
             code = train(spec)
         else:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 @dataclass
@@ -233,33 +233,136 @@ def write_text_atomic(path: str | Path, text: str, mode: int = 0o755) -> None:
     os.replace(tmp, p)
 
 
-def run_torchrun(argv: Sequence[str]) -> int:
-    """Run torchrun; -> its exit code.
+def run_log_path(run_dir: str | Path, kind: str = "train", node_rank: Optional[int] = None) -> Path:
+    """RUN_DIR/logs/KIND-YYYYmmdd-HHMMSS[-nodeR].log: where torchrun's own output of a run is kept
+    (the node suffix for multi-node runs, whose nodes share the directory)."""
+    import time
+
+    node = f"-node{node_rank}" if node_rank is not None else ""
+    return Path(run_dir) / "logs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}{node}.log"
+
+
+def _torchrun_args(argv: Sequence[str]) -> list[str]:
+    """torchrun argv -> its arguments without the launcher (`torchrun` or `python -m torch.distributed.run`)."""
+    argv = list(argv)
+    if len(argv) > 2 and argv[1:3] == ["-m", "torch.distributed.run"]:
+        return argv[3:]
+    return argv[1:]
+
+
+def _rank_errors(error_dir: Path) -> list[str]:
+    """The `error:` lines of the lowest rank that reported any (the ranks report the same problem)."""
+    for f in sorted(error_dir.glob("rank*.txt"), key=lambda p: int(p.stem[4:] or 0)):
+        lines = [ln for ln in f.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return lines
+    return []
+
+
+def run_torchrun(argv: Sequence[str], log_path: str | Path | None = None, *, verbose: bool = False,
+                 on_start: Optional[Callable[[int], None]] = None) -> int:
+    """Run torchrun; -> 0, 2 (a rank found bad input) or 1 (any other failure).
+
+    torchrun runs through `dsv4cli.train.torchrun_agent`, which keeps torchrun's own output (log
+    lines, tracebacks, the elastic error block) in `log_path` (a temporary file if None, removed
+    after success) and maps the ranks' exit codes. The ranks write to this process's stdout and
+    stderr directly; their `error:` lines go to per-rank files and are printed here once, followed
+    by where the log is. `verbose` shows torchrun's output and the known library warnings too
+    (dsv4cli.noise). `on_start(pid)` is called with torchrun's pid once it runs.
 
     torchrun runs in its own session, so a terminal Ctrl-C reaches only this process. SIGTERM and
     SIGINT are forwarded to the ranks themselves (the agent's children): they save at the next step
     boundary and exit 0, and torchrun then ends cleanly. Signalling the agent instead makes it
     report a failure even though the ranks stopped as asked.
     """
+    import tempfile
+
     import psutil
 
-    proc = subprocess.Popen(list(argv), start_new_session=True)
+    from dsv4cli.noise import VERBOSE_ENV
+    from dsv4cli.train.entry import ERROR_DIR_ENV
 
-    def forward(signum, frame):
-        try:
-            ranks = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.Error:
-            ranks = []
-        targets = ranks or [proc]
-        for p in targets:
+    temporary = log_path is None
+    if temporary:
+        fd, name = tempfile.mkstemp(prefix="dsv4-torchrun-", suffix=".log")
+        os.close(fd)
+        log_path = name
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"# {shlex.join(list(argv))}\n")
+    with tempfile.TemporaryDirectory(prefix="dsv4-errors-") as error_dir:
+        env = dict(os.environ, **{ERROR_DIR_ENV: error_dir})
+        if verbose:
+            env[VERBOSE_ENV] = "1"
+        cmd = [sys.executable, "-m", "dsv4cli.train.torchrun_agent", str(log_path), *_torchrun_args(argv)]
+        proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+        if on_start is not None:
+            on_start(proc.pid)
+
+        def forward(signum, frame):
             try:
-                p.send_signal(signum)
-            except (ProcessLookupError, psutil.Error):
-                pass
+                ranks = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                ranks = []
+            targets = ranks or [proc]
+            for p in targets:
+                try:
+                    p.send_signal(signum)
+                except (ProcessLookupError, psutil.Error):
+                    pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        for line in _rank_errors(Path(error_dir)):
+            print(line if line.startswith("error:") else f"error: {line}", file=sys.stderr, flush=True)
+    code = code if code in (0, 2) else 1
+    if code == 0 and temporary:
+        log_path.unlink(missing_ok=True)
+    elif code != 0:
+        print(f"torchrun's log (its traceback and error report): {log_path}", file=sys.stderr, flush=True)
+    return code
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run_plan(plan: LaunchPlan, *, verbose: bool = False, log=print) -> int:
+    """Run a checked plan while holding its run directory's lock (dsv4cli.train.runlock) -> exit code.
+
+    One process runs in-process; more run under torchrun, whose own output goes to
+    RUN_DIR/logs/train-*.log. Raises RunLocked (exit 2) before writing anything when another
+    run holds the directory. Only node 0 of a multi-node run takes the lock.
+    """
+    from dsv4cli.train.runlock import RunLock
+
+    spec = plan.spec
+    lock = RunLock(spec.checkpoint.dir).acquire() if spec.launch.node_rank == 0 else None
     try:
-        return proc.wait()
+        for note in lock.notes if lock else []:
+            log(f"note: {note}")
+        if plan.in_process:
+            from dsv4cli.train.entry import run
+
+            try:  # until the training loop installs its own handler: SIGTERM ends the run, lock released
+                old = signal.signal(signal.SIGTERM, _raise_exit)
+            except ValueError:  # not the main thread
+                old = None
+            try:
+                return run(plan.spec_path, plan.overrides, verbose=verbose)
+            finally:
+                if old is not None:
+                    signal.signal(signal.SIGTERM, old)
+        log(shlex.join(plan.argv))
+        node = spec.launch.node_rank if spec.launch.nnodes > 1 else None
+        return run_torchrun(plan.argv, run_log_path(spec.checkpoint.dir, node_rank=node), verbose=verbose,
+                            on_start=lock.add_child if lock else None)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        if lock:
+            lock.release()
+
