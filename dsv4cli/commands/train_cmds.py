@@ -19,11 +19,11 @@ def _fail(lines, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _plan(spec: str, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint, extra_args=()):
+def _plan(spec: str, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint, extra_args=(), verbose=False):
     from dsv4cli.train.launch import launch_overrides, plan_launch
 
     overrides = list(set_ or []) + launch_overrides(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
-    plan = plan_launch(spec, overrides, extra_args=extra_args)
+    plan = plan_launch(spec, overrides, extra_args=extra_args, verbose=verbose)
     for w in plan.warnings:
         typer.echo(w, err=True)
     if plan.problems:
@@ -49,7 +49,7 @@ def train(
     from dsv4cli.spec.launch_cmd import shell_join
     from dsv4cli.spec.load import spec_to_toml
 
-    plan = _plan(spec, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    plan = _plan(spec, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint, verbose=verbose)
     if dry_run:
         typer.echo(spec_to_toml(plan.spec).rstrip())
         typer.echo("")
@@ -97,7 +97,7 @@ def eval_(
 ) -> None:
     """Held-out loss of a checkpoint under SPEC's model (weights only; any parallel layout)."""
     extra = ["--eval", "--load", load] + (["--batches", str(batches)] if batches else []) + (["--json"] if as_json else [])
-    plan = _plan(spec, set_, nproc_per_node, None, None, None, extra_args=extra)
+    plan = _plan(spec, set_, nproc_per_node, None, None, None, extra_args=extra, verbose=verbose)
     if plan.in_process:
         from dsv4cli.train.entry import run
 

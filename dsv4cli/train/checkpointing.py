@@ -177,10 +177,16 @@ def tensor_mismatches(iter_dir: Path, expected: dict[str, tuple[int, ...]]) -> l
     return [str(p) for p in tensor_problems(iter_dir, expected)]
 
 
-def check_tensors(iter_dir: Path, expected: dict[str, tuple[int, ...]], verbose: bool = False) -> None:
-    """CheckpointError with a summary (counts, first few, legacy hint) unless the tensors match."""
+def check_tensors(iter_dir: Path, expected: dict[str, tuple[int, ...]], verbose: Optional[bool] = None) -> None:
+    """CheckpointError with a summary (counts, first few, legacy hint) unless the tensors match.
+
+    `verbose` lists every key (None: whether `--verbose` is in effect, dsv4cli.noise)."""
     from dsv4cli.ckpt.layout import resolve_checkpoint as locate
     from dsv4cli.ckpt.summary import legacy_hint, summarize
+    from dsv4cli.noise import verbose_requested
+
+    if verbose is None:
+        verbose = verbose_requested()
 
     problems = tensor_problems(iter_dir, expected)
     if problems:
