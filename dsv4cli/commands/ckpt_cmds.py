@@ -38,10 +38,10 @@ def _console():
 def convert_ckpt(
     src: str = typer.Argument(..., metavar="SRC", help="Legacy checkpoint: run root (latest iteration) or one iter_* dir."),
     dst: str = typer.Argument(..., metavar="DST", help="New checkpoint root to create."),
-    spec: Optional[str] = typer.Option(None, "--spec", help="Spec of the model (default: the checkpoint's dsv4_spec.toml)."),
+    spec: Optional[str] = typer.Option(None, "--spec", metavar="SPEC", help="Spec of the model (default: the checkpoint's dsv4_spec.toml)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
-    streams: Optional[int] = typer.Option(None, "--streams", help="Stream count n (default: saved spec, else stored shapes)."),
-    eps: Optional[float] = typer.Option(None, "--eps", help="Contraction eps the model runs with (default: saved spec, else 1e-6)."),
+    streams: Optional[int] = typer.Option(None, "--streams", metavar="N", help="Stream count n (default: saved spec, else stored shapes)."),
+    eps: Optional[float] = typer.Option(None, "--eps", metavar="X", help="Contraction eps the model runs with (default: saved spec, else 1e-6)."),
     verify: bool = typer.Option(False, "--verify", help="Check the converted model reproduces the legacy one."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
     drop_optimizer: bool = typer.Option(False, "--drop-optimizer", help="Write a model-only checkpoint (no optimizer state)."),
@@ -107,7 +107,7 @@ def convert_ckpt(
 @inspect_app.command("checkpoint")
 def inspect_checkpoint_cmd(
     path: str = typer.Argument(..., metavar="PATH", help="Checkpoint: run root or iter_* directory."),
-    spec: Optional[str] = typer.Option(None, "--spec", help="Compare against this spec (default: the saved one)."),
+    spec: Optional[str] = typer.Option(None, "--spec", metavar="SPEC", help="Compare against this spec (default: the saved one)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
     stats: bool = typer.Option(False, "--stats", help="Load tensors one at a time: norm, mean, std, min, max, NaN/Inf."),
     filter_: Optional[str] = typer.Option(None, "--filter", metavar="GLOB", help="Only tensors whose name matches GLOB."),
