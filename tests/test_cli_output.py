@@ -121,3 +121,12 @@ def test_model_differs_message_counts_keys_and_says_what_to_do(tmp_path):
     msg = str(e.value)
     assert "(1 key):" in msg and "model.mhc.streams: 4 -> 8" in msg
     assert "--set checkpoint.dir=NEW_DIR" in msg and str(tmp_path / "dsv4_spec.toml") in msg
+
+
+def test_inspect_checkpoint_names_its_non_tensor_entries():
+    from dsv4cli.commands.ckpt_cmds import _objects
+
+    names = ["decoder.layers.mlp.linear_fc1._extra_state/shard_0_2", "decoder.layers.mlp.linear_fc1._extra_state/shard_1_2",
+             "mtp.layers.0.e_proj._extra_state/shard_0_1", "rng_state/shard_0_1"]
+    text = _objects(names)
+    assert "_extra_state of 2 linear modules" in text and text.endswith("rng_state")

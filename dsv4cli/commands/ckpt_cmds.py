@@ -28,6 +28,16 @@ def _human(nbytes: float) -> str:
     return str(nbytes)
 
 
+def _objects(names: list[str]) -> str:
+    """Non-tensor DCP entries, named by kind: Megatron's per-layer `_extra_state` (empty unless
+    Transformer Engine FP8 fills it), `rng_state`, ... (several shards of one name count once)."""
+    extra = {n.split("/")[0] for n in names if n.split("/")[0].endswith("._extra_state")}
+    other = sorted({n.split("/")[0] for n in names} - extra)
+    parts = [f"_extra_state of {len(extra)} linear modules (Megatron's per-module state, empty without TE FP8)"
+             ] if extra else []
+    return ", ".join(parts + other) or "unnamed"
+
+
 def _console():
     from rich.console import Console
 
@@ -150,8 +160,10 @@ def _render_report(r: dict) -> None:
     shown = {k: v for k, v in meta.items() if v is not None and not isinstance(v, (dict, list))}
     if shown:
         con.print("  provenance: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-    con.print(f"  {r['tensor_count']} tensors ({r['object_count']} objects), {r['total_params']:,} model parameters, "
+    con.print(f"  {r['tensor_count']} tensors, {r['total_params']:,} model parameters, "
               f"{_human(r['total_bytes'])} ({_human(r['model_bytes'])} model, {_human(r['optimizer_bytes'])} optimizer)")
+    if r["object_count"]:
+        con.print(f"  {r['object_count']} pickled entries (not tensors): {_objects(r.get('objects') or [])}")
     con.print("  by dtype: " + ", ".join(f"{d}: {v['tensors']} tensors, {_human(v['bytes'])}" for d, v in r["by_dtype"].items()))
     table = Table(show_edge=False, box=None, pad_edge=False)
     for col in ("tensor", "x", "shape", "dtype", "bytes", "shards"):

@@ -114,7 +114,7 @@ def train(spec, log=print) -> int:
         path = ck.save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
                                   keep_last=spec.checkpoint.keep_last)
         if logger:
-            logger.print(f"saved checkpoint {path} ({reason})")
+            logger.print(f"saved checkpoint {shown(path)} ({reason})")
 
     if progress.iteration >= t.steps:
         say(nothing_to_do(spec, shown(run_dir), progress.iteration))
