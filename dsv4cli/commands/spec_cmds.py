@@ -127,24 +127,14 @@ def _gib(value: int) -> str:
     return f"{value / 1024**3:.2f} GiB"
 
 
-def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out += _flatten(value, dotted)
-        else:
-            out.append((dotted, value))
-    return out
-
-
 def resolved_lines(spec, data: dict) -> list[str]:
     """`key = value  # FILE:LINE` (or `# default`, `# --set`) per set key, aligned; plain lines so a
     pipe or a narrow terminal wraps them instead of cutting a path or a value."""
     from dsv4cli.spec.load import locate
+    from dsv4cli.spec.schema import dotted
 
     rows = []
-    for key, value in _flatten(data):
+    for key, value in dotted(data).items():
         if value is None:
             continue
         file, line = locate(spec, key) if key in spec._origins else ("default", None)

@@ -42,22 +42,12 @@ def model_overrides(spec) -> list[str]:
     """The `--set model.*=...` overrides the spec was resolved with: a checkpoint of this run
     loads only into a spec with the same [model], so the next commands repeat them."""
     from dsv4cli.spec.problems import OVERRIDE_FILE
+    from dsv4cli.spec.schema import dotted
 
     origins = getattr(spec, "_origins", None) or {}
-    flat = _flatten(spec.model_dump(mode="json", exclude={"extends"}))
+    flat = dotted(spec.model_dump(mode="json", exclude={"extends"}))
     keys = [k for k, (file, _) in origins.items() if file == OVERRIDE_FILE and k.startswith("model.") and k in flat]
     return [f"{k}={_toml_value(flat[k])}" for k in sorted(keys)]
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out.update(_flatten(value, dotted))
-        else:
-            out[dotted] = value
-    return out
 
 
 def _eval_command(spec, run_dir: Path) -> str:
