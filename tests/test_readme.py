@@ -72,6 +72,8 @@ def test_readme_runs_verbatim_in_a_fresh_copy(tmp_path):
         r = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"{cmd} -> exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         outputs[cmd] = r.stdout + r.stderr
+        spec_warnings = re.findall(r"^\S+:\d+: \S+: warning: .*$", outputs[cmd], re.M)
+        assert not spec_warnings, f"{cmd}: README's examples use specs as they are meant: {spec_warnings}"
 
     # what the text says the commands produce
     setup = outputs[".venv/bin/dsv4 train specs/tiny.toml"]
