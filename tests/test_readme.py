@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,13 +66,15 @@ def test_readme_runs_verbatim_in_a_fresh_copy(tmp_path):
     bindir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="80")
     assert shutil.which("dsv4", path=env["PATH"]) == str(bindir / "dsv4"), "the installed dsv4 comes first"
-    outputs = {}
+    outputs, stdout, seconds = {}, {}, {}
     for cmd in readme_commands((repo / "README.md").read_text()):
         argv = shlex.split(cmd, comments=True)
         argv[0] = "dsv4"  # .venv/bin/dsv4 of the README is the installed one here
+        t0 = time.perf_counter()
         r = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        seconds[cmd] = time.perf_counter() - t0
         assert r.returncode == 0, f"{cmd} -> exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        outputs[cmd] = r.stdout + r.stderr
+        outputs[cmd], stdout[cmd] = r.stdout + r.stderr, r.stdout
         spec_warnings = re.findall(r"^\S+:\d+: \S+: warning: .*$", outputs[cmd], re.M)
         assert not spec_warnings, f"{cmd}: README's examples use specs as they are meant: {spec_warnings}"
 
@@ -79,7 +82,8 @@ def test_readme_runs_verbatim_in_a_fresh_copy(tmp_path):
     setup = outputs[".venv/bin/dsv4 train specs/tiny.toml"]
     assert "training finished: step 150/150" in setup and "runs/tiny/metrics.jsonl" in setup
     assert "dsv4 eval specs/tiny.toml --load runs/tiny" in setup and "dsv4 plot runs/tiny" in setup
-    evaluated = json.loads(outputs["dsv4 eval specs/tiny.toml --load runs/tiny --json"].strip().splitlines()[-1])
+    print("\n".join(f"{s:6.1f} s  {c}" for c, s in seconds.items()))  # shown with -s
+    evaluated = json.loads(stdout["dsv4 eval specs/tiny.toml --load runs/tiny --json"].strip().splitlines()[-1])
     assert 0 < evaluated["loss"] < 4
     assert (repo / "runs" / "tiny" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert not (repo / "curves.png").exists()
