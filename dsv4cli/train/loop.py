@@ -89,7 +89,7 @@ def train(spec, log=print) -> int:
         progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout)
         for n in notes:
             say(f"note: {n}")
-        say(f"resumed from {resume_dir} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
+        say(f"resumed from {shown(resume_dir)} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
 
     data = build_sources(spec)
     dp_rank, dp = ps.get_data_parallel_rank(), rt.layout.dp
