@@ -61,9 +61,15 @@ def test_inspect_model_cli_json_and_tree():
     layers = next(c for c in decoder["children"] if c["name"] == "layers")
     assert [(c["name"], c["repeat"]) for c in layers["children"]] == [("0..1", 2)]  # folded
     assert data["total_params"] == sum(data["by_group"].values())
+    # the table's module counts are the tree's: a module counts everything below it
+    tree = {c["name"]: c["params"] for c in data["tree"]["children"] if c["params"]}
+    assert {k: v["params"] for k, v in data["by_module"].items()} == tree
+    assert data["by_module"]["decoder"]["mhc"] + data["by_module"]["mtp"]["mhc"] == data["by_group"]["mhc"]
 
     res = runner.invoke(app, ["inspect", "model", TINY], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert res.exit_code == 0, res.output
+    row = next(ln for ln in res.output.splitlines() if ln.strip("│ ").startswith("decoder "))
+    assert f"{tree['decoder']:,}" in row and f"decoder (MultiStreamTransformerBlock)  {tree['decoder']:,}" in res.output
     assert "0..1 (MultiStreamTransformerLayer) x2" in res.output
     assert "matches the validate estimate: yes" in res.output
 

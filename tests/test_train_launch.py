@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from test_train_e2e import cli, write_small_spec
 
-from dsv4cli.train.launch import launch_overrides, plan_launch, slurm_script
+from dsv4cli.train.launch import launch_overrides, plan_launch, slurm_script, torchrun_launcher
 
 
 def test_dry_run_prints_resolved_spec_and_exact_torchrun_command(tmp_path):
@@ -86,8 +87,10 @@ def test_slurm_script_runs_the_same_torchrun_on_every_node(tmp_path):
     launch = [ln for ln in text.splitlines() if ln.startswith("LAUNCH=")][0]
     inner = shlex.split(launch[len("LAUNCH="):])[0]
     argv = shlex.split(inner)
-    assert argv[0] == "torchrun" and argv[argv.index("--nnodes") + 1] == "2"
-    assert argv[argv.index("-m") + 1] == "dsv4cli.train.entry" and str(spec.resolve()) in argv
+    launcher = torchrun_launcher()  # the torchrun of the environment dsv4 runs in, not whatever is on PATH
+    assert argv[:len(launcher)] == launcher and Path(launcher[0]).is_absolute()
+    assert argv[argv.index("--nnodes") + 1] == "2"
+    assert argv[argv.index("dsv4cli.train.entry") - 1] == "-m" and str(spec.resolve()) in argv
     plan = plan_launch(str(spec), ["train.global_batch_size=8", "launch.nproc_per_node=2", "launch.nnodes=2"])
     assert slurm_script(plan) == text
 
@@ -107,4 +110,5 @@ def test_resume_from_a_different_model_is_refused_before_starting(tmp_path):
             "--set", "train.global_batch_size=4")
     assert r.exit_code == 2, r.output
     assert "model.mhc.streams: 2 -> 4" in r.stderr and "model.mtp.depth: 2 -> 1" in r.stderr
+    assert "(2 keys)" in r.stderr and "--set checkpoint.dir=NEW_DIR" in r.stderr  # says what to do
     assert not (run / "metrics.jsonl").exists(), "nothing was started"

@@ -94,3 +94,21 @@ def test_plot_writes_an_image_when_matplotlib_is_installed(tmp_path):
 def test_plot_rejects_a_directory_without_metrics(tmp_path):
     r = cli("plot", str(tmp_path), "-o", str(tmp_path / "x.png"))
     assert r.exit_code == 2
+
+
+def test_plot_defaults_into_the_run_dir_and_draws_a_one_point_run(tmp_path, monkeypatch):
+    import matplotlib  # the set-up installs the [plot] extra
+
+    from dsv4cli.train.plot import figure
+
+    a = _run_dir(tmp_path, "n1", [3.0, 2.5])
+    one = _run_dir(tmp_path, "one", [3.0])
+    monkeypatch.chdir(tmp_path)
+    r = cli("plot", str(a), str(one))
+    assert r.exit_code == 0, r.output
+    assert (a / "curves.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "curves.png").exists()
+    fig = figure([str(a), str(one)])
+    lone = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("one")]
+    assert lone and all(ln.get_marker() == "o" and len(ln.get_xdata()) == 1 for ln in lone)
+    assert all(ln.get_marker() in (None, "None", "") for ln in fig.axes[0].lines if ln.get_label().startswith("n1"))
+    matplotlib.pyplot.close(fig)

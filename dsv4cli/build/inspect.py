@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from dsv4cli.spec.schema import Spec
@@ -20,10 +21,23 @@ class ModelReport:
     by_group: dict[str, int]
     warnings: list[str] = field(default_factory=list)
 
+    def by_module(self) -> list[tuple[str, int, dict[str, int]]]:
+        """(top-level module, parameters below it, {"mhc": n, "contraction": n} of those): the module
+        totals of the tree, with the mHC and contraction parameters each one holds."""
+        out: dict[str, tuple[int, dict[str, int]]] = {}
+        for name, shape in self.params:
+            top, n = name.split(".")[0], math.prod(shape)
+            total, parts = out.get(top, (0, {"mhc": 0, "contraction": 0}))
+            if _group(name) in parts:
+                parts[_group(name)] += n
+            out[top] = (total + n, parts)
+        return [(top, total, parts) for top, (total, parts) in out.items()]
+
     def to_json(self) -> dict:
         return {
             "total_params": self.total,
             "by_group": self.by_group,
+            "by_module": {top: {"params": n, **parts} for top, n, parts in self.by_module()},
             "params": [{"name": n, "shape": list(s)} for n, s in self.params],
             "tree": self.tree.to_json(),
             "warnings": self.warnings,
@@ -72,8 +86,6 @@ def inspect_model(spec: Spec) -> ModelReport:
     Raises UnsupportedSpecError for what cannot be built even for inspection; router options that
     are not built yet are replaced as in `parameter_equivalent_spec` and named in `warnings`.
     """
-    import math
-
     import torch
     from megatron.core.tensor_parallel import ColumnParallelLinear
 

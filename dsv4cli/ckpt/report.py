@@ -127,6 +127,7 @@ def inspect_checkpoint(path: str | Path, spec_path: Optional[str] = None, stats:
         "filter": pattern,
         "tensor_count": len(entries),
         "object_count": len(info.objects),
+        "objects": info.objects,
         "total_params": sum(e.numel for e in model),
         "total_bytes": sum(e.bytes for e in entries),
         "model_bytes": sum(e.bytes for e in model),

@@ -31,6 +31,16 @@ def _human(nbytes: float) -> str:
     return str(nbytes)
 
 
+def _objects(names: list[str]) -> str:
+    """Non-tensor DCP entries, named by kind: Megatron's per-layer `_extra_state` (empty unless
+    Transformer Engine FP8 fills it), `rng_state`, ... (several shards of one name count once)."""
+    extra = {n.split("/")[0] for n in names if n.split("/")[0].endswith("._extra_state")}
+    other = sorted({n.split("/")[0] for n in names} - extra)
+    parts = [f"_extra_state of {len(extra)} linear modules (Megatron's per-module state, empty without TE FP8)"
+             ] if extra else []
+    return ", ".join(parts + other) or "unnamed"
+
+
 def _console():
     from rich.console import Console
 
@@ -41,10 +51,10 @@ def _console():
 def convert_ckpt(
     src: str = typer.Argument(..., metavar="SRC", help="Legacy checkpoint: run root (latest iteration) or one iter_* dir."),
     dst: str = typer.Argument(..., metavar="DST", help="New checkpoint root to create."),
-    spec: Optional[str] = typer.Option(None, "--spec", help="Spec of the model (default: the checkpoint's dsv4_spec.toml)."),
+    spec: Optional[str] = typer.Option(None, "--spec", metavar="SPEC", help="Spec of the model (default: the checkpoint's dsv4_spec.toml)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
-    streams: Optional[int] = typer.Option(None, "--streams", help="Stream count n (default: saved spec, else stored shapes)."),
-    eps: Optional[float] = typer.Option(None, "--eps", help="Contraction eps the model runs with (default: saved spec, else 1e-6)."),
+    streams: Optional[int] = typer.Option(None, "--streams", metavar="N", help="Stream count n (default: saved spec, else stored shapes)."),
+    eps: Optional[float] = typer.Option(None, "--eps", metavar="X", help="Contraction eps the model runs with (default: saved spec, else 1e-6)."),
     verify: bool = typer.Option(False, "--verify", help="Check the converted model reproduces the legacy one."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
     drop_optimizer: bool = typer.Option(False, "--drop-optimizer", help="Write a model-only checkpoint (no optimizer state)."),
@@ -112,7 +122,7 @@ def convert_ckpt(
 @inspect_app.command("checkpoint")
 def inspect_checkpoint_cmd(
     path: str = typer.Argument(..., metavar="PATH", help="Checkpoint: run root or iter_* directory."),
-    spec: Optional[str] = typer.Option(None, "--spec", help="Compare against this spec (default: the saved one)."),
+    spec: Optional[str] = typer.Option(None, "--spec", metavar="SPEC", help="Compare against this spec (default: the saved one)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
     stats: bool = typer.Option(False, "--stats", help="Load tensors one at a time: norm, mean, std, min, max, NaN/Inf."),
     filter_: Optional[str] = typer.Option(None, "--filter", metavar="GLOB", help="Only tensors whose name matches GLOB."),
@@ -161,8 +171,10 @@ def _render_report(r: dict) -> None:
     shown = {k: v for k, v in meta.items() if v is not None and not isinstance(v, (dict, list))}
     if shown:
         con.print("  provenance: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-    con.print(f"  {r['tensor_count']} tensors ({r['object_count']} objects), {r['total_params']:,} model parameters, "
+    con.print(f"  {r['tensor_count']} tensors, {r['total_params']:,} model parameters, "
               f"{_human(r['total_bytes'])} ({_human(r['model_bytes'])} model, {_human(r['optimizer_bytes'])} optimizer)")
+    if r["object_count"]:
+        con.print(f"  {r['object_count']} pickled entries (not tensors): {_objects(r.get('objects') or [])}")
     con.print("  by dtype: " + ", ".join(f"{d}: {v['tensors']} tensors, {_human(v['bytes'])}" for d, v in r["by_dtype"].items()))
     table = Table(show_edge=False, box=None, pad_edge=False)
     for col in ("tensor", "x", "shape", "dtype", "bytes", "shards"):

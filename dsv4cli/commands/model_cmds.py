@@ -83,11 +83,15 @@ def _render(report, matches: bool, checked: bool) -> None:
     console = Console(highlight=False)
     for line in render_tree(report.tree):
         console.print(line, markup=False)
-    table = Table(title="parameters")
-    table.add_column("group")
+    table = Table(title="Parameters by module", title_justify="left",
+                  caption="as in the tree above: a module counts every parameter below it", caption_justify="left")
+    table.add_column("module")
     table.add_column("count", justify="right")
-    for group, count in report.by_group.items():
-        table.add_row(group, f"{count:,}")
+    for top, count, parts in report.by_module():
+        table.add_row(top, f"{count:,}")
+        for part, label in (("mhc", "mHC (hyper-connections)"), ("contraction", "contraction (hc_head_*)")):
+            if parts[part]:
+                table.add_row(f"  of which {label}", f"{parts[part]:,}")
     table.add_row("total", f"{report.total:,}")
     console.print(table)
     if checked:

@@ -17,21 +17,25 @@ def validate(
     specs: List[str] = typer.Argument(..., metavar="SPEC", help="Spec file(s) to check."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
     world_size: Optional[int] = typer.Option(
-        None, "--world-size", min=1, help="Processes in total (default: launch.nproc_per_node * launch.nnodes)."
+        None, "--world-size", min=1, metavar="N", help="Processes in total (default: launch.nproc_per_node * launch.nnodes)."
     ),
+    resolved: bool = typer.Option(False, "--resolved", help="Also list the resolved spec: every key, its value "
+                                  "and the FILE:LINE that set it (or default)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per spec per line."),
 ) -> None:
     """Check specs and print estimates; exit 2 on errors.
 
     Reports every problem at once, one per line on stderr as FILE:LINE: key: message
-    (--set for overrides). A valid spec gets a summary: resolved spec, parameters,
-    FLOPs per token, memory per rank, parallel sizes and the torchrun command.
+    (--set for overrides). A valid spec gets a summary: parameters, FLOPs per token,
+    memory per rank, parallel sizes and the torchrun command (--resolved: the resolved
+    spec first).
 
     Examples:
 
     \b
       dsv4 validate specs/tiny.toml
       dsv4 validate specs/model.toml --set model.mhc.streams=8 --world-size 16
+      dsv4 validate specs/dsv4-flash.toml --resolved
       dsv4 validate specs/*.toml --json
     """
     from dsv4cli.spec.check import check_spec, summary
@@ -53,7 +57,7 @@ def validate(
         for problem in report.errors + report.warnings:
             typer.echo(str(problem), err=True)
         if info is not None:
-            _render_summary(report, info)
+            _render_summary(report, info, resolved)
     raise typer.Exit(2 if failed else 0)
 
 
@@ -123,39 +127,36 @@ def _gib(value: int) -> str:
     return f"{value / 1024**3:.2f} GiB"
 
 
-def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out += _flatten(value, dotted)
-        else:
-            out.append((dotted, value))
-    return out
+def resolved_lines(spec, data: dict) -> list[str]:
+    """`key = value  # FILE:LINE` (or `# default`, `# --set`) per set key, aligned; plain lines so a
+    pipe or a narrow terminal wraps them instead of cutting a path or a value."""
+    from dsv4cli.spec.load import locate
+    from dsv4cli.spec.schema import dotted
+
+    rows = []
+    for key, value in dotted(data).items():
+        if value is None:
+            continue
+        file, line = locate(spec, key) if key in spec._origins else ("default", None)
+        rows.append((f"{key} = {json.dumps(value)}", f"{file}:{line}" if line else file))
+    width = min(max((len(a) for a, _ in rows), default=0), 44)
+    return [f"  {a:<{width}}  # {b}" for a, b in rows]
 
 
-def _render_summary(report, info: dict) -> None:
+def _render_summary(report, info: dict, resolved: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from dsv4cli.spec.launch_cmd import shell_join
-    from dsv4cli.spec.load import locate
 
     console = Console(highlight=False)
     spec = report.spec
-    console.print(f"{report.path}: valid ({len(report.warnings)} warning(s))")
-
-    resolved = Table(title="Resolved spec", title_justify="left")
-    resolved.add_column("key")
-    resolved.add_column("value")
-    resolved.add_column("set in")
-    origins = spec._origins
-    for key, value in _flatten(info["spec"]):
-        if value is None:
-            continue
-        file, line = locate(spec, key) if key in origins else ("default", None)
-        resolved.add_row(key, json.dumps(value), f"{file}:{line}" if line else file)
-    console.print(resolved)
+    if resolved:
+        typer.echo("Resolved spec (key = value  # where it was set):")
+        for line in resolved_lines(spec, info["spec"]):
+            typer.echo(line)
+    n = len(report.warnings)
+    console.print(f"{report.path}: valid, {n} warning{'' if n == 1 else 's'}", markup=False)
 
     params = info["params"]
     table = Table(title="Parameters", title_justify="left")
@@ -190,4 +191,6 @@ def _render_summary(report, info: dict) -> None:
                                                   "num_microbatches")))
     console.print(table)
     console.print("torchrun command (dsv4 train):")
-    console.print(shell_join(info["torchrun"]), soft_wrap=True)
+    console.print(shell_join(info["torchrun"]), soft_wrap=True, markup=False)
+    if not resolved:
+        console.print(f"(every key and where it was set: dsv4 validate {report.path} --resolved)", markup=False)

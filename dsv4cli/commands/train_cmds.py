@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from dsv4cli.commands.app import app, inspect_app  # noqa: F401
 
-_SET_HELP = "Override one spec key, e.g. --set train.steps=50 (repeatable; the last one wins)."
+_SET_HELP = "Override one spec key, e.g. --set train.steps=300 (repeatable; the last one wins)."
+_EVAL_SET_HELP = ("Override one spec key, e.g. --set model.mhc.streams=8 to match the checkpoint's model "
+                  "(repeatable; the last one wins).")
 _VERBOSE_HELP = "Also show known library warnings and torchrun's own output (hidden by default)."
 
 
@@ -35,9 +38,9 @@ def _plan(spec: str, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint, ext
 def train(
     spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
-    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Overrides launch.nproc_per_node."),
-    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, help="Overrides launch.nnodes."),
-    node_rank: Optional[int] = typer.Option(None, "--node-rank", min=0, help="Overrides launch.node_rank."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, metavar="N", help="Overrides launch.nproc_per_node."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, metavar="N", help="Overrides launch.nnodes."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", min=0, metavar="R", help="Overrides launch.node_rank."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", metavar="HOST:PORT",
                                                 help="Overrides launch.rdzv_endpoint."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the torchrun command; run nothing."),
@@ -45,7 +48,21 @@ def train(
     force: bool = typer.Option(False, "--force", help="Start even if the memory estimate exceeds the device memory."),
     verbose: bool = typer.Option(False, "--verbose", help=_VERBOSE_HELP),
 ) -> None:
-    """Train a model from SPEC: validate, check memory, then run (in-process for 1 process, else torchrun)."""
+    """Train a model from SPEC: validate, check memory, then run (in-process for 1 process, else torchrun).
+
+    Resumes from checkpoint.dir when it holds a checkpoint of the same [model] (raise train.steps
+    to train further). Progress goes to the terminal and to checkpoint.dir/metrics.jsonl; the run
+    ends with a summary and the commands to look at it (dsv4 eval, dsv4 plot).
+
+    Examples:
+
+    \b
+      dsv4 train specs/tiny.toml
+      dsv4 train specs/tiny.toml --set train.steps=300
+      dsv4 train specs/tiny.toml --set model.mhc.streams=8 --set checkpoint.dir=runs/tiny-8
+      dsv4 train specs/model.toml --dry-run
+      dsv4 train specs/dsv4-flash.toml --slurm flash.sbatch
+    """
     from dsv4cli.spec.launch_cmd import shell_join
     from dsv4cli.spec.load import spec_to_toml
 
@@ -89,13 +106,23 @@ def train(
 def eval_(
     spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
     load: str = typer.Option(..., "--load", metavar="DIR", help="Checkpoint root (-> latest) or one iter_* directory."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
-    batches: Optional[int] = typer.Option(None, "--batches", min=1, help="Held-out global batches (default train.eval_batches)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_EVAL_SET_HELP),
+    batches: Optional[int] = typer.Option(None, "--batches", min=1, metavar="N", help="Held-out global batches (default train.eval_batches)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"loss", "mtp_losses", "tokens"}.'),
-    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Overrides launch.nproc_per_node."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, metavar="N", help="Overrides launch.nproc_per_node."),
     verbose: bool = typer.Option(False, "--verbose", help=_VERBOSE_HELP),
 ) -> None:
-    """Held-out loss of a checkpoint under SPEC's model (weights only; any parallel layout)."""
+    """Held-out loss of a checkpoint under SPEC's model (weights only; any parallel layout).
+
+    SPEC's [model] must be the checkpoint's (same --set model.* overrides as in training).
+
+    Examples:
+
+    \b
+      dsv4 eval specs/tiny.toml --load runs/tiny
+      dsv4 eval specs/tiny.toml --load runs/tiny/iter_0000100 --batches 16 --json
+      dsv4 eval specs/tiny.toml --load runs/tiny-8 --set model.mhc.streams=8
+    """
     extra = ["--eval", "--load", load] + (["--batches", str(batches)] if batches else []) + (["--json"] if as_json else [])
     plan = _plan(spec, set_, nproc_per_node, None, None, None, extra_args=extra, verbose=verbose)
     if plan.in_process:
@@ -113,11 +140,19 @@ def prepare_data(
     input_jsonl: str = typer.Argument(..., metavar="INPUT.jsonl", help="JSON lines, one document per line."),
     out_prefix: str = typer.Argument(..., metavar="OUT_PREFIX", help="Writes OUT_PREFIX.bin and OUT_PREFIX.idx."),
     tokenizer: str = typer.Option("byte", "--tokenizer", metavar="byte|PATH", help="'byte' or a tokenizer.json."),
-    key: str = typer.Option("text", "--key", help="JSON field holding the text."),
+    key: str = typer.Option("text", "--key", metavar="FIELD", help="JSON field holding the text."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
 ) -> None:
-    """Build a Megatron indexed dataset (.bin/.idx) from JSON lines (for data.source = 'indexed')."""
+    """Build a Megatron indexed dataset (.bin/.idx) from JSON lines (for data.source = 'indexed').
+
+    Examples:
+
+    \b
+      dsv4 prepare-data corpus.jsonl data/corpus
+      dsv4 prepare-data corpus.jsonl data/corpus --tokenizer tokenizer.json --key content
+      dsv4 train specs/model.toml --set data.source=indexed --set 'data.paths=["data/corpus"]'
+    """
     from dsv4cli.noise import quiet_known_noise
     from dsv4cli.train.data import DataError
     from dsv4cli.train.data import prepare_data as build
@@ -136,14 +171,23 @@ def prepare_data(
 
 @app.command("plot")
 def plot(
-    run_dirs: List[str] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories (checkpoint.dir) with metrics.jsonl."),
-    output: str = typer.Option("curves.png", "-o", "--output", help="Image file to write."),
+    run_dirs: List[str] = typer.Argument(..., metavar="RUN_DIR", help="Run directories (checkpoint.dir) with metrics.jsonl."),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", metavar="FILE",
+        help="Image file to write (.png, .pdf, .svg; default: curves.png in the first RUN_DIR)."),
 ) -> None:
-    """Draw the loss curves (training, MTP, held-out) of one or more runs side by side."""
+    """Draw the loss curves (training, MTP, held-out) of one or more runs side by side.
+
+    Examples:
+
+    \b
+      dsv4 plot runs/tiny                       # -> runs/tiny/curves.png
+      dsv4 plot runs/tiny runs/tiny-8 -o compare.png
+    """
     from dsv4cli.train.plot import PlotError, plot_runs
 
     try:
-        out = plot_runs(run_dirs, output)
+        out = plot_runs(run_dirs, output or str(Path(run_dirs[0]) / "curves.png"))
     except PlotError as e:
         _fail([f"error: {e}"])
     typer.echo(f"wrote {out}")

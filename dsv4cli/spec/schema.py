@@ -191,3 +191,15 @@ class Spec(_Section):
     _origins: dict = PrivateAttr(default_factory=dict)
     # The spec file as the user named it (None when the Spec was built in code).
     _root: Optional[str] = PrivateAttr(default=None)
+
+
+def dotted(data: dict, prefix: str = "") -> dict:
+    """Nested tables -> {"model.mhc.streams": 4, ...} (a spec's model_dump, a TOML document)."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(dotted(value, name))
+        else:
+            out[name] = value
+    return out

@@ -121,8 +121,12 @@ def check_model_spec(iter_dir: Path, spec) -> None:
         return
     diffs = model_spec_differences(f.read_text(), spec)
     if diffs:
+        keys = f"{len(diffs)} key" + ("s" if len(diffs) != 1 else "")
+        fresh = "--set checkpoint.dir=NEW_DIR" + (" without checkpoint.load" if spec.checkpoint.load else "")
         raise CheckpointError(
-            f"{iter_dir}: the checkpoint's model differs from the spec ({len(diffs)} keys): " + "; ".join(diffs)
+            f"{iter_dir}: the checkpoint's model differs from the spec ({keys}): " + "; ".join(diffs)
+            + f". To train this model from scratch, use a new run directory ({fresh}); "
+            f"to continue the checkpoint, use the spec it was saved with ({Path(iter_dir) / 'dsv4_spec.toml'})"
         )
 
 

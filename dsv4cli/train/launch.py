@@ -199,7 +199,7 @@ def slurm_script(plan: LaunchPlan, gpus_per_node: Optional[int] = None) -> str:
     node_rank, endpoint = "@@NODE_RANK@@", "@@ENDPOINT@@"
     overrides = [o for o in plan.overrides if not o.startswith(("launch.node_rank=", "launch.rdzv_endpoint="))]
     argv = torchrun_command(spec, str(Path(plan.spec_path).resolve()), node_rank=0, rdzv_endpoint=endpoint,
-                            overrides=overrides, launcher=["torchrun"])
+                            overrides=overrides, launcher=torchrun_launcher())
     argv[argv.index("--node-rank") + 1] = node_rank
     inner = shlex.join(argv).replace(node_rank, '"$SLURM_NODEID"').replace(endpoint, '"$MASTER_ADDR:$MASTER_PORT"')
     name = spec.name or Path(plan.spec_path).stem

@@ -64,8 +64,9 @@ def train(spec, log=print) -> int:
     from dsv4cli.spec.load import spec_to_toml
     from dsv4cli.train import checkpointing as ck
     from dsv4cli.train.data import build_sources, microbatches
-    from dsv4cli.train.metrics import MetricsLogger, mfu, peak_memory_gb
+    from dsv4cli.train.metrics import MetricsLogger, format_line, mfu, peak_memory_gb
     from dsv4cli.train.runtime import build_runtime, heldout_loss, reduce_step_values, run_microbatches
+    from dsv4cli.train.summary import nothing_to_do, shown, summary_lines
 
     t = spec.train
     resume_dir = _checkpoint_to_resume(spec)
@@ -87,7 +88,7 @@ def train(spec, log=print) -> int:
                                              load_optimizer=spec.checkpoint.load_optimizer)
         for n in notes:
             say(f"note: {n}")
-        say(f"resumed from {resume_dir} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
+        say(f"resumed from {shown(resume_dir)} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
 
     data = build_sources(spec)
     dp_rank, dp = ps.get_data_parallel_rank(), rt.layout.dp
@@ -99,22 +100,23 @@ def train(spec, log=print) -> int:
     say(
         f"dsv4 train: {spec.name or 'run'} | {params:,} parameters on rank 0 | "
         f"world {rt.layout.world} (tp {rt.layout.tp}, pp {rt.layout.pp}, dp {dp}) | "
-        f"{tokens_per_step:,} tokens/step | run dir {run_dir}"
+        f"{tokens_per_step:,} tokens/step | run dir {shown(run_dir)}"
     )
     logger = MetricsLogger(run_dir, t.steps, progress.iteration) if is_logger else None
     stop = _StopFlag()
     stop.install()
     start_iteration = progress.iteration
     window_time, window_steps = 0.0, 0
+    started, last_loss, last_eval, stopped = time.perf_counter(), None, None, None
 
     def save(reason: str) -> None:
         path = ck.save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
                                   keep_last=spec.checkpoint.keep_last)
         if logger:
-            logger.print(f"saved checkpoint {path} ({reason})")
+            logger.print(f"saved checkpoint {shown(path)} ({reason})")
 
     if progress.iteration >= t.steps:
-        say(f"nothing to do: the checkpoint is at step {progress.iteration}, train.steps is {t.steps}")
+        say(nothing_to_do(spec, shown(run_dir), progress.iteration))
     try:
         last_saved = progress.iteration if resume_dir is not None else -1
         while progress.iteration < t.steps:
@@ -146,13 +148,17 @@ def train(spec, log=print) -> int:
             window_time += dt
             window_steps += 1
             step = progress.iteration
+            last_loss = loss
 
             eval_loss = None
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
                 eval_loss, eval_mtp, _ = heldout_loss(rt, data.valid, t.eval_batches)
+                last_eval = (step, eval_loss)
             if logger:
                 logger.advance(step)
-            if logger and (step % t.log_interval == 0 or step == t.steps or eval_loss is not None or stop_now):
+            due = step % t.log_interval == 0 or step == t.steps or eval_loss is not None or stop_now
+            # The first step of a run is shown (not recorded) so a log file or pipe shows progress at once.
+            if logger and (due or step == start_iteration + 1):
                 step_time = window_time / max(window_steps, 1)
                 tps = tokens_per_step / step_time if step_time > 0 else 0.0
                 rec = {
@@ -172,8 +178,11 @@ def train(spec, log=print) -> int:
                 if eval_loss is not None:
                     rec["eval_loss"] = eval_loss
                     rec["eval_mtp_losses"] = eval_mtp
-                logger.log(rec)
-                window_time, window_steps = 0.0, 0
+                if due:
+                    logger.log(rec)
+                    window_time, window_steps = 0.0, 0
+                else:
+                    logger.print(format_line(rec, t.steps) + f" | then every {t.log_interval} steps")
 
             interval_due = spec.checkpoint.interval and step % spec.checkpoint.interval == 0
             exit_due = t.exit_interval and step - start_iteration >= t.exit_interval
@@ -183,15 +192,21 @@ def train(spec, log=print) -> int:
                          else "end of training")
                     last_saved = step
             if stop_now:
-                say(f"stopped by signal after step {step}; resume with the same command")
+                stopped = "by signal"
                 break
             if exit_due and step < t.steps:
-                say(f"exit_interval reached after {step - start_iteration} steps (step {step}); resume with the same command")
+                stopped = f"by exit_interval = {t.exit_interval}"
                 break
     finally:
         stop.restore()
         if logger:
             logger.close()
+    if progress.iteration > start_iteration:
+        for line in summary_lines(spec, shown(run_dir), steps_run=progress.iteration - start_iteration,
+                                  step=progress.iteration, tokens_seen=progress.tokens_seen,
+                                  seconds=time.perf_counter() - started, last_loss=last_loss, last_eval=last_eval,
+                                  stopped=stopped):
+            say(line)
     return 0
 
 

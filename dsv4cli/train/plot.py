@@ -40,8 +40,7 @@ def curves(run_dir: str | Path) -> dict:
     return out
 
 
-def plot_runs(run_dirs: Sequence[str], output: str) -> Path:
-    """Draw the curves of `run_dirs` into `output` (PNG/PDF/SVG by extension)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -49,13 +48,34 @@ def plot_runs(run_dirs: Sequence[str], output: str) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotError("dsv4 plot needs matplotlib: pip install 'dsv4[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def plot_runs(run_dirs: Sequence[str], output: str) -> Path:
+    """Draw the curves of `run_dirs` into `output` (PNG/PDF/SVG by extension)."""
+    plt = _pyplot()
+    fig = figure(run_dirs)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.stem}.tmp{out.suffix}"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def figure(run_dirs: Sequence[str]):
+    """The matplotlib figure of `run_dirs`: training and MTP losses left, held-out loss right."""
+    plt = _pyplot()
     data = [(Path(d).name or str(d), curves(d)) for d in run_dirs]
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (name, c) in enumerate(data):
         color = f"C{i % 10}"
-        ax_train.plot(c["step"], c["loss"], color=color, label=f"{name} loss")
+        marker = "o" if len(c["step"]) == 1 else None  # a line needs two points: draw a lone one as a dot
+        ax_train.plot(c["step"], c["loss"], color=color, marker=marker, label=f"{name} loss")
         for k, mtp in enumerate(c["mtp"]):
-            ax_train.plot(c["step"], mtp, color=color, linestyle="--", alpha=0.6, label=f"{name} mtp {k + 1}")
+            ax_train.plot(c["step"], mtp, color=color, marker=marker, linestyle="--", alpha=0.6,
+                          label=f"{name} mtp {k + 1}")
         if c["eval_step"]:
             ax_eval.plot(c["eval_step"], c["eval_loss"], color=color, marker="o", label=name)
     ax_train.set(title="training loss", xlabel="step", ylabel="cross-entropy")
@@ -65,10 +85,4 @@ def plot_runs(run_dirs: Sequence[str], output: str) -> Path:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.stem}.tmp{out.suffix}"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return fig
