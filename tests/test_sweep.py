@@ -208,9 +208,9 @@ def test_a_sweep_stopped_by_ctrl_c_after_its_first_variant_completes_the_rest_on
         proc = subprocess.Popen([sys.executable, "-m", "dsv4cli.cli", *args], cwd=str(REPO), env=_env(),
                                 stdout=sink, stderr=subprocess.STDOUT)
         try:
-            latest = mine / "streams-1_depth-1" / "latest_checkpointed_iteration.txt"
+            second = mine / "streams-2_depth-2" / "sweep.json"  # written as the second variant starts
             deadline = time.time() + 240
-            while time.time() < deadline and proc.poll() is None and not latest.is_file():
+            while time.time() < deadline and proc.poll() is None and not second.is_file():
                 time.sleep(0.02)
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=240)
@@ -229,3 +229,23 @@ def test_a_sweep_stopped_by_ctrl_c_after_its_first_variant_completes_the_rest_on
     for row in rows:
         assert row["status"] == "finished"
         assert row["final_eval_loss"] == reference[row["slug"]]["final_eval_loss"], row["slug"]
+
+
+@pytest.mark.slow
+def test_a_variant_stopped_midway_resumes_from_its_checkpoint_on_rerun(swept, tmp_path):
+    """exit_interval stops the first variant at step 2 (saved, exit 0): the sweep stops there; the
+    re-run resumes it from step 2 and ends bit for bit where the uninterrupted sweep ended."""
+    out, first = swept
+    reference = {row["slug"]: row for row in json.loads(first.stdout)["variants"]}
+    mine = tmp_path / "s"
+    stopped = cli(*sweep_args(mine, "--zip", "--set", "train.exit_interval=2"))
+    assert stopped.exit_code == 0, stopped.output
+    assert "sweep stopped at streams-1_depth-1 step 2" in stopped.stderr
+    assert "step 2/4" in stopped.stdout and not (mine / "streams-2_depth-2").exists()
+    again = cli(*sweep_args(mine, "--zip", "--json"))
+    assert again.exit_code == 0, again.output
+    assert "[1/2] streams-1_depth-1: resuming from step 2" in again.stderr
+    for row in json.loads(again.stdout)["variants"]:
+        assert row["status"] == "finished"
+        assert row["final_eval_loss"] == reference[row["slug"]]["final_eval_loss"], row["slug"]
+        assert row["best_eval_loss"] == reference[row["slug"]]["best_eval_loss"], row["slug"]

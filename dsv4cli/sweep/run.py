@@ -184,7 +184,7 @@ def run_sweep(sweep: SweepPlan, say: Callable[[str], None], train: Callable = tr
     except KeyboardInterrupt:  # outside the training loop's own handler (start-up, between variants)
         pass
     outcome.stopped_at = v.slug if v else None
-    where = f" at {v.slug} step {steps_done(plan) or 0}" if v else ""
+    where = "" if v is None else f" after {v.slug}" if is_finished(plan) else f" at {v.slug} step {steps_done(plan) or 0}"
     say(f"sweep stopped{where}; run the same command again to resume")
     return outcome
 
