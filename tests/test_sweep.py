@@ -249,3 +249,14 @@ def test_a_variant_stopped_midway_resumes_from_its_checkpoint_on_rerun(swept, tm
         assert row["status"] == "finished"
         assert row["final_eval_loss"] == reference[row["slug"]]["final_eval_loss"], row["slug"]
         assert row["best_eval_loss"] == reference[row["slug"]]["best_eval_loss"], row["slug"]
+
+
+def test_dry_run_and_help_do_not_import_torch(tmp_path):
+    code = ("import sys; from typer.testing import CliRunner; from dsv4cli.cli import app; "
+            f"r = CliRunner().invoke(app, {sweep_args(tmp_path / 's', '--dry-run')!r}); "
+            "h = CliRunner().invoke(app, ['sweep', '--help']); "
+            "assert r.exit_code == 0 and h.exit_code == 0, r.output; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -38,7 +38,7 @@ def sweep(
     out: Optional[str] = typer.Option(None, "--out", metavar="DIR",
                                       help="Sweep directory; variant runs go to DIR/<slug> (default sweeps/<spec name>)."),
     zip_: bool = typer.Option(False, "--zip", help="Pair the --vary lists (equal lengths) instead of their product."),
-    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, metavar="N",
                                                  help="Overrides launch.nproc_per_node in every variant."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the variants with their estimates; run nothing."),
     slurm: Optional[str] = typer.Option(None, "--slurm", metavar="DIR",
