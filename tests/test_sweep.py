@@ -192,6 +192,11 @@ def test_rerunning_a_finished_sweep_trains_nothing_and_prints_the_same_summary(s
     assert table.exit_code == only.exit_code == 0
     assert table.stdout == only.stdout and "streams-" not in table.stdout  # the table names values, not slugs
     assert table.stdout.count("finished") == 4 and table.stdout.count(" * ") + table.stdout.count("│ * ") >= 1
+    # the same sweep with another model would resume checkpoints of a different model: exit 2 per variant
+    changed = cli(*sweep_args(out, "--set", "model.ffn_hidden_size=256"))
+    assert changed.exit_code == 2, changed.output
+    for slug in SLUGS:
+        assert f"variant {slug}: error: " in changed.stderr and "model.ffn_hidden_size: 352 -> 256" in changed.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
@@ -260,3 +265,30 @@ def test_dry_run_and_help_do_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_a_failed_variant_does_not_stop_the_others_and_an_unfinished_one_stops_the_sweep(tmp_path):
+    """run_sweep with a stand-in for training: variant 2 fails (exit 1), the rest finish -> exit 1;
+    then a variant that returns 0 without reaching train.steps (a signal) stops the sweep there."""
+    from dsv4cli.sweep.run import plan_sweep, run_sweep
+
+    sweep = plan_sweep(TINY, VARY, SHORT, out_dir=str(tmp_path / "s"))
+    trained = []
+
+    def fake(plan, reach=4, fail_on="streams-1_depth-2"):
+        run = Path(plan.spec.checkpoint.dir)
+        trained.append(run.name)
+        if run.name == fail_on:
+            return 1
+        (run / "latest_checkpointed_iteration.txt").write_text(str(reach))
+        return 0
+
+    said = []
+    outcome = run_sweep(sweep, said.append, train=fake)
+    assert trained == SLUGS and outcome.failed == {"streams-1_depth-2": 1} and outcome.exit_code == 1
+    assert outcome.stopped_at is None and any("failed (exit 1)" in line for line in said)
+    assert all((tmp_path / "s" / slug / "spec.toml").is_file() for slug in SLUGS)
+    trained.clear()
+    outcome = run_sweep(sweep, said.append, train=lambda plan: fake(plan, reach=2, fail_on=None))
+    assert trained == ["streams-1_depth-2"] and outcome.stopped_at == "streams-1_depth-2" and outcome.exit_code == 0
+    assert said[-1] == "sweep stopped at streams-1_depth-2 step 2; run the same command again to resume"

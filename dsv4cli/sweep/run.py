@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from dsv4cli.spec.launch_cmd import shell_join
 from dsv4cli.sweep.grid import Axis, SweepError, Variant, parse_axes, variants
 
 VARIANT_SPEC = "spec.toml"
@@ -173,6 +174,8 @@ def run_sweep(sweep: SweepPlan, say: Callable[[str], None], train: Callable = tr
                 say(f"{head}: finished (step {done}), skipped")
                 continue
             say(f"{head}: " + (f"resuming from step {done}" if done else "training") + f" -> {v.run_dir}")
+            if not plan.in_process:
+                say(shell_join(plan.argv))
             code = _timed(sweep, v, plan, train)
             if code:
                 outcome.failed[v.slug] = code
