@@ -83,8 +83,8 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     if keep_last <= 0:
         return []
     latest = latest_iteration(root)
-    dirs = sorted(((it, p) for p in Path(root).glob("iter_*") if p.is_dir() and (it := iteration_of(p.name)) is not None),
-                  key=lambda item: item[0])
+    dirs = sorted((it, p) for p in Path(root).glob("iter_*")
+                  if p.is_dir() and (it := iteration_of(p.name)) is not None)
     removed = []
     for it, p in dirs[:-keep_last]:
         if it == latest:

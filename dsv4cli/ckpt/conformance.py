@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.keys import contraction_blocks, hc_head_keys, infer_stream_layout, is_optimizer_key
-from dsv4cli.ckpt.layout import SPEC_FILE, resolve_checkpoint
+from dsv4cli.ckpt.layout import META_FILE, SPEC_FILE, resolve_checkpoint
 from dsv4cli.ckpt.metadata import CheckpointInfo, TensorEntry, stored_tensors
 from dsv4cli.ckpt.summary import SEE_ALL, KeyProblem, convert_command, legacy_hint, summarize
 
@@ -142,9 +142,9 @@ def check_conformance(info: CheckpointInfo, spec: Any = None, spec_source: Optio
     """Missing, unexpected and mis-shaped tensors vs the spec's inventory, plus the legacy flag."""
     problems: list[Problem] = [Problem("corrupt", "", p) for p in info.integrity_problems]
     if info.spec_error and spec is None:
-        problems.append(Problem("spec", "dsv4_spec.toml", info.spec_error))
+        problems.append(Problem("spec", SPEC_FILE, info.spec_error))
     if info.meta_error:
-        problems.append(Problem("meta", "dsv4_meta.json", info.meta_error))
+        problems.append(Problem("meta", META_FILE, info.meta_error))
     legacy_blocks = detect_legacy(info)
     result = Conformance(conformant=None, spec_source=spec_source)
     if legacy_blocks:
