@@ -278,7 +278,8 @@ def test_in_process_eval_of_a_legacy_checkpoint_names_convert_ckpt(tmp_path, tin
 def test_load_time_tensor_check_summarises_and_points_legacy_to_convert(tmp_path, tiny_spec):
     """The check the ranks run against the built model (train resume, eval) uses the same summary."""
     from dsv4cli.ckpt.synthetic import stacked_inventory, write_synthetic_checkpoint
-    from dsv4cli.train.checkpointing import CheckpointError, check_tensors
+    from dsv4cli.ckpt.conformance import check_tensors
+    from dsv4cli.ckpt.errors import CheckpointError
 
     spec = tiny_spec()
     legacy = tmp_path / "legacy"

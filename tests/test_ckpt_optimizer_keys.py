@@ -108,7 +108,7 @@ def test_resume_points_requested_keys_at_the_stored_prefix():
     import torch
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from dsv4cli.train.optimizer_resume import chain_length, mismatch_lines, resolve_keys
+    from dsv4cli.ckpt.optimizer_resume import chain_length, mismatch_lines, resolve_keys
 
     stored = {"chained_0.optimizer.state.exp_avg.a.weight": (2,), "optimizer.state.exp_avg.b.weight": (3,)}
     sd = {0: {"state": {0: {"exp_avg": ShardedTensor.from_rank_offsets("optimizer.state.exp_avg.a.weight",

@@ -112,7 +112,8 @@ def test_summary_says_what_was_done_and_what_to_run_next(tmp_path, monkeypatch):
 
 def test_model_differs_message_counts_keys_and_says_what_to_do(tmp_path):
     from dsv4cli.spec.load import load_spec, spec_to_toml
-    from dsv4cli.train.checkpointing import CheckpointError, check_model_spec
+    from dsv4cli.ckpt.conformance import check_model_spec
+    from dsv4cli.ckpt.errors import CheckpointError
 
     saved = load_spec(REPO / "specs" / "tiny.toml")
     (tmp_path / "dsv4_spec.toml").write_text(spec_to_toml(saved))

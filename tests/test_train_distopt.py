@@ -67,8 +67,9 @@ def test_one_process_reload_continues_exactly(tmp_path, tiny_spec, cpu_compat, s
     import torch
 
     from dsv4cli.spec.load import spec_to_toml
-    from dsv4cli.train import checkpointing as ck
-    from dsv4cli.train.adam_state import is_distributed
+    from dsv4cli.ckpt.adam_state import is_distributed
+    from dsv4cli.ckpt.load import load_checkpoint
+    from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
     from dsv4cli.train.runtime import build_runtime, teardown
 
     def spec(mode):
@@ -79,15 +80,15 @@ def test_one_process_reload_continues_exactly(tmp_path, tiny_spec, cpu_compat, s
         assert is_distributed(rt.optimizer) == (saved_with == "on")
         _one_step(rt, 0)
         _one_step(rt, 1)
-        path = ck.save_checkpoint(tmp_path, rt.chunks, rt.optimizer, rt.scheduler, ck.TrainProgress(iteration=2),
-                                  spec_to_toml(spec(saved_with)), rt.layout.as_dict())
+        path = save_checkpoint(tmp_path, rt.chunks, rt.optimizer, rt.scheduler, TrainProgress(iteration=2),
+                               spec_to_toml(spec(saved_with)), rt.layout.as_dict())
         _one_step(rt, 2)
         expected = [p.detach().clone() for p in rt.chunks[0].parameters()]
     finally:
         teardown()
     rt = build_runtime(spec(loaded_with))
     try:
-        _, notes = ck.load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.layout.as_dict())
+        _, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.layout.as_dict())
         assert (saved_with != loaded_with) == any("taken over" in n for n in notes), notes
         steps = [st["step"] for st in _adam_states(rt)]
         assert len({id(t) for t in steps}) == len(steps) > 1, "every parameter has its own Adam step"
@@ -114,7 +115,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_dp2_resume_is_bit_exact_and_state_is_stored_per_parameter(runs):
-    from dsv4cli.train.checkpointing import stored_tensors
+    from dsv4cli.ckpt.metadata import stored_tensors
 
     a, b = metrics(runs["straight"]), metrics(runs["split"])
     assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, STEPS + 1))

@@ -79,14 +79,14 @@ REPO = Path(__file__).resolve().parent.parent
 def save_model_only_checkpoint(spec_path: Path, run_dir: Path) -> Path:
     """A model-only checkpoint at iteration 0 (fresh weights of the spec, no optimizer state)."""
     from dsv4cli.spec.load import load_spec, spec_to_toml
-    from dsv4cli.train import checkpointing as ck
+    from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
     from dsv4cli.train.runtime import build_runtime, teardown
 
     spec = load_spec(spec_path)
     rt = build_runtime(spec, with_optimizer=False)
     try:
-        return ck.save_checkpoint(run_dir, rt.chunks, None, None, ck.TrainProgress(), spec_to_toml(spec),
-                                  rt.layout.as_dict())
+        return save_checkpoint(run_dir, rt.chunks, None, None, TrainProgress(), spec_to_toml(spec),
+                               rt.layout.as_dict())
     finally:
         teardown()
 
@@ -231,13 +231,13 @@ def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tmp_path):
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from dsv4cli.train import checkpointing
-real = checkpointing.publish
+from dsv4cli.ckpt import atomic
+real = atomic.publish
 def killed(tmp, run_dir, iteration):
     if iteration == 4:
         os.kill(os.getpid(), signal.SIGKILL)  # all tensors written, not yet renamed
     return real(tmp, run_dir, iteration)
-checkpointing.publish = killed
+atomic.publish = killed
 from dsv4cli.train.entry import main
 sys.exit(main(sys.argv[1:]))
 """

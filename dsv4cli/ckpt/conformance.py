@@ -7,17 +7,26 @@ leading expert dim) and keeps the TE-era names of fused norms
 (`self_attention.linear_qkv.layer_norm_weight` for `input_layernorm.weight`,
 `mlp.linear_fc1.layer_norm_weight` for `pre_mlp_layernorm.weight`). Stored names are unstacked
 into that per-layer form to compare, and problems are reported folded back to stored names.
+
+Training and eval check twice more before they load (conformance of a live model):
+
+    check_model_spec(iter_dir, spec)    the saved dsv4_spec.toml's [model] equals the spec's
+    check_tensors(iter_dir, expected)   the built model's tensors {stored key: shape} equal the stored ones
 """
 
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from dsv4cli.ckpt.keys import contraction_blocks, hc_head_keys, infer_stream_layout
-from dsv4cli.ckpt.metadata import CheckpointInfo, TensorEntry
-from dsv4cli.ckpt.summary import SEE_ALL, KeyProblem, convert_command, summarize
+from dsv4cli.ckpt.errors import CheckpointError
+from dsv4cli.ckpt.keys import contraction_blocks, hc_head_keys, infer_stream_layout, is_optimizer_key
+from dsv4cli.ckpt.layout import META_FILE, SPEC_FILE, resolve_checkpoint
+from dsv4cli.ckpt.metadata import CheckpointInfo, TensorEntry, stored_tensors
+from dsv4cli.ckpt.summary import SEE_ALL, KeyProblem, convert_command, legacy_hint, summarize
 
 _STACKED_LAYERS = re.compile(r"^(decoder\.layers\.)(?!\d+\.)")
 _STACKED_EXPERTS = ".mlp.experts.experts."
@@ -133,9 +142,9 @@ def check_conformance(info: CheckpointInfo, spec: Any = None, spec_source: Optio
     """Missing, unexpected and mis-shaped tensors vs the spec's inventory, plus the legacy flag."""
     problems: list[Problem] = [Problem("corrupt", "", p) for p in info.integrity_problems]
     if info.spec_error and spec is None:
-        problems.append(Problem("spec", "dsv4_spec.toml", info.spec_error))
+        problems.append(Problem("spec", SPEC_FILE, info.spec_error))
     if info.meta_error:
-        problems.append(Problem("meta", "dsv4_meta.json", info.meta_error))
+        problems.append(Problem("meta", META_FILE, info.meta_error))
     legacy_blocks = detect_legacy(info)
     result = Conformance(conformant=None, spec_source=spec_source)
     if legacy_blocks:
@@ -183,3 +192,91 @@ def _inventory_problems(info: CheckpointInfo, spec: Any) -> list[Problem]:
         where = f" ({len(canon)} entries, e.g. {sorted(canon)[0]})" if len(canon) > 1 else ""
         problems.append(Problem(kind, sname, f"{kind}: {sname}: {details[(kind, sname)]}{where}"))
     return problems
+
+
+# --------------------------------------------------------------------------- a live model (train, eval)
+
+
+def model_spec_differences(saved_toml: str, spec) -> list[str]:
+    """Dotted `model.*` keys whose value differs between a saved spec and `spec` ("key: old -> new")."""
+    from dsv4cli.spec.schema import ModelSpec, dotted
+
+    saved = tomllib.loads(saved_toml).get("model", {})
+    try:
+        saved = ModelSpec.model_validate(saved).model_dump(mode="json")
+    except Exception:
+        pass  # compare raw values when the saved section no longer validates
+    a, b = dotted(saved, "model"), dotted(spec.model.model_dump(mode="json"), "model")
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def check_model_spec(iter_dir: Path, spec) -> None:
+    """Refuse a checkpoint whose saved [model] differs from the spec's (CheckpointError)."""
+    f = Path(iter_dir) / SPEC_FILE
+    if not f.is_file():
+        return
+    diffs = model_spec_differences(f.read_text(), spec)
+    if diffs:
+        keys = f"{len(diffs)} key" + ("s" if len(diffs) != 1 else "")
+        fresh = "--set checkpoint.dir=NEW_DIR" + (" without checkpoint.load" if spec.checkpoint.load else "")
+        raise CheckpointError(
+            f"{iter_dir}: the checkpoint's model differs from the spec ({keys}): " + "; ".join(diffs)
+            + f". To train this model from scratch, use a new run directory ({fresh}); "
+            f"to continue the checkpoint, use the spec it was saved with ({f})"
+        )
+
+
+def model_tensor_shapes(sharded_sd: dict) -> dict[str, tuple[int, ...]]:
+    """Sharded state dict (consumed: factories are applied) -> {stored key: global shape}."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded_sd)  # e.g. SwiGLU's fc1 factory -> its stored tensors
+    return {v.key: tuple(v.global_shape) for v in nested_values(sharded_sd) if isinstance(v, ShardedTensor)}
+
+
+def expected_shapes(chunks) -> dict[str, tuple[int, ...]]:
+    """Collective: the whole model's {stored key: global shape} (each pipeline rank holds only its
+    own layers: the union over ranks)."""
+    import torch.distributed as dist
+
+    shapes = {}
+    for c in chunks:
+        shapes.update(model_tensor_shapes(c.sharded_state_dict()))
+    if dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, shapes)
+        for g in gathered:
+            shapes.update(g)
+    return shapes
+
+
+def tensor_problems(iter_dir: Path, expected: dict[str, tuple[int, ...]]) -> list[KeyProblem]:
+    """The model's tensors vs the checkpoint's model tensors -> [KeyProblem] (empty = they match)."""
+    stored = {k: v for k, v in stored_tensors(iter_dir).items() if not is_optimizer_key(k)}
+    problems = [KeyProblem.of("missing", k, str(list(expected[k]))) for k in sorted(set(expected) - set(stored))]
+    problems += [KeyProblem.of("unexpected", k, str(list(stored[k]))) for k in sorted(set(stored) - set(expected))]
+    problems += [KeyProblem.of("mis-shaped", k, f"checkpoint {list(stored[k])}, model {list(expected[k])}")
+                 for k in sorted(set(stored) & set(expected)) if stored[k] != expected[k]]
+    return problems
+
+
+def tensor_mismatches(iter_dir: Path, expected: dict[str, tuple[int, ...]]) -> list[str]:
+    """Compare the model's tensors with the checkpoint's; -> problem lines (empty = matches)."""
+    return [str(p) for p in tensor_problems(iter_dir, expected)]
+
+
+def check_tensors(iter_dir: Path, expected: dict[str, tuple[int, ...]], verbose: Optional[bool] = None) -> None:
+    """CheckpointError with a summary (counts, first few, legacy hint) unless the tensors match.
+
+    `verbose` lists every key (None: whether `--verbose` is in effect, dsv4cli.noise)."""
+    from dsv4cli.noise import verbose_requested
+
+    if verbose is None:
+        verbose = verbose_requested()
+    problems = tensor_problems(iter_dir, expected)
+    if problems:
+        loc = resolve_checkpoint(iter_dir)
+        hint = legacy_hint(problems, loc.root or loc.iter_dir)
+        raise CheckpointError(f"{iter_dir}: checkpoint tensors do not match the spec: "
+                              + summarize(problems, verbose=verbose, hints=[hint] if hint else []))

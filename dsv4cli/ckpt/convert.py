@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from dsv4cli.ckpt.layout import (
 )
 from dsv4cli.ckpt.metadata import CheckpointInfo, check_common_state, read_checkpoint_info
 from dsv4cli.ckpt.optimizer_state import OptimizerLayout, new_optimizer_entries, optimizer_layout
+from dsv4cli.ckpt.provenance import spec_hash
 
 NEW_DATA_FILE = "__dsv4_hc_head.distcp"
 DEFAULT_EPS = 1e-6
@@ -312,9 +312,8 @@ def _provenance(plan: _Plan, src_dir: Path, added: list[str]) -> dict:
         }
     )
     if plan.spec is not None and "spec_hash" in meta:
-        # same scheme as the trainer's dsv4_meta.json: sha256 of the saved spec text, 16 hex digits
         history[-1]["spec_hash_before"] = meta["spec_hash"]
-        meta["spec_hash"] = hashlib.sha256(_updated_spec_text(plan.spec, plan.eps).encode()).hexdigest()[:16]
+        meta["spec_hash"] = spec_hash(_updated_spec_text(plan.spec, plan.eps))  # the trainer's scheme
     meta["conversions"] = history
     meta["converted_from"] = history[-1]["from"]
     if plan.info.iteration is not None:

@@ -1,7 +1,7 @@
 """The one exception for a checkpoint that cannot be used (bad input: the CLI and the ranks map it to exit 2).
 
-Raised by the checkpoint tools (`dsv4cli.ckpt`) and by training / eval (`dsv4cli.train.checkpointing`
-re-exports it). A ValueError, so code that treats bad values generally still catches it.
+Raised by the checkpoint package (`dsv4cli.ckpt`: tools, save / load, the checks before a load) for the
+CLI, training and eval alike. A ValueError, so code that treats bad values generally still catches it.
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@ A root holds `latest_checkpointed_iteration.txt` (an iteration number, or "relea
 `iter_0000100/`-style directory per save; an iteration directory holds the PyTorch DCP files
 (`.metadata`, `__R_K.distcp`), Megatron's `metadata.json` (older: `common.pt`) and dsv4's
 `dsv4_spec.toml` / `dsv4_meta.json`. A bare DCP directory (just `.metadata` + data files) is
-accepted too.
+accepted too (its iteration then comes from `dsv4_meta.json`, when there is one). A save in progress
+is a `.tmp_iter_0000100.<token>` directory next to the iteration directories (dsv4cli.ckpt.atomic).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ MEGATRON_CONFIG = "metadata.json"
 COMMON_STATE = "common.pt"
 SPEC_FILE = "dsv4_spec.toml"
 META_FILE = "dsv4_meta.json"
+TMP_PREFIX = ".tmp_iter_"
 _ITER_RE = re.compile(r"^iter_(\d+)$")
 
 
@@ -45,8 +48,32 @@ def iteration_of(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def latest_iteration(root: str | Path) -> Optional[int]:
+    """The iteration a run root's tracker file names; None without one (or with `release` / garbage)."""
+    f = Path(root) / TRACKER_FILE
+    if not f.is_file():
+        return None
+    try:
+        return int(f.read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def read_meta(iter_dir: str | Path) -> dict:
+    """dsv4_meta.json of an iteration directory; {} when absent or unreadable (metadata.py reports why)."""
+    f = Path(iter_dir) / META_FILE
+    if not f.is_file():
+        return {}
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def resolve_checkpoint(path: str | Path) -> CheckpointLocation:
-    """A run root (latest iteration), an `iter_*` directory or a bare DCP directory -> its location.
+    """A run root (latest iteration, or `release`), an `iter_*` directory or a bare DCP directory -> its
+    location. The iteration comes from the directory name, else from dsv4_meta.json, else is None.
 
     Raises CheckpointError saying what is missing.
     """
@@ -58,6 +85,8 @@ def resolve_checkpoint(path: str | Path) -> CheckpointLocation:
     if (path / DCP_METADATA).is_file():
         it = iteration_of(path.name)
         root = path.parent if it is not None and (path.parent / TRACKER_FILE).is_file() else None
+        if it is None and isinstance(saved := read_meta(path).get("iteration"), int):
+            it = saved
         return CheckpointLocation(path, root, it)
     tracker = path / TRACKER_FILE
     if tracker.is_file():

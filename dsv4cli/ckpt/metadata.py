@@ -120,6 +120,17 @@ def _tensor_entries(md) -> tuple[dict[str, TensorEntry], list[str]]:
     return tensors, objects
 
 
+def stored_names(iter_dir: str | Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """The tensors {key: global shape} and object names a checkpoint stores (reads `.metadata` only)."""
+    tensors, objects = _tensor_entries(read_dcp_metadata(Path(iter_dir)))
+    return {k: v.shape for k, v in tensors.items()}, objects
+
+
+def stored_tensors(iter_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor key -> global shape, from `.metadata` without touching tensor data."""
+    return stored_names(iter_dir)[0]
+
+
 def _itemsize(dtype) -> int:
     import torch
 
@@ -182,17 +193,8 @@ def read_checkpoint_info(path: str | Path, location: Optional[CheckpointLocation
             integrity.append(f"{MEGATRON_CONFIG} unreadable: {e}")
     fmt = str(config.get("sharded_backend", "torch_dist")) if isinstance(config, dict) else "dcp"
 
-    info = CheckpointInfo(
-        location=loc,
-        format=fmt,
-        tensors=tensors,
-        objects=objects,
-        files=files,
-        megatron_config=config,
-        spec_text=None,
-        integrity_problems=integrity,
-        dcp_metadata=md,
-    )
+    info = CheckpointInfo(loc, fmt, tensors, objects, files, config, spec_text=None,
+                          integrity_problems=integrity, dcp_metadata=md)
     spec_path = loc.iter_dir / SPEC_FILE
     if spec_path.exists():
         try:

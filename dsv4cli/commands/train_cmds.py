@@ -74,9 +74,10 @@ def train(
         typer.echo(shell_join(plan.argv))
         raise typer.Exit(0)
     if slurm:
-        from dsv4cli.train.launch import slurm_script, write_text_atomic
+        from dsv4cli.ckpt.atomic import write_text_atomic
+        from dsv4cli.train.launch import slurm_script
 
-        write_text_atomic(slurm, slurm_script(plan))
+        write_text_atomic(slurm, slurm_script(plan), mode=0o755)
         typer.echo(f"wrote {slurm}: sbatch {slurm}")
         raise typer.Exit(0)
     from dsv4cli.train.launch import preflight_checkpoint, preflight_device, preflight_memory, run_plan

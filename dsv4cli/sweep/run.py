@@ -116,7 +116,7 @@ def preflight(sweep: SweepPlan, force: bool = False) -> tuple[list[str], list[st
 
 def steps_done(plan) -> Optional[int]:
     """Iteration of the variant's latest checkpoint (None: nothing saved yet)."""
-    from dsv4cli.train.checkpointing import latest_iteration
+    from dsv4cli.ckpt.layout import latest_iteration
 
     return latest_iteration(plan.spec.checkpoint.dir)
 

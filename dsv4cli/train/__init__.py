@@ -7,11 +7,11 @@
     runtime.py        megatron parallel state, model chunks, DDP, optimizer, scheduler, schedules
     loop.py           the training loop: steps, held-out loss, checkpoints, exit_interval, signals
     data.py           builtin stdlib corpus, byte/HF tokenizers, indexed/mock datasets, prepare-data
-    checkpointing.py  torch_dist checkpoints: atomic save, resume, spec/tensor conformance
-    optimizer_resume.py  optimizer state on resume: checked, prefix-resolved, regrouped across layouts
     metrics.py        metrics.jsonl, progress lines/bar, TensorBoard
     eval.py           held-out loss of a checkpoint
     plot.py           loss curves of run directories
 
-Only launch/runlock/checkpointing/metrics/plot/data import without torch; the rest import megatron.
+Checkpoints (save, resume, the checks before a load) are dsv4cli.ckpt's: save.py, load.py, conformance.py.
+
+Only launch/runlock/metrics/plot/data import without torch; the rest import megatron.
 """

@@ -39,7 +39,7 @@ def run(spec_path: str, overrides: Sequence[str] = (), *, mode: str = "train", l
     from dsv4cli.noise import quiet_known_noise
     from dsv4cli.spec.load import load_spec
     from dsv4cli.spec.problems import SpecError
-    from dsv4cli.train.checkpointing import CheckpointError
+    from dsv4cli.ckpt.errors import CheckpointError
     from dsv4cli.train.data import DataError, check_data
 
     quiet_known_noise(verbose)

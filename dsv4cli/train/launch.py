@@ -169,16 +169,17 @@ def preflight_checkpoint(spec) -> Optional[str]:
     under torchrun. A damaged or missing one is reported with the newest complete earlier checkpoint
     and the `--set checkpoint.load=...` that resumes from it.
     """
+    from dsv4cli.ckpt.conformance import check_model_spec
+    from dsv4cli.ckpt.errors import CheckpointError
     from dsv4cli.ckpt.integrity import check_resumable, resume_advice
-    from dsv4cli.train.checkpointing import (LATEST, CheckpointError, check_model_spec, latest_iteration,
-                                             resolve_checkpoint)
+    from dsv4cli.ckpt.layout import TRACKER_FILE, latest_iteration, resolve_checkpoint
 
     run_dir = Path(spec.checkpoint.dir)
-    resuming_latest = not spec.checkpoint.load and (run_dir / LATEST).is_file()
+    resuming_latest = not spec.checkpoint.load and (run_dir / TRACKER_FILE).is_file()
     if not (spec.checkpoint.load or resuming_latest):
         return None
     try:
-        iter_dir, _ = resolve_checkpoint(spec.checkpoint.load or run_dir)
+        iter_dir = resolve_checkpoint(spec.checkpoint.load or run_dir).iter_dir
     except CheckpointError as e:  # e.g. `latest` names a directory that is gone
         return str(e) + (resume_advice(run_dir, latest_iteration(run_dir)) if resuming_latest else "")
     try:
@@ -222,15 +223,6 @@ def slurm_script(plan: LaunchPlan, gpus_per_node: Optional[int] = None) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_text_atomic(path: str | Path, text: str, mode: int = 0o755) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, p)
 
 
 def run_log_path(run_dir: str | Path, kind: str = "train", node_rank: Optional[int] = None) -> Path:

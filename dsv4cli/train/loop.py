@@ -46,13 +46,12 @@ class _StopFlag:
 
 
 def _checkpoint_to_resume(spec) -> Optional[Path]:
-    from dsv4cli.train.checkpointing import resolve_checkpoint
+    """checkpoint.load, else the run directory's latest checkpoint (None: a fresh run)."""
+    from dsv4cli.ckpt.layout import TRACKER_FILE, resolve_checkpoint
 
-    if spec.checkpoint.load:
-        return resolve_checkpoint(spec.checkpoint.load)[0]
     run_dir = Path(spec.checkpoint.dir)
-    if (run_dir / "latest_checkpointed_iteration.txt").is_file():
-        return resolve_checkpoint(run_dir)[0]
+    if spec.checkpoint.load or (run_dir / TRACKER_FILE).is_file():
+        return resolve_checkpoint(spec.checkpoint.load or run_dir).iter_dir
     return None
 
 
@@ -60,9 +59,12 @@ def train(spec, log=print) -> int:
     """Train `spec` in this process (one rank of the job). -> exit code."""
     from megatron.core import parallel_state as ps
 
+    from dsv4cli.ckpt.conformance import check_model_spec, check_tensors, expected_shapes
     from dsv4cli.ckpt.integrity import check_resumable
+    from dsv4cli.ckpt.layout import iter_dir_name, latest_iteration
+    from dsv4cli.ckpt.load import load_checkpoint
+    from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
     from dsv4cli.spec.load import spec_to_toml
-    from dsv4cli.train import checkpointing as ck
     from dsv4cli.train.data import build_sources, microbatches
     from dsv4cli.train.metrics import MetricsLogger, format_line, mfu, peak_memory_gb
     from dsv4cli.train.runtime import build_runtime, heldout_loss, reduce_step_values, run_microbatches
@@ -71,7 +73,7 @@ def train(spec, log=print) -> int:
     t = spec.train
     resume_dir = _checkpoint_to_resume(spec)
     if resume_dir is not None:
-        ck.check_model_spec(resume_dir, spec)  # before any process group work: exit 2 everywhere
+        check_model_spec(resume_dir, spec)  # before any process group work: exit 2 everywhere
         check_resumable(resume_dir)  # (`dsv4 train` checked both before starting; this covers the entry point)
 
     rt = build_runtime(spec)
@@ -81,11 +83,11 @@ def train(spec, log=print) -> int:
     spec_toml = spec_to_toml(spec)
     say = log if is_logger else (lambda *_: None)
 
-    progress = ck.TrainProgress()
+    progress = TrainProgress()
     if resume_dir is not None:
-        ck.check_tensors(resume_dir, _expected_shapes(rt.chunks))
-        progress, notes = ck.load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout,
-                                             load_optimizer=spec.checkpoint.load_optimizer)
+        check_tensors(resume_dir, expected_shapes(rt.chunks))
+        progress, notes = load_checkpoint(resume_dir, rt.chunks, rt.optimizer, rt.scheduler, layout,
+                                          load_optimizer=spec.checkpoint.load_optimizer)
         for n in notes:
             say(f"note: {n}")
         say(f"resumed from {shown(resume_dir)} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
@@ -110,8 +112,8 @@ def train(spec, log=print) -> int:
     started, last_loss, last_eval, stopped = time.perf_counter(), None, None, None
 
     def save(reason: str) -> None:
-        path = ck.save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
-                                  keep_last=spec.checkpoint.keep_last)
+        path = save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
+                               keep_last=spec.checkpoint.keep_last)
         if logger:
             logger.print(f"saved checkpoint {shown(path)} ({reason})")
 
@@ -136,8 +138,8 @@ def train(spec, log=print) -> int:
             dt = time.perf_counter() - t0
             grad_norm = float(grad_norm) if grad_norm is not None else None
             if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                last = ck.latest_iteration(run_dir)
-                where = f"; the last good checkpoint is {run_dir}/{ck.iter_dirname(last)}" if last is not None else ""
+                last = latest_iteration(run_dir)
+                where = f"; the last good checkpoint is {run_dir}/{iter_dir_name(last)}" if last is not None else ""
                 raise TrainingStopped(
                     f"non-finite loss at step {progress.iteration + 1} (loss {loss}, grad norm {grad_norm}); "
                     f"stopped without saving{where}"
@@ -208,21 +210,6 @@ def train(spec, log=print) -> int:
                                   stopped=stopped):
             say(line)
     return 0
-
-
-def _expected_shapes(chunks) -> dict:
-    from dsv4cli.train.checkpointing import model_tensor_shapes
-
-    shapes = {}
-    for c in chunks:
-        shapes.update(model_tensor_shapes(c.sharded_state_dict()))
-    # every pipeline rank sees only its own layers: gather the union
-    if dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, shapes)
-        for g in gathered:
-            shapes.update(g)
-    return shapes
 
 
 def _flops_per_token(spec) -> Optional[float]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
-from dsv4cli.train.checkpointing import CheckpointError
+from dsv4cli.ckpt.errors import CheckpointError
 
 # The distributed optimizer's checkpoint format: per-parameter tensors of the model's shapes
 # (gathered over DP at save, sliced per rank at load). Its default `fully_sharded_model_space`

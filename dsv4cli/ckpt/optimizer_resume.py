@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dsv4cli.ckpt.errors import CheckpointError
+
 FRESH_OPTIMIZER_HINT = (
     "resume with a fresh optimizer (weights, step, learning-rate schedule and data position are kept): "
     "--set checkpoint.load_optimizer=false (or load_optimizer = false under [checkpoint] in the spec)"
@@ -27,24 +29,12 @@ _SHOWN = 3
 
 def stored_optimizer_names(iter_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """The checkpoint's optimizer tensors {key: global shape} and object names (`key/shard_...`)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     from dsv4cli.ckpt.keys import is_optimizer_key
-    from dsv4cli.train.checkpointing import CheckpointError
+    from dsv4cli.ckpt.metadata import stored_names
 
-    try:
-        md = FileSystemReader(str(iter_dir)).read_metadata()
-    except Exception as e:
-        raise CheckpointError(f"{iter_dir}: cannot read .metadata: {e}") from None
-    tensors, objects = {}, set()
-    for k, v in md.state_dict_metadata.items():
-        if is_optimizer_key(k):
-            if isinstance(v, TensorStorageMetadata):
-                tensors[k] = tuple(v.size)
-            else:
-                objects.add(k)
-    return tensors, objects
+    tensors, objects = stored_names(iter_dir)
+    return ({k: v for k, v in tensors.items() if is_optimizer_key(k)},
+            {k for k in objects if is_optimizer_key(k)})
 
 
 def resolve_keys(sharded_sd, stored: dict[str, tuple[int, ...]]) -> None:
@@ -139,8 +129,6 @@ class OptimizerRequest:
         """Apply the loaded state; a structure megatron cannot apply is bad input (CheckpointError)."""
         from megatron.core.dist_checkpointing.dict_utils import merge
 
-        from dsv4cli.train.checkpointing import CheckpointError
-
         state = loaded[self.key]
         try:
             if self.local is not None:
@@ -178,8 +166,6 @@ def optimizer_sharded_state(optimizer, model_sd: dict, iter_dir: Path, saved_lay
     Raises CheckpointError (all ranks alike) when the checkpoint lacks or mis-shapes anything requested.
     """
     import torch.distributed as dist
-
-    from dsv4cli.train.checkpointing import CheckpointError
 
     stored, stored_objects = stored_optimizer_names(iter_dir)
     md = {"chained_optim_avoid_prefix": True, **(metadata or {})}
