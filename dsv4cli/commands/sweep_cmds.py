@@ -102,11 +102,12 @@ def _write_slurm(plan, out_dir: str) -> None:
     from pathlib import Path
 
     from dsv4cli.sweep.run import write_variant_files
-    from dsv4cli.train.launch import slurm_script, write_text_atomic
+    from dsv4cli.ckpt.atomic import write_text_atomic
+    from dsv4cli.train.launch import slurm_script
 
     for variant, launch in plan:
         path = Path(out_dir) / f"{variant.slug}.sbatch"
-        write_text_atomic(path, slurm_script(launch))
+        write_text_atomic(path, slurm_script(launch), mode=0o755)
         write_variant_files(plan, variant, launch)
         typer.echo(f"wrote {path}: sbatch {path}")
     raise typer.Exit(0)

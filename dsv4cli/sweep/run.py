@@ -137,7 +137,7 @@ def read_record(run_dir: str | Path) -> dict:
 def write_variant_files(sweep: SweepPlan, variant: Variant, plan, add_wall_s: float = 0.0) -> None:
     """DIR/<slug>/spec.toml (the resolved variant spec) and sweep.json (what set it, wall time so far)."""
     from dsv4cli.spec.load import spec_to_toml
-    from dsv4cli.train.launch import write_text_atomic
+    from dsv4cli.ckpt.atomic import write_text_atomic
 
     record = {
         "set": variant.values,
