@@ -20,16 +20,15 @@ PREFIXES = ("dsv4 ", ".venv/bin/dsv4 ")
 
 
 def readme_commands(text: str) -> list[str]:
-    """The lines of README's code blocks (indented or fenced) that start with `dsv4 ` or `.venv/bin/dsv4 `."""
+    """The commands of README's code blocks (indented or fenced) that start with `dsv4 ` or
+    `.venv/bin/dsv4 `, also as a step of an `a && b` line (the set-up installs, then trains)."""
     out, fenced = [], False
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
             continue
         if fenced or line.startswith("    "):
-            cmd = line.strip()
-            if cmd.startswith(PREFIXES):
-                out.append(cmd)
+            out += [cmd for cmd in (part.strip() for part in line.split(" && ")) if cmd.startswith(PREFIXES)]
     return out
 
 
