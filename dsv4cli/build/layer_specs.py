@@ -27,26 +27,22 @@ class Backend:
 
 
 def select_backend() -> Backend:
-    """TE on CUDA when importable; local megatron modules otherwise (SDPA core attention on CPU)."""
-    import torch
+    """TE on CUDA when it loads; local megatron modules otherwise (SDPA core attention on CPU).
+    The choice is dsv4cli.build.gpu_settings's (`GpuSettings.backend`)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
+    from dsv4cli.build.gpu_settings import probe
     from dsv4cli.model.norms import SPNorm
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-            from megatron.core.extensions.transformer_engine import (
-                TEColumnParallelLinear,
-                TEDotProductAttention,
-                TENorm,
-            )
+    avail = probe()
+    if avail.te:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TEDotProductAttention, TENorm
 
-            return Backend("te", TEDotProductAttention, TENorm, TEColumnParallelLinear)
-        except ImportError:
-            from megatron.core.transformer.dot_product_attention import DotProductAttention
+        return Backend("te", TEDotProductAttention, TENorm, TEColumnParallelLinear)
+    if avail.cuda:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-            return Backend("local", DotProductAttention, SPNorm, ColumnParallelLinear)
+        return Backend("local", DotProductAttention, SPNorm, ColumnParallelLinear)
     from dsv4cli.model.sdpa_attention import SDPACoreAttention
 
     return Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
@@ -88,9 +84,12 @@ def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None):
     backend = backend or select_backend()
     num_experts = spec.model.moe.num_experts if spec.model.moe is not None else None
     if backend.name == "te":
-        # moe_grouped_gemm as in transformer_config (False): the same SequentialMLP expert
-        # parameters (`experts.local_experts.{e}.*`) as the local spec and the spec's inventory.
-        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False)
+        # Grouped-GEMM experts (TEGroupedMLP) as transformer_config decides (gpu_settings): their
+        # checkpoint keys are SequentialMLP's (`experts.linear_fc1.weight` with an expert axis).
+        from dsv4cli.build.gpu_settings import gpu_settings, probe
+
+        grouped = gpu_settings(spec, probe()).grouped_gemm
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped)
     else:
         # Checkpoint keys follow the TE spec: its dense layers fuse the norms into linear_qkv /
         # linear_fc1 (`*.layer_norm_weight`), its MoE layers keep `pre_mlp_layernorm` as a module.

@@ -74,6 +74,9 @@ def train(
         from dsv4cli.train.entry import run
 
         raise typer.Exit(run(spec, plan.overrides))
+    from dsv4cli.build.gpu_settings import export_launch_env
+
+    export_launch_env(plan.spec)  # e.g. CUDA_DEVICE_MAX_CONNECTIONS=1 for the ranks (CUDA, tp or cp > 1)
     typer.echo(shell_join(plan.argv), err=True)
     raise typer.Exit(run_torchrun(plan.argv))
 
@@ -94,8 +97,10 @@ def eval_(
         from dsv4cli.train.entry import run
 
         raise typer.Exit(run(spec, plan.overrides, mode="eval", load=load, batches=batches, as_json=as_json))
+    from dsv4cli.build.gpu_settings import export_launch_env
     from dsv4cli.train.launch import run_torchrun
 
+    export_launch_env(plan.spec)
     raise typer.Exit(run_torchrun(plan.argv))
 
 
