@@ -65,7 +65,7 @@ def train(spec, log=print) -> int:
     from dsv4cli.train import checkpointing as ck
     from dsv4cli.train.data import build_sources, microbatches
     from dsv4cli.train.metrics import MetricsLogger, mfu, peak_memory_gb
-    from dsv4cli.train.runtime import build_runtime, heldout_loss, reduce_step_values, run_microbatches
+    from dsv4cli.train.runtime import build_runtime, heldout_loss, params_synced, reduce_step_values, run_microbatches
 
     t = spec.train
     resume_dir = _checkpoint_to_resume(spec)
@@ -107,8 +107,9 @@ def train(spec, log=print) -> int:
     window_time, window_steps = 0.0, 0
 
     def save(reason: str) -> None:
-        path = ck.save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
-                                  keep_last=spec.checkpoint.keep_last)
+        with params_synced(rt):  # overlapped parameter gathers (GPU) finished first
+            path = ck.save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
+                                      keep_last=spec.checkpoint.keep_last)
         if logger:
             logger.print(f"saved checkpoint {path} ({reason})")
 
