@@ -126,12 +126,12 @@ def test_interrupted_conversion_leaves_no_dst(legacy, tmp_path, monkeypatch, sta
 
     original = convert.write_converted
 
-    def failing(plan, dst, force, fail_hook=None):
+    def failing(plan, dst, force, fail_hook=None, link=False):
         def hook(s):
             if s == stage:
                 raise OSError(f"injected failure at {s}")
 
-        return original(plan, dst, force, hook)
+        return original(plan, dst, force, hook, link)
 
     monkeypatch.setattr(convert, "write_converted", failing)
     with pytest.raises(OSError, match="injected"):
