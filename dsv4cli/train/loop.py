@@ -58,12 +58,11 @@ def _checkpoint_to_resume(spec) -> Optional[Path]:
 
 def train(spec, log=print) -> int:
     """Train `spec` in this process (one rank of the job). -> exit code."""
-    from megatron.core import parallel_state as ps
-
     from dsv4cli.ckpt.integrity import check_resumable
     from dsv4cli.spec.load import spec_to_toml
     from dsv4cli.train import checkpointing as ck
-    from dsv4cli.train.data import build_sources, microbatches
+    from dsv4cli.train.data import build_sources
+    from dsv4cli.train.feeding import BatchFeeder
     from dsv4cli.train.metrics import MetricsLogger, mfu, peak_memory_gb
     from dsv4cli.train.runtime import build_runtime, heldout_loss, params_synced, reduce_step_values, run_microbatches
 
@@ -89,7 +88,8 @@ def train(spec, log=print) -> int:
         say(f"resumed from {resume_dir} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
 
     data = build_sources(spec)
-    dp_rank, dp = ps.get_data_parallel_rank(), rt.layout.dp
+    dp = rt.layout.dp
+    feeder = BatchFeeder(rt, data.train)  # first/last stages, TP rank 0 reads; GPU: pinned + read-ahead
     tokens_per_step = t.global_batch_size * spec.model.seq_length
     flops_per_token = _flops_per_token(spec)
     run_dir = Path(spec.checkpoint.dir)
@@ -119,8 +119,7 @@ def train(spec, log=print) -> int:
         last_saved = progress.iteration if resume_dir is not None else -1
         while progress.iteration < t.steps:
             t0 = time.perf_counter()
-            batches = microbatches(data.train, progress.consumed_samples, t.global_batch_size, t.micro_batch_size,
-                                   dp_rank, dp)
+            batches = feeder.get(progress.consumed_samples)
             for m in rt.model:
                 m.zero_grad_buffer()
             rt.optimizer.zero_grad()
@@ -189,6 +188,7 @@ def train(spec, log=print) -> int:
                 say(f"exit_interval reached after {step - start_iteration} steps (step {step}); resume with the same command")
                 break
     finally:
+        feeder.close()
         stop.restore()
         if logger:
             logger.close()

@@ -227,9 +227,12 @@ def params_synced(rt: Runtime):
 # --------------------------------------------------------------------------- forward / loss
 
 
-def _to_device(a: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.cuda(non_blocking=True) if torch.cuda.is_available() else t
+def _to_device(a):
+    """numpy array or tensor [b, s] -> tensor on the model's device (None stays None: a middle stage)."""
+    if a is None:
+        return None
+    t = a if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.cuda(non_blocking=True) if torch.cuda.is_available() and not t.is_cuda else t
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -320,25 +323,26 @@ def reduce_step_values(rt: Runtime, losses: list[dict], num_microbatches: int, s
 
 def heldout_loss(rt: Runtime, valid, batches: int) -> tuple[float, list[float], int]:
     """Loss on the first `batches` global batches of the held-out source -> (loss, mtp, tokens)."""
-    from megatron.core import parallel_state as ps
-
-    from dsv4cli.train.data import microbatches
+    from dsv4cli.train.feeding import BatchFeeder
 
     t = rt.spec.train
-    dp_rank, dp = ps.get_data_parallel_rank(), rt.layout.dp
     cfg = rt.config
     dropout = float(getattr(cfg, "hidden_dropout", 0.0) or 0.0) + float(getattr(cfg, "attention_dropout", 0.0) or 0.0)
     # MTP losses are only tracked in training mode; without dropout the two modes compute the same.
     for m in rt.model:
         m.train(dropout == 0.0)
     total, total_mtp = 0.0, None
-    with torch.no_grad(), params_synced(rt):
-        for b in range(batches):
-            mbs = microbatches(valid, b * t.global_batch_size, t.global_batch_size, t.micro_batch_size, dp_rank, dp)
-            losses = run_microbatches(rt, mbs, forward_only=True)
-            loss, mtp, _ = reduce_step_values(rt, losses, len(mbs))
-            total += loss
-            total_mtp = mtp if total_mtp is None else [a + c for a, c in zip(total_mtp, mtp)]
+    feeder = BatchFeeder(rt, valid)
+    try:
+        with torch.no_grad(), params_synced(rt):
+            for b in range(batches):
+                mbs = feeder.get(b * t.global_batch_size)
+                losses = run_microbatches(rt, mbs, forward_only=True)
+                loss, mtp, _ = reduce_step_values(rt, losses, len(mbs))
+                total += loss
+                total_mtp = mtp if total_mtp is None else [a + c for a, c in zip(total_mtp, mtp)]
+    finally:
+        feeder.close()
     for m in rt.model:
         m.train()
     mtp_mean = [x / batches for x in (total_mtp or [])] if dropout == 0.0 else []
