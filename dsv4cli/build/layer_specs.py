@@ -64,8 +64,11 @@ def contraction_settings(spec: Spec):
     return ContractionSettings(spec.model.mhc.streams, c.mode, c.eps)
 
 
-def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None):
-    """One decoder layer: megatron TransformerLayer (n = 1) or MultiStreamTransformerLayer (n > 1)."""
+def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None, grouped_gemm: Optional[bool] = None):
+    """One decoder layer: megatron TransformerLayer (n = 1) or MultiStreamTransformerLayer (n > 1).
+
+    grouped_gemm: TE grouped-GEMM experts (the config's `moe_grouped_gemm`; default: what
+    gpu_settings decides for this machine)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -85,11 +88,12 @@ def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None):
     num_experts = spec.model.moe.num_experts if spec.model.moe is not None else None
     if backend.name == "te":
         # Grouped-GEMM experts (TEGroupedMLP) as transformer_config decides (gpu_settings): their
-        # checkpoint keys are SequentialMLP's (`experts.linear_fc1.weight` with an expert axis).
-        from dsv4cli.build.gpu_settings import gpu_settings, probe
+        # checkpoint keys are SequentialMLP's (`mlp.experts.experts.linear_fc1.weight`, expert axis).
+        if grouped_gemm is None:
+            from dsv4cli.build.gpu_settings import gpu_settings, probe
 
-        grouped = gpu_settings(spec, probe()).grouped_gemm
-        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped)
+            grouped_gemm = gpu_settings(spec, probe()).grouped_gemm
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm)
     else:
         # Checkpoint keys follow the TE spec: its dense layers fuse the norms into linear_qkv /
         # linear_fc1 (`*.layer_norm_weight`), its MoE layers keep `pre_mlp_layernorm` as a module.
@@ -130,7 +134,7 @@ def decoder_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backe
     from dsv4cli.model.multi_stream_block import MultiStreamBlockSubmodules
 
     backend = backend or select_backend()
-    layer = decoder_layer_spec(spec, backend)
+    layer = decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False))
     layers = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
     if spec.model.mhc.streams > 1:
         return MultiStreamBlockSubmodules(layer_specs=layers, layer_norm=backend.norm,
@@ -157,7 +161,7 @@ def mtp_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: 
         enorm=backend.norm,
         hnorm=backend.norm,
         eh_proj=backend.column_parallel_linear,
-        transformer_layer=decoder_layer_spec(spec, backend),
+        transformer_layer=decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False)),
         layer_norm=backend.norm,
     )
     if spec.model.mhc.streams > 1:
