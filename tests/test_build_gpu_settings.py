@@ -42,7 +42,7 @@ def test_cuda_with_te_gets_grouped_gemm_and_every_fusion(tiny_spec):
     c = s.config
     assert c["moe_grouped_gemm"] and c["moe_permute_fusion"] and c["apply_rope_fusion"]
     assert c["bias_activation_fusion"] and c["bias_dropout_fusion"] and c["cross_entropy_loss_fusion"]
-    assert c["cross_entropy_fusion_impl"] == "native"
+    assert c["cross_entropy_fusion_impl"] == "te"
     # Apex kernels are separate: without them no softmax / gradient-accumulation fusion
     assert not c["masked_softmax_fusion"] and not c["gradient_accumulation_fusion"]
     assert s.ddp["overlap_grad_reduce"] and s.ddp["overlap_param_gather"] and s.distributed_optimizer
@@ -58,6 +58,10 @@ def test_old_te_and_apex_and_overlap_edges(tiny_spec):
     assert not old.config["moe_permute_fusion"]
     apex = gpu_settings(tiny_spec(), CUDA_APEX).config
     assert apex["masked_softmax_fusion"] and apex["gradient_accumulation_fusion"]
+    # megatron's native fused cross entropy returns bf16 gradients: only for bf16 runs without TE
+    assert not apex["cross_entropy_loss_fusion"]
+    bf16 = gpu_settings(tiny_spec(**{"train.precision": "bf16"}), CUDA).config
+    assert bf16["cross_entropy_loss_fusion"] and bf16["cross_entropy_fusion_impl"] == "native"
     one = gpu_settings(tiny_spec(), CUDA_TE, dp=1)  # nothing to reduce, nothing to overlap
     assert not one.ddp["overlap_grad_reduce"] and not one.distributed_optimizer and one.env == {}
     off = gpu_settings(tiny_spec(**{"train.distributed_optimizer": "off"}), CUDA_TE, dp=2)
@@ -116,7 +120,7 @@ def test_cuda_without_te_settings_pass_megatrons_own_checks(monkeypatch, tiny_sp
 
     monkeypatch.setattr(gs, "probe", lambda: CUDA_APEX)
     cfg = config.transformer_config(tiny_spec(**MOE))
-    assert cfg.bias_activation_fusion and cfg.bias_dropout_fusion and cfg.cross_entropy_loss_fusion
+    assert cfg.bias_activation_fusion and cfg.bias_dropout_fusion and not cfg.cross_entropy_loss_fusion
     assert cfg.masked_softmax_fusion and cfg.gradient_accumulation_fusion and not cfg.moe_grouped_gemm
 
 
@@ -181,3 +185,38 @@ def test_launch_env_is_exported_for_torchrun_only_on_cuda(monkeypatch, tiny_spec
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "4")  # the user's own value wins
     assert export_launch_env(spec, CUDA_TE) == {} and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "4"
+
+
+@pytest.mark.slow
+def test_fusions_chosen_on_cuda_run_this_model_and_compute_the_same(tiny_spec, cpu_compat):
+    """The fusions gpu_settings turns on with CUDA for an fp32 run (bias-SwiGLU, bias-dropout-add:
+    torch.compile'd code that also runs on CPU) give this model's loss and gradients (MoE experts,
+    n = 4 streams, MTP). (Megatron's native fused cross entropy is left to bf16 runs: it returns
+    bf16 logit gradients, about 2e-3 off in fp32.)"""
+    import dataclasses
+
+    import torch
+
+    from dsv4cli.build import single_process, transformer_config
+    from dsv4cli.build.model import build_model_from_config
+
+    spec = tiny_spec(**MOE)
+    fused_keys = {k for k, v in gpu_settings(spec, CUDA).config.items() if v is True}
+    assert fused_keys == {"bias_activation_fusion", "bias_dropout_fusion"}
+    out = {}
+    with single_process(spec, seed=0):
+        cfg = transformer_config(spec)
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = build_model_from_config(spec, dataclasses.replace(cfg, **{k: fused for k in fused_keys}))
+            ids = torch.randint(0, 256, (2, 16))
+            loss = model(ids, torch.arange(16).expand(2, 16), attention_mask=None, labels=ids,
+                         loss_mask=torch.ones(2, 16))
+            loss.mean().backward()
+            out[fused] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
+    assert len(out[True][1]) == len(out[False][1]) > 0
+    # fp32 rounding of the fused kernels, relative to the largest gradient (some mHC gradients are near 0)
+    scale = max(b.abs().max() for b in out[False][1])
+    for a, b in zip(out[True][1], out[False][1]):
+        assert (a - b).abs().max() <= 1e-6 * scale

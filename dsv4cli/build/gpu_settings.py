@@ -14,7 +14,7 @@ What each availability gets (megatron-core 0.16.1; RMSNorm, SwiGLU without biase
 | `moe_permute_fusion` (MoE) | no | no | TE >= 2.1 |
 | `apply_rope_fusion` | no | no | TE >= 1.4 |
 | `bias_activation_fusion` (SwiGLU), `bias_dropout_fusion` | no | yes | yes |
-| `cross_entropy_loss_fusion` (megatron's native kernel) | no | yes | yes |
+| `cross_entropy_loss_fusion` | no | bf16 only (megatron's native kernel returns bf16 gradients) | TE >= 2.0's kernel |
 | `masked_softmax_fusion` | no | with Apex's softmax kernels | with Apex's softmax kernels |
 | `gradient_accumulation_fusion` | no | with Apex's fused_weight_gradient_mlp_cuda | same (the output layer is megatron's own linear) |
 | DDP `overlap_grad_reduce` | no | dp > 1 | dp > 1 |
@@ -36,7 +36,7 @@ from typing import Optional
 
 TE_INSTALL = ("pip install --no-build-isolation 'transformer_engine[pytorch]>=2.1' "
               "(what this project's [gpu] extra brings: pip install --no-build-isolation -e '.[gpu]')")
-_TE_MIN = {"rope_fusion": "1.4", "grouped_gemm": "1.9", "permute_fusion": "2.1"}
+_TE_MIN = {"rope_fusion": "1.4", "grouped_gemm": "1.9", "permute_fusion": "2.1", "cross_entropy": "2.0"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ def gpu_settings(spec, avail: Availability, dp: int = 1, virtual_stages: Optiona
     vstages = par.vpp if virtual_stages is None else virtual_stages
     moe = m.moe is not None
     cuda, te = avail.cuda, avail.te
+    bf16 = spec.train.precision == "bf16"
+    te_ce = avail.te_at_least(_TE_MIN["cross_entropy"])
     mode = spec.train.distributed_optimizer
     dist_opt = mode == "on" or (mode == "auto" and cuda and dp > 1)
     grouped = moe and avail.te_at_least(_TE_MIN["grouped_gemm"])
@@ -93,8 +95,9 @@ def gpu_settings(spec, avail: Availability, dp: int = 1, virtual_stages: Optiona
         apply_rope_fusion=avail.te_at_least(_TE_MIN["rope_fusion"]),
         bias_activation_fusion=cuda,
         bias_dropout_fusion=cuda,
-        cross_entropy_loss_fusion=cuda,
-        cross_entropy_fusion_impl="native",
+        # megatron's native fused cross entropy casts the logits' gradient to bf16: not for fp32 runs
+        cross_entropy_loss_fusion=te_ce or (cuda and bf16),
+        cross_entropy_fusion_impl="te" if te_ce else "native",
         masked_softmax_fusion=cuda and avail.apex_softmax,
         gradient_accumulation_fusion=cuda and avail.apex_wgrad,
         persist_layer_norm=False,  # an Apex LayerNorm kernel; the model uses RMSNorm
