@@ -29,6 +29,7 @@ def test_cpu_gets_no_fusion_no_overlap_no_env(tiny_spec):
     assert s.backend == "cpu" and not s.grouped_gemm and not s.warnings and s.env == {}
     assert all(s.config[f] is False for f in FUSIONS)
     assert s.config["moe_grouped_gemm"] is False and s.config["moe_permute_fusion"] is False
+    assert s.config["moe_router_fusion"] is False
     assert not s.ddp["overlap_grad_reduce"] and not s.ddp["overlap_param_gather"]
     assert not s.distributed_optimizer and not s.pin_memory and not s.prefetch
     assert "overlap_p2p_comm" not in s.config
@@ -40,7 +41,7 @@ def test_cuda_with_te_gets_grouped_gemm_and_every_fusion(tiny_spec):
     s = gpu_settings(tiny_spec(**MOE, **{"parallel.tp": 2}), CUDA_TE, dp=4)
     assert s.backend == "te" and s.grouped_gemm and not s.warnings
     c = s.config
-    assert c["moe_grouped_gemm"] and c["moe_permute_fusion"] and c["apply_rope_fusion"]
+    assert c["moe_grouped_gemm"] and c["moe_permute_fusion"] and c["moe_router_fusion"] and c["apply_rope_fusion"]
     assert c["bias_activation_fusion"] and c["bias_dropout_fusion"] and c["cross_entropy_loss_fusion"]
     assert c["cross_entropy_fusion_impl"] == "te"
     # Apex kernels are separate: without them no softmax / gradient-accumulation fusion
@@ -55,7 +56,7 @@ def test_cuda_with_te_gets_grouped_gemm_and_every_fusion(tiny_spec):
 def test_old_te_and_apex_and_overlap_edges(tiny_spec):
     old = gpu_settings(tiny_spec(**MOE), OLD_TE)
     assert old.backend == "te" and not old.grouped_gemm and old.config["apply_rope_fusion"]
-    assert not old.config["moe_permute_fusion"]
+    assert not old.config["moe_permute_fusion"] and not old.config["moe_router_fusion"]
     apex = gpu_settings(tiny_spec(), CUDA_APEX).config
     assert apex["masked_softmax_fusion"] and apex["gradient_accumulation_fusion"]
     # megatron's native fused cross entropy returns bf16 gradients: only for bf16 runs without TE

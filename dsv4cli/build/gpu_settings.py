@@ -12,6 +12,7 @@ What each availability gets (megatron-core 0.16.1; RMSNorm, SwiGLU without biase
 | layer modules | local, SDPA attention | local (non-flash attention) | TE (flash attention) |
 | `moe_grouped_gemm` (MoE) | no | no | TE >= 1.9 |
 | `moe_permute_fusion` (MoE) | no | no | TE >= 2.1 |
+| `moe_router_fusion` (MoE: top-k, score function, aux loss) | no | no | TE >= 2.7 |
 | `apply_rope_fusion` | no | no | TE >= 1.4 |
 | `bias_activation_fusion` (SwiGLU), `bias_dropout_fusion` | no | yes | yes |
 | `cross_entropy_loss_fusion` | no | bf16 only (megatron's native kernel returns bf16 gradients) | TE >= 2.0's kernel |
@@ -36,7 +37,8 @@ from typing import Optional
 
 TE_INSTALL = ("pip install --no-build-isolation 'transformer_engine[pytorch]>=2.1' "
               "(what this project's [gpu] extra brings: pip install --no-build-isolation -e '.[gpu]')")
-_TE_MIN = {"rope_fusion": "1.4", "grouped_gemm": "1.9", "permute_fusion": "2.1", "cross_entropy": "2.0"}
+_TE_MIN = {"rope_fusion": "1.4", "grouped_gemm": "1.9", "permute_fusion": "2.1", "cross_entropy": "2.0",
+           "router_fusion": "2.7"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def gpu_settings(spec, avail: Availability, dp: int = 1, virtual_stages: Optiona
     config = dict(
         moe_grouped_gemm=grouped,
         moe_permute_fusion=moe and avail.te_at_least(_TE_MIN["permute_fusion"]),
+        moe_router_fusion=moe and avail.te_at_least(_TE_MIN["router_fusion"]),
         apply_rope_fusion=avail.te_at_least(_TE_MIN["rope_fusion"]),
         bias_activation_fusion=cuda,
         bias_dropout_fusion=cuda,
@@ -103,7 +106,7 @@ def gpu_settings(spec, avail: Availability, dp: int = 1, virtual_stages: Optiona
         persist_layer_norm=False,  # an Apex LayerNorm kernel; the model uses RMSNorm
     )
     if not moe:
-        del config["moe_grouped_gemm"], config["moe_permute_fusion"]
+        del config["moe_grouped_gemm"], config["moe_permute_fusion"], config["moe_router_fusion"]
     if not cuda and vstages > 1:
         # gloo + batched isend/irecv under the interleaved schedule gave silently wrong grads.
         config.update(overlap_p2p_comm=True, batch_p2p_comm=False)
@@ -117,7 +120,7 @@ def gpu_settings(spec, avail: Availability, dp: int = 1, virtual_stages: Optiona
         warnings.append(
             "Transformer Engine is not installed: running megatron's local modules, so attention is not flash "
             "attention (memory quadratic in sequence length), MoE experts run one by one (no grouped GEMM) and "
-            f"the RoPE / MoE permute fusions are off. Install it with: {TE_INSTALL}"
+            f"the RoPE / MoE permute / router fusions are off. Install it with: {TE_INSTALL}"
         )
     return GpuSettings(
         availability=avail,
