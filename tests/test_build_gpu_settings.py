@@ -221,3 +221,15 @@ def test_fusions_chosen_on_cuda_run_this_model_and_compute_the_same(tiny_spec, c
     scale = max(b.abs().max() for b in out[False][1])
     for a, b in zip(out[True][1], out[False][1]):
         assert (a - b).abs().max() <= 1e-6 * scale
+
+
+def test_slurm_script_exports_the_gpu_launch_env(tmp_path):
+    """sbatch scripts run on CUDA nodes: CUDA_DEVICE_MAX_CONNECTIONS=1 where tp > 1 (a user's value kept)."""
+    from dsv4cli.train.launch import plan_launch, slurm_script
+
+    spec = os.path.join(os.path.dirname(__file__), "..", "specs", "tiny.toml")
+    line = 'export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"'
+    tp2 = plan_launch(spec, ["parallel.tp=2", "launch.nproc_per_node=2"])
+    assert not tp2.problems, tp2.problems
+    assert line in slurm_script(tp2).splitlines()
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in slurm_script(plan_launch(spec, []))

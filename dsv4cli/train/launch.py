@@ -217,11 +217,20 @@ def slurm_script(plan: LaunchPlan, gpus_per_node: Optional[int] = None) -> str:
         f"cd {shlex.quote(os.getcwd())}",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         f'export MASTER_PORT="${{MASTER_PORT:-{port}}}"',
+        *_gpu_node_env(spec),
         f"LAUNCH={shlex.quote(inner)}",
         'srun --kill-on-bad-exit=1 bash -c "$LAUNCH"',
         "",
     ]
     return "\n".join(lines)
+
+
+def _gpu_node_env(spec) -> list[str]:
+    """`export` lines for what megatron needs in the ranks' environment on the (CUDA) nodes."""
+    from dsv4cli.build.gpu_settings import Availability, gpu_settings
+
+    env = gpu_settings(spec, Availability(cuda=True)).env
+    return [f'export {k}="${{{k}:-{shlex.quote(v)}}}"' for k, v in sorted(env.items())]
 
 
 def write_text_atomic(path: str | Path, text: str, mode: int = 0o755) -> None:
