@@ -14,8 +14,13 @@ Written for a session that gets a GPU for a few minutes (budget: < 6 min on an H
    forward and forward+backward, ideal bytes, GB/s, fraction of the measured copy bandwidth, speed-ups; plus
    the learned contraction's two-pass kernels (forward with 16 / 4 / 1 tokens per program) next to the default
    so the tuning constants in kernels/triton_ops.py can be set from numbers.
-3. Prints everything and writes a markdown block (date, device, versions, command) for benchmarks/RESULTS.md.
-Exit code: 0 when every correctness row passes, 1 otherwise (the benchmarks still run and are written).
+3. Training (benchmarks/gpu_train_check.py; needs `pip install -e .`, skipped with the reason otherwise): a
+   timed training step of a mid-size spec (specs/model.toml on one GPU, 4 layers) with n = 1 and n = 4 streams:
+   ms/step, tokens/s, MFU and the mHC overhead ratio; and the checkpoint keys of TE grouped-GEMM experts vs
+   SequentialMLP experts (equal keys, shapes and offsets).
+4. Prints everything and writes a markdown block (date, device, versions, command) for benchmarks/RESULTS.md.
+Exit code: 0 when every correctness row (and expert-key check) passes, 1 otherwise (the benchmarks still run
+and are written).
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ _spec = importlib.util.spec_from_file_location("dsv4_bench_kernels", Path(__file
 bench = importlib.util.module_from_spec(_spec)  # benchmarks/kernels.py (make_case, bench_case, copy_bandwidth)
 sys.modules[_spec.name] = bench
 _spec.loader.exec_module(bench)
+_spec = importlib.util.spec_from_file_location("dsv4_gpu_train_check", Path(__file__).with_name("gpu_train_check.py"))
+train_check = importlib.util.module_from_spec(_spec)  # benchmarks/gpu_train_check.py (train_rows, expert_key_rows)
+sys.modules[_spec.name] = train_check
+_spec.loader.exec_module(train_check)
 
 OPS = bench.OPS
 ITERATIONS, EPS = 20, 1e-6
@@ -286,7 +295,25 @@ def speedups(rows: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------ report
 
 
-def markdown(args, device_name: str, check_rows, bench_rows, bw, elapsed: float, argv: list[str]) -> str:
+def training(args, log) -> tuple[object, object]:
+    """(train rows or why skipped, expert-key rows or why skipped); errors are reported, never raised."""
+    out = []
+    for name, fn in (("train", lambda: train_check.train_rows(args.dry_run, log)),
+                     ("keys", lambda: train_check.expert_key_rows(log))):
+        if args.skip_train:
+            out.append("--skip-train")
+            continue
+        try:
+            out.append(fn())
+        except Exception as exc:  # e.g. megatron-core not installed on the GPU machine
+            traceback.print_exc()
+            out.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            log(f"{name}: skipped: {out[-1]}")
+    return out[0], out[1]
+
+
+def markdown(args, device_name: str, check_rows, bench_rows, bw, elapsed: float, argv: list[str], train=None,
+             keys=None) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import triton
 
@@ -333,6 +360,8 @@ def markdown(args, device_name: str, check_rows, bench_rows, bw, elapsed: float,
         if "compile" in s:
             verdict = "met" if min(s["compile"]) >= 1.3 else "NOT met"
             L.append(f"- {op} T={T} h={h}: {s['compile'][0]:.2f}x fwd, {s['compile'][1]:.2f}x fwd+bwd vs torch.compile (>= 1.3x: {verdict})")
+    if train is not None:
+        L += [""] + train_check.markdown(train, keys)
     return "\n".join(L) + "\n"
 
 
@@ -354,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-tree", action="store_true", help="import dsv4cli.kernels from this tree even if installed")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-train", action="store_true", help="skip the training step and expert-key checks")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -384,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # the reference in true fp32
     check_rows = [] if args.skip_check else correctness(args, device, log)
     bench_rows, bw = ([], float("nan")) if args.skip_bench else benchmarks(args, device, t_start, log)
-    md = markdown(args, device_name, check_rows, bench_rows, bw, time.perf_counter() - t_start, argv)
+    train, keys = training(args, log)
+    md = markdown(args, device_name, check_rows, bench_rows, bw, time.perf_counter() - t_start, argv, train, keys)
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -393,8 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.out)
         log(f"wrote {args.out}")
     n_fail = sum(r["status"] == "FAIL" for r in check_rows)
-    log(f"done: {len(check_rows) - n_fail}/{len(check_rows)} correctness checks passed")
-    return 1 if n_fail else 0
+    key_fail = sum(r["ok"] is False for r in keys) if isinstance(keys, list) else 0
+    log(f"done: {len(check_rows) - n_fail}/{len(check_rows)} correctness checks passed"
+        + (f"; {key_fail} expert-key check(s) FAILED" if key_fail else ""))
+    return 1 if n_fail or key_fail else 0
 
 
 if __name__ == "__main__":

@@ -126,12 +126,12 @@ def test_interrupted_conversion_leaves_no_dst(legacy, tmp_path, monkeypatch, sta
 
     original = convert.write_converted
 
-    def failing(plan, dst, force, fail_hook=None):
+    def failing(plan, dst, force, fail_hook=None, link=False):
         def hook(s):
             if s == stage:
                 raise OSError(f"injected failure at {s}")
 
-        return original(plan, dst, force, hook)
+        return original(plan, dst, force, hook, link)
 
     monkeypatch.setattr(convert, "write_converted", failing)
     with pytest.raises(OSError, match="injected"):
@@ -153,11 +153,11 @@ def test_interrupted_copy_via_cli_leaves_no_dst(legacy, tmp_path, monkeypatch):
 
     calls = []
 
-    def broken_copy(src, dst):
+    def broken_copy(src, dst, link):
         calls.append(src)
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert, "_copy_file", broken_copy)
+    monkeypatch.setattr(convert, "transfer", broken_copy)
     res = CliRunner().invoke(app, ["convert-ckpt", str(legacy), str(tmp_path / "dst")], env=ENV)
     assert res.exit_code == 1 and calls
     assert "disk full" in res.output and "not written" in res.output

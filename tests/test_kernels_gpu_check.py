@@ -42,6 +42,12 @@ def test_gpu_check_dry_run_passes_every_check_and_writes_markdown(tmp_path):
     # --from-tree: imported the way the GPU machine (no `pip install -e .`) does
     assert f"dsv4cli.kernels from {ROOT / 'kernels'}" in proc.stdout, proc.stdout[:2000]
     assert re.search(r"^(\d+)/\1 passed\.$", md, re.M), md
+    # the training step (n = 1 vs 4) and the expert checkpoint-key check run too (TE's side skipped on CPU)
+    for n in (1, 4):
+        assert re.search(rf"^\| tiny\.toml \| {n} \| [\d,]+ \| [\d.]+ \| [\d,]+ \| n/a \| [\d.]+ \|$", md, re.M), md
+    assert re.search(r"^mHC overhead \(n = 4 step time / n = 1\): [\d.]+$", md, re.M), md
+    assert "| SequentialMLP keys = expert_checkpoint_key mapping | PASS | 24 expert weights |" in md
+    assert "skipped: grouped GEMM needs Transformer Engine" in md
 
 
 def test_gpu_check_uses_the_test_tolerances():

@@ -75,6 +75,8 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from dsv4cli.build.gpu_settings import gpu_settings, probe
+
     check_supported(spec)
     m, par, tr = spec.model, spec.parallel, spec.train
     if world_size is not None:
@@ -83,7 +85,7 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
             raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp = {par.tp}*{par.pp}*{par.cp} = {mp}")
         if (world_size // (par.pp)) % (par.ep * par.etp):
             raise ValueError(f"world size {world_size} / pp {par.pp} is not a multiple of ep*etp = {par.ep * par.etp}")
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = not torch.cuda.is_available()  # CPU initialisation (the fast paths come from gpu_settings)
     bf16 = tr.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     recompute_kwargs, _ = recompute_settings(spec)
@@ -135,19 +137,7 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=False,
         )
-    if on_cpu:
-        kwargs.update(
-            masked_softmax_fusion=False,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
-            cross_entropy_loss_fusion=False,
-        )
-        if virtual_stages(spec) > 1:
-            # gloo + batched isend/irecv under the interleaved schedule gave silently wrong grads.
-            kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    # Fusions, grouped-GEMM experts and CPU workarounds: what this machine has installed.
+    kwargs.update(gpu_settings(spec, probe(), virtual_stages=virtual_stages(spec)).config)
     return TransformerConfig(**kwargs)

@@ -27,26 +27,22 @@ class Backend:
 
 
 def select_backend() -> Backend:
-    """TE on CUDA when importable; local megatron modules otherwise (SDPA core attention on CPU)."""
-    import torch
+    """TE on CUDA when it loads; local megatron modules otherwise (SDPA core attention on CPU).
+    The choice is dsv4cli.build.gpu_settings's (`GpuSettings.backend`)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
+    from dsv4cli.build.gpu_settings import probe
     from dsv4cli.model.norms import SPNorm
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-            from megatron.core.extensions.transformer_engine import (
-                TEColumnParallelLinear,
-                TEDotProductAttention,
-                TENorm,
-            )
+    avail = probe()
+    if avail.te:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TEDotProductAttention, TENorm
 
-            return Backend("te", TEDotProductAttention, TENorm, TEColumnParallelLinear)
-        except ImportError:
-            from megatron.core.transformer.dot_product_attention import DotProductAttention
+        return Backend("te", TEDotProductAttention, TENorm, TEColumnParallelLinear)
+    if avail.cuda:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-            return Backend("local", DotProductAttention, SPNorm, ColumnParallelLinear)
+        return Backend("local", DotProductAttention, SPNorm, ColumnParallelLinear)
     from dsv4cli.model.sdpa_attention import SDPACoreAttention
 
     return Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
@@ -68,8 +64,11 @@ def contraction_settings(spec: Spec):
     return ContractionSettings(spec.model.mhc.streams, c.mode, c.eps)
 
 
-def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None):
-    """One decoder layer: megatron TransformerLayer (n = 1) or MultiStreamTransformerLayer (n > 1)."""
+def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None, grouped_gemm: Optional[bool] = None):
+    """One decoder layer: megatron TransformerLayer (n = 1) or MultiStreamTransformerLayer (n > 1).
+
+    grouped_gemm: TE grouped-GEMM experts (the config's `moe_grouped_gemm`; default: what
+    gpu_settings decides for this machine)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -88,9 +87,13 @@ def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None):
     backend = backend or select_backend()
     num_experts = spec.model.moe.num_experts if spec.model.moe is not None else None
     if backend.name == "te":
-        # moe_grouped_gemm as in transformer_config (False): the same SequentialMLP expert
-        # parameters (`experts.local_experts.{e}.*`) as the local spec and the spec's inventory.
-        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False)
+        # Grouped-GEMM experts (TEGroupedMLP) as transformer_config decides (gpu_settings): their
+        # checkpoint keys are SequentialMLP's (`mlp.experts.experts.linear_fc1.weight`, expert axis).
+        if grouped_gemm is None:
+            from dsv4cli.build.gpu_settings import gpu_settings, probe
+
+            grouped_gemm = gpu_settings(spec, probe()).grouped_gemm
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm)
     else:
         # Checkpoint keys follow the TE spec: its dense layers fuse the norms into linear_qkv /
         # linear_fc1 (`*.layer_norm_weight`), its MoE layers keep `pre_mlp_layernorm` as a module.
@@ -131,7 +134,7 @@ def decoder_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backe
     from dsv4cli.model.multi_stream_block import MultiStreamBlockSubmodules
 
     backend = backend or select_backend()
-    layer = decoder_layer_spec(spec, backend)
+    layer = decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False))
     layers = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
     if spec.model.mhc.streams > 1:
         return MultiStreamBlockSubmodules(layer_specs=layers, layer_norm=backend.norm,
@@ -158,7 +161,7 @@ def mtp_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: 
         enorm=backend.norm,
         hnorm=backend.norm,
         eh_proj=backend.column_parallel_linear,
-        transformer_layer=decoder_layer_spec(spec, backend),
+        transformer_layer=decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False)),
         layer_norm=backend.norm,
     )
     if spec.model.mhc.streams > 1:

@@ -4,8 +4,8 @@ The converted checkpoint is the source plus `hc_head_fn = 0`, `hc_head_scale = 1
 `hc_head_base = logit(1/n - eps)` for the main block and every MTP depth lacking them (so
 `pre = 1/n` and the contraction stays the stream mean), zero Adam moments for them where the
 optimizer state is stored per parameter, and the saved spec switched to `contraction.mode =
-"learned"`. Nothing is loaded whole: the source `.distcp` files are copied byte for byte, the
-new tensors go into one extra data file, and the DCP `.metadata` is the source's plus entries
+"learned"`. Nothing is loaded whole: the source `.distcp` files are copied byte for byte (reflink /
+in-kernel copies, dsv4cli/ckpt/filecopy.py) or hard-linked (`link`), the new tensors go into one extra data file, and the DCP `.metadata` is the source's plus entries
 pointing at that file. Output is written beside DST and renamed into place at the end.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from dsv4cli.ckpt.errors import CheckpointError
+from dsv4cli.ckpt.filecopy import copy_ranges, transfer
 from dsv4cli.ckpt.keys import contraction_blocks, hc_head_keys, infer_stream_layout, is_optimizer_key
 from dsv4cli.ckpt.layout import (
     COMMON_STATE,
@@ -32,7 +33,6 @@ from dsv4cli.ckpt.layout import (
     SPEC_FILE,
     TRACKER_FILE,
     iter_dir_name,
-    resolve_checkpoint,
 )
 from dsv4cli.ckpt.metadata import CheckpointInfo, check_common_state, read_checkpoint_info
 from dsv4cli.ckpt.optimizer_state import OptimizerLayout, new_optimizer_entries, optimizer_layout
@@ -40,7 +40,6 @@ from dsv4cli.ckpt.provenance import spec_hash
 
 NEW_DATA_FILE = "__dsv4_hc_head.distcp"
 DEFAULT_EPS = 1e-6
-_COPY_CHUNK = 16 << 20
 
 
 def contraction_base(n: int, eps: float) -> float:
@@ -70,6 +69,7 @@ class ConversionResult:
     optimizer_states: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
     bytes_copied: int = 0
+    linked: bool = False  # copied_files are hard links to SRC's files (--link)
     spec_written: bool = False
     verify: Optional[dict] = None
 
@@ -227,30 +227,6 @@ def _check_destination(src_dirs: list[Path], dst: Path, force: bool) -> None:
         raise CheckpointError(f"DST {dst}: {parent} is a file, not a directory")
 
 
-def _copy_file(src: Path, dst: Path) -> int:
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        shutil.copyfileobj(fi, fo, _COPY_CHUNK)
-    return src.stat().st_size
-
-
-def _copy_ranges(src: Path, dst: Path, ranges: list[tuple[int, int]]) -> tuple[list[int], int]:
-    """Copy byte ranges (offset, length) of src into dst back to back -> (new offsets, bytes)."""
-    offsets, pos = [], 0
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        for off, length in ranges:
-            fi.seek(off)
-            offsets.append(pos)
-            left = length
-            while left:
-                buf = fi.read(min(left, _COPY_CHUNK))
-                if not buf:
-                    raise CheckpointError(f"{src}: truncated at byte {fi.tell()}")
-                fo.write(buf)
-                left -= len(buf)
-            pos += length
-    return offsets, pos
-
-
 def _write_new_tensors(tensors: dict, scratch: Path):
     """Save `tensors` with PyTorch DCP (single process) into scratch; -> its Metadata."""
     import torch.distributed.checkpoint as dcp
@@ -321,8 +297,12 @@ def _provenance(plan: _Plan, src_dir: Path, added: list[str]) -> dict:
     return meta
 
 
-def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Callable[[str], None]] = None) -> ConversionResult:
-    """Write DST from a plan, atomically (temp dir beside DST, rename at the end)."""
+def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Callable[[str], None]] = None,
+                    link: bool = False) -> ConversionResult:
+    """Write DST from a plan, atomically (temp dir beside DST, rename at the end).
+
+    Unchanged files are copied, or hard-linked with `link` (same filesystem, else CheckpointError);
+    every file written after that is a new one (written beside, then renamed), never a linked one."""
     import torch
 
     info = plan.info
@@ -352,14 +332,14 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
                 continue
             hook(f"copy:{name}")
             if entry.is_dir():
-                shutil.copytree(entry, out / name)
+                nbytes += transfer(entry, out / name, link)
                 copied.append(name + "/")
             elif drop and name in data_files:
                 items = sorted(
                     ((idx, si) for idx, si in md.storage_data.items() if si.relative_path == name and keep(idx.fqn)),
                     key=lambda t: t[1].offset,
                 )
-                offsets, size = _copy_ranges(entry, out / name, [(si.offset, si.length) for _, si in items])
+                offsets, size = copy_ranges(entry, out / name, [(si.offset, si.length) for _, si in items])
                 for (idx, si), off in zip(items, offsets):
                     relocate[idx] = dataclasses.replace(si, offset=off)
                 copied.append(name)
@@ -371,7 +351,7 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
                 torch.save(common, out / name)
                 copied.append(name)
             else:
-                nbytes += _copy_file(entry, out / name)
+                nbytes += transfer(entry, out / name, link)
                 copied.append(name)
         hook("new-tensors")
         scratch = tmp / "scratch"
@@ -419,6 +399,7 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
         optimizer_states=sorted(plan.optimizer_states),
         copied_files=copied,
         bytes_copied=nbytes,
+        linked=link,
         spec_written=spec_written,
     )
 
@@ -434,11 +415,13 @@ def convert_checkpoint(
     verify: bool = False,
     fail_hook: Optional[Callable[[str], None]] = None,
     overrides: Sequence[str] = (),
+    link: bool = False,
 ) -> ConversionResult:
     """`dsv4 convert-ckpt`: SRC (root or iter dir) -> DST root with the learned contraction.
 
-    CheckpointError for bad input (CLI exit 2); an already converted SRC returns status
-    'already_converted' and writes nothing. With verify, `result.verify` holds the checks run.
+    CheckpointError for bad input (CLI exit 2; also `link` across filesystems); an already converted
+    SRC returns status 'already_converted' and writes nothing. `link`: hard-link SRC's unchanged
+    files instead of copying them. With verify, `result.verify` holds the checks run.
     """
     if streams is not None and streams < 2:
         raise CheckpointError(f"--streams {streams}: hyper-connection checkpoints have n >= 2 streams")
@@ -456,7 +439,7 @@ def convert_checkpoint(
     dst = Path(os.path.abspath(dst))  # "." or "out/" -> a path with a real name and parent
     src_dirs = [info.iter_dir] + ([info.location.root] if info.location.root else [])
     _check_destination(src_dirs, dst, force)
-    result = write_converted(plan, dst, force, fail_hook)
+    result = write_converted(plan, dst, force, fail_hook, link)
     result.dst = shown
     if verify:
         from dsv4cli.ckpt.verify import verify_conversion

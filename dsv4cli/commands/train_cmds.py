@@ -131,8 +131,10 @@ def eval_(
 
         raise typer.Exit(run(spec, plan.overrides, mode="eval", load=load, batches=batches, as_json=as_json,
                              verbose=verbose))
+    from dsv4cli.build.gpu_settings import export_launch_env
     from dsv4cli.train.launch import run_torchrun
 
+    export_launch_env(plan.spec)  # e.g. CUDA_DEVICE_MAX_CONNECTIONS=1 for the ranks (CUDA, tp or cp > 1)
     raise typer.Exit(run_torchrun(plan.argv, verbose=verbose))
 
 

@@ -218,6 +218,7 @@ def slurm_script(plan: LaunchPlan, gpus_per_node: Optional[int] = None) -> str:
         f"cd {shlex.quote(os.getcwd())}",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         f'export MASTER_PORT="${{MASTER_PORT:-{port}}}"',
+        *_gpu_node_env(spec),
         f"LAUNCH={shlex.quote(inner)}",
         'srun --kill-on-bad-exit=1 bash -c "$LAUNCH"',
         "",
@@ -232,6 +233,14 @@ def run_log_path(run_dir: str | Path, kind: str = "train", node_rank: Optional[i
 
     node = f"-node{node_rank}" if node_rank is not None else ""
     return Path(run_dir) / "logs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}{node}.log"
+
+
+def _gpu_node_env(spec) -> list[str]:
+    """`export` lines for what megatron needs in the ranks' environment on the (CUDA) nodes."""
+    from dsv4cli.build.gpu_settings import Availability, gpu_settings
+
+    env = gpu_settings(spec, Availability(cuda=True)).env
+    return [f'export {k}="${{{k}:-{shlex.quote(v)}}}"' for k, v in sorted(env.items())]
 
 
 def _torchrun_args(argv: Sequence[str]) -> list[str]:
@@ -350,6 +359,9 @@ def run_plan(plan: LaunchPlan, *, verbose: bool = False, log=print) -> int:
             finally:
                 if old is not None:
                     signal.signal(signal.SIGTERM, old)
+        from dsv4cli.build.gpu_settings import export_launch_env
+
+        export_launch_env(spec)  # e.g. CUDA_DEVICE_MAX_CONNECTIONS=1 for the ranks (CUDA, tp or cp > 1)
         log(shlex.join(plan.argv))
         node = spec.launch.node_rank if spec.launch.nnodes > 1 else None
         return run_torchrun(plan.argv, run_log_path(spec.checkpoint.dir, node_rank=node), verbose=verbose,

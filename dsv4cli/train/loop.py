@@ -57,17 +57,16 @@ def _checkpoint_to_resume(spec) -> Optional[Path]:
 
 def train(spec, log=print) -> int:
     """Train `spec` in this process (one rank of the job). -> exit code."""
-    from megatron.core import parallel_state as ps
-
     from dsv4cli.ckpt.conformance import check_model_spec, check_tensors, expected_shapes
     from dsv4cli.ckpt.integrity import check_resumable
     from dsv4cli.ckpt.layout import iter_dir_name, latest_iteration
     from dsv4cli.ckpt.load import load_checkpoint
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
     from dsv4cli.spec.load import spec_to_toml
-    from dsv4cli.train.data import build_sources, microbatches
+    from dsv4cli.train.data import build_sources
+    from dsv4cli.train.feeding import BatchFeeder
     from dsv4cli.train.metrics import MetricsLogger, format_line, mfu, peak_memory_gb
-    from dsv4cli.train.runtime import build_runtime, heldout_loss, reduce_step_values, run_microbatches
+    from dsv4cli.train.runtime import build_runtime, heldout_loss, params_synced, reduce_step_values, run_microbatches
     from dsv4cli.train.summary import nothing_to_do, shown, summary_lines
 
     t = spec.train
@@ -93,7 +92,8 @@ def train(spec, log=print) -> int:
         say(f"resumed from {shown(resume_dir)} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
 
     data = build_sources(spec)
-    dp_rank, dp = ps.get_data_parallel_rank(), rt.layout.dp
+    dp = rt.layout.dp
+    feeder = BatchFeeder(rt, data.train)  # first/last stages, TP rank 0 reads; GPU: pinned + read-ahead
     tokens_per_step = t.global_batch_size * spec.model.seq_length
     flops_per_token = _flops_per_token(spec)
     run_dir = Path(spec.checkpoint.dir)
@@ -112,8 +112,9 @@ def train(spec, log=print) -> int:
     started, last_loss, last_eval, stopped = time.perf_counter(), None, None, None
 
     def save(reason: str) -> None:
-        path = save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
-                               keep_last=spec.checkpoint.keep_last)
+        with params_synced(rt):  # overlapped parameter gathers (GPU) finished first
+            path = save_checkpoint(run_dir, rt.chunks, rt.optimizer, rt.scheduler, progress, spec_toml, layout,
+                                   keep_last=spec.checkpoint.keep_last)
         if logger:
             logger.print(f"saved checkpoint {shown(path)} ({reason})")
 
@@ -123,8 +124,7 @@ def train(spec, log=print) -> int:
         last_saved = progress.iteration if resume_dir is not None else -1
         while progress.iteration < t.steps:
             t0 = time.perf_counter()
-            batches = microbatches(data.train, progress.consumed_samples, t.global_batch_size, t.micro_batch_size,
-                                   dp_rank, dp)
+            batches = feeder.get(progress.consumed_samples)
             for m in rt.model:
                 m.zero_grad_buffer()
             rt.optimizer.zero_grad()
@@ -200,6 +200,7 @@ def train(spec, log=print) -> int:
                 stopped = f"by exit_interval = {t.exit_interval}"
                 break
     finally:
+        feeder.close()
         stop.restore()
         if logger:
             logger.close()

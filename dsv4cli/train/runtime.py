@@ -8,6 +8,7 @@ wires it up from a spec, the way Megatron-LM's `training.py` does.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -67,12 +68,25 @@ def use_bf16(spec) -> bool:
     return spec.train.precision == "bf16" and torch.cuda.is_available()
 
 
+def run_settings(spec, layout: Layout):
+    """This run's GpuSettings (dsv4cli.build.gpu_settings): fusions, overlap, data feeding."""
+    from dsv4cli.build.gpu_settings import gpu_settings, probe
+
+    return gpu_settings(spec, probe(), dp=layout.dp, virtual_stages=layout.vpp)
+
+
 def use_distributed_optimizer(spec, layout: Layout) -> bool:
     """'on' = on (GPU and CPU); 'auto' = on with CUDA and dp > 1, off on CPU."""
-    mode = spec.train.distributed_optimizer
-    if mode == "auto":
-        return torch.cuda.is_available() and layout.dp > 1
-    return mode == "on"
+    return run_settings(spec, layout).distributed_optimizer
+
+
+def _announce(settings) -> None:
+    """Rank 0 prints what the machine lacks (e.g. Transformer Engine on CUDA) once, at start."""
+    import sys
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for w in settings.warnings:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
 
 
 def build_chunks(spec) -> list:
@@ -106,6 +120,7 @@ class Runtime:
     config: object
     optimizer: Optional[object] = None
     scheduler: Optional[object] = None
+    settings: Optional[object] = None  # GpuSettings
 
 
 def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
@@ -126,24 +141,15 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
         from megatron.core.transformer.module import Float16Module
 
         wrapped = [Float16Module(c.config, c) for c in chunks]
-    dist_opt = use_distributed_optimizer(spec, layout)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=bf16,
-        overlap_grad_reduce=False,
-        overlap_param_gather=False,
-        use_distributed_optimizer=dist_opt,
-        check_for_nan_in_grad=False,
-    )
+    settings = run_settings(spec, layout)
+    _announce(settings)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, check_for_nan_in_grad=False, **settings.ddp)
     model = [
         DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=w, disable_bucketing=(i > 0))
         for i, (c, w) in enumerate(zip(chunks, wrapped))
     ]
-    config = get_model_config(model[0])
-    if layout.vpp > 1 and not torch.cuda.is_available():
-        # CPU_NOTES: batched p2p on gloo silently corrupts VPP gradients.
-        config.overlap_p2p_comm = True
-        config.batch_p2p_comm = False
-    rt = Runtime(spec=spec, layout=layout, chunks=chunks, model=model, config=config)
+    config = get_model_config(model[0])  # overlap_p2p_comm on CPU with VPP: gpu_settings, via transformer_config
+    rt = Runtime(spec=spec, layout=layout, chunks=chunks, model=model, config=config, settings=settings)
     if not with_optimizer:
         return rt
     t = spec.train
@@ -158,7 +164,7 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
         clip_grad=t.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=dist_opt,
+        **settings.optimizer,
     )
     rt.optimizer = get_megatron_optimizer(opt_config, model)
     warmup = min(t.warmup_steps, max(t.steps - 1, 0))
@@ -178,17 +184,55 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
         override_opt_param_scheduler=True,
     )
     config.grad_scale_func = rt.optimizer.scale_loss
-    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    set_sync_funcs(config, model, settings)
     config.finalize_model_grads_func = finalize_model_grads
     return rt
+
+
+def set_sync_funcs(config, model: list, settings) -> None:
+    """The schedule's hooks into DDP, as Megatron-LM sets them: no_sync always; with overlapped
+    gradient reduce each chunk's reduce starts when its backward ends (align_grad_reduce); with
+    aligned parameter gathers (VPP) each chunk's gather starts before its forward."""
+
+    def per_chunk(funcs: list):
+        return funcs if len(funcs) > 1 else funcs[0]
+
+    config.no_sync_func = per_chunk([m.no_sync for m in model])
+    if settings.ddp["overlap_grad_reduce"]:
+        config.grad_sync_func = per_chunk([m.start_grad_sync for m in model])
+    if settings.ddp["align_param_gather"]:
+        config.param_sync_func = per_chunk([m.start_param_sync for m in model])
+
+
+@contextmanager
+def params_synced(rt: Runtime):
+    """Model parameters complete on every rank inside (checkpoint saving, evaluation).
+
+    With overlap_param_gather the distributed optimizer's parameter all-gather runs in the next
+    forward's pre-hooks, so right after a step the parameters this rank does not own are stale:
+    as Megatron-LM, gather them synchronously and pause the hooks meanwhile. No-op otherwise.
+    """
+    overlap = rt.settings is not None and rt.settings.ddp["overlap_param_gather"]
+    if overlap:
+        for m in rt.model:
+            m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        if overlap:
+            for m in rt.model:
+                m.enable_forward_pre_hook()
 
 
 # --------------------------------------------------------------------------- forward / loss
 
 
-def _to_device(a: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.cuda(non_blocking=True) if torch.cuda.is_available() else t
+def _to_device(a):
+    """numpy array or tensor [b, s] -> tensor on the model's device (None stays None: a middle stage)."""
+    if a is None:
+        return None
+    t = a if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.cuda(non_blocking=True) if torch.cuda.is_available() and not t.is_cuda else t
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -279,25 +323,26 @@ def reduce_step_values(rt: Runtime, losses: list[dict], num_microbatches: int, s
 
 def heldout_loss(rt: Runtime, valid, batches: int) -> tuple[float, list[float], int]:
     """Loss on the first `batches` global batches of the held-out source -> (loss, mtp, tokens)."""
-    from megatron.core import parallel_state as ps
-
-    from dsv4cli.train.data import microbatches
+    from dsv4cli.train.feeding import BatchFeeder
 
     t = rt.spec.train
-    dp_rank, dp = ps.get_data_parallel_rank(), rt.layout.dp
     cfg = rt.config
     dropout = float(getattr(cfg, "hidden_dropout", 0.0) or 0.0) + float(getattr(cfg, "attention_dropout", 0.0) or 0.0)
     # MTP losses are only tracked in training mode; without dropout the two modes compute the same.
     for m in rt.model:
         m.train(dropout == 0.0)
     total, total_mtp = 0.0, None
-    with torch.no_grad():
-        for b in range(batches):
-            mbs = microbatches(valid, b * t.global_batch_size, t.global_batch_size, t.micro_batch_size, dp_rank, dp)
-            losses = run_microbatches(rt, mbs, forward_only=True)
-            loss, mtp, _ = reduce_step_values(rt, losses, len(mbs))
-            total += loss
-            total_mtp = mtp if total_mtp is None else [a + c for a, c in zip(total_mtp, mtp)]
+    feeder = BatchFeeder(rt, valid)
+    try:
+        with torch.no_grad(), params_synced(rt):
+            for b in range(batches):
+                mbs = feeder.get(b * t.global_batch_size)
+                losses = run_microbatches(rt, mbs, forward_only=True)
+                loss, mtp, _ = reduce_step_values(rt, losses, len(mbs))
+                total += loss
+                total_mtp = mtp if total_mtp is None else [a + c for a, c in zip(total_mtp, mtp)]
+    finally:
+        feeder.close()
     for m in rt.model:
         m.train()
     mtp_mean = [x / batches for x in (total_mtp or [])] if dropout == 0.0 else []

@@ -1,0 +1,168 @@
+"""`dsv4 convert-ckpt` at disk speed: wall time vs `cp -r` of the same checkpoint, copy and --link.
+
+    python benchmarks/convert.py                      # >= 1 GiB synthetic legacy checkpoint under runs/bench-convert
+    python benchmarks/convert.py --gib 4 --dir /scratch/bench --keep
+
+Builds a synthetic legacy (average-contraction) checkpoint with per-parameter Adam state in
+Megatron's stored layout (dsv4cli/ckpt/synthetic.py; no model is built), reads it once so the
+page cache is warm, then times in one run: `cp -r SRC`, `dsv4 convert-ckpt SRC DST` and
+`dsv4 convert-ckpt SRC DST --link` (each a fresh process, median of --reps runs, outputs deleted
+between runs) and prints the ratios and each process's peak memory (max RSS). The convert-ckpt
+rows include the process start (Python and the torch + torch.distributed.checkpoint imports it
+needs to read DCP metadata); the "start-up" row times those imports alone and the "conversion
+only" row times `convert_checkpoint()` inside a process after them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+
+
+def bench_spec(gib: float):
+    """A legacy n = 4 spec whose checkpoint (fp32 weights + two Adam moments) is about `gib` GiB."""
+    from dsv4cli.spec.estimate import param_inventory
+    from dsv4cli.spec.schema import Spec
+
+    def spec(layers: int):
+        return Spec.model_validate({
+            "name": "bench-convert",
+            "model": {"num_layers": layers, "hidden_size": 1024, "num_attention_heads": 8, "ffn_hidden_size": 2816,
+                      "vocab_size": 32000, "seq_length": 256, "mhc": {"streams": 4},
+                      "contraction": {"mode": "average"}, "mtp": {"depth": 1}},
+            "train": {"micro_batch_size": 1, "global_batch_size": 1},
+        })
+
+    layers = 1
+    while True:
+        s = spec(layers)
+        nbytes = 3 * 4 * sum(_numel(shape) for _, shape in param_inventory(s))
+        if nbytes >= gib * GIB:
+            return s, nbytes
+        layers += 1
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def warm(root: Path) -> None:
+    """Read every file once (page cache warm for every timed command)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+
+
+def timed(argv: list[str]) -> tuple[float, float]:
+    """Run argv -> (wall seconds, peak RSS in MiB of that process)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+_IN_PROCESS = """
+import sys, time, json
+import torch.distributed.checkpoint
+from dsv4cli.ckpt.convert import convert_checkpoint
+from dsv4cli.ckpt.integrity import check_checkpoint
+t0 = time.perf_counter()
+check_checkpoint(sys.argv[1], loading=True)
+convert_checkpoint(sys.argv[1], sys.argv[2])
+print(json.dumps(time.perf_counter() - t0))
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, default=1.25, help="checkpoint size to build (default 1.25 GiB)")
+    ap.add_argument("--dir", type=Path, default=REPO / "runs" / "bench-convert")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="keep the source checkpoint for another run")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    src, work = args.dir / "legacy", args.dir / "out"
+    spec, _ = bench_spec(args.gib)
+    if args.build_only:
+        from dsv4cli.ckpt.synthetic import write_synthetic_checkpoint
+
+        write_synthetic_checkpoint(src, spec, iteration=10)
+        return 0
+    if not (src / "latest_checkpointed_iteration.txt").is_file():
+        shutil.rmtree(src, ignore_errors=True)
+        t0 = time.perf_counter()
+        # in a child: this process stays small, so the children it forks report their own peak memory
+        subprocess.run([sys.executable, __file__, "--build-only", "--gib", str(args.gib), "--dir", str(args.dir)],
+                       check=True)
+        print(f"built {src} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    size = tree_bytes(src)
+    warm(src)
+    dsv4 = [sys.executable, "-m", "dsv4cli.cli"]
+    runs = {
+        "cp -r": lambda dst: ["cp", "-r", str(src), str(dst)],
+        "convert-ckpt": lambda dst: dsv4 + ["convert-ckpt", str(src), str(dst)],
+        "convert-ckpt --link": lambda dst: dsv4 + ["convert-ckpt", str(src), str(dst), "--link"],
+        "start-up (python, torch + DCP imports)": lambda dst: [sys.executable, "-c",
+                                                             "import torch.distributed.checkpoint"],
+    }
+    results = {}
+    for name, make in runs.items():
+        walls, rss = [], []
+        for _ in range(args.reps):
+            shutil.rmtree(work, ignore_errors=True)
+            wall, peak = timed(make(work))
+            walls.append(wall)
+            rss.append(peak)
+        results[name] = {"wall_s": statistics.median(walls), "peak_rss_mib": max(rss), "runs": walls}
+    walls = []
+    for _ in range(args.reps):
+        shutil.rmtree(work, ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(src), str(work)], check=True,
+                             capture_output=True, text=True).stdout
+        walls.append(json.loads(out.strip().splitlines()[-1]))
+    results["convert-ckpt, conversion only (after imports)"] = {
+        "wall_s": statistics.median(walls), "peak_rss_mib": float("nan"), "runs": walls}
+    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    base = results["cp -r"]["wall_s"]
+    for r in results.values():
+        r["vs_cp"] = r["wall_s"] / base
+    if args.json:
+        print(json.dumps({"bytes": size, "results": results}, indent=2))
+        return 0
+    print(f"checkpoint: {size / GIB:.2f} GiB ({spec.model.num_layers} layers, h {spec.model.hidden_size}, n = 4, "
+          f"fp32 + Adam moments), page cache warm; median of {args.reps} runs each")
+    print(f"{'command':<44} {'wall s':>8} {'vs cp -r':>9} {'peak RSS MiB':>13}")
+    for name, r in results.items():
+        print(f"{name:<44} {r['wall_s']:>8.3f} {r['vs_cp']:>8.2f}x {r['peak_rss_mib']:>13.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
