@@ -65,9 +65,10 @@ def _row_tile(T, K, h, BT: tl.constexpr, NP: tl.constexpr, HP: tl.constexpr):
     """BT whole token rows -> rows, streams [NP], rows < T, d [HP], d < h, the [BT, HP] mask, row offsets [BT, 1]."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T
+    i = tl.arange(0, NP)
     d = tl.arange(0, HP)
     dmask = d < h
-    return rows, tl.arange(0, NP), rmask, d, dmask, rmask[:, None] & dmask[None, :], rows[:, None].to(tl.int64) * K
+    return rows, i, rmask, d, dmask, rmask[:, None] & dmask[None, :], rows[:, None].to(tl.int64) * K
 
 
 @triton.jit
@@ -77,13 +78,18 @@ def _row_stream(x_ptr, xrow, j: tl.constexpr, h, d, ymask):
 
 
 @triton.jit
+def _row_dot(xj, fn_ptr, m: tl.constexpr, j: tl.constexpr, K, h, d, dmask):
+    """<x_j, head_fn[m, j*h:(j+1)*h]> per token -> [BT] (the head_fn slice is loaded [HP], from L2)."""
+    w = tl.load(fn_ptr + m * K + j * h + d, mask=dmask, other=0.0).to(tl.float32)
+    return tl.sum(xj * w[None, :], axis=1)
+
+
+@triton.jit
 def _row_mix(fn_ptr, m: tl.constexpr, K, h, d, dmask, xs, n: tl.constexpr):
-    """Row m of x @ head_fn^T per token -> [BT], summed stream by stream over the n [BT, HP] tiles `xs`
-    (each head_fn slice is loaded [HP], from L2)."""
-    acc = tl.zeros((xs[0].shape[0],), dtype=tl.float32)
-    for j in tl.static_range(n):
-        w = tl.load(fn_ptr + m * K + j * h + d, mask=dmask, other=0.0).to(tl.float32)
-        acc += tl.sum(xs[j] * w[None, :], axis=1)
+    """Row m of x @ head_fn^T per token -> [BT], summed stream by stream over the n [BT, HP] tiles `xs`."""
+    acc = _row_dot(xs[0], fn_ptr, m, 0, K, h, d, dmask)
+    for j in tl.static_range(1, n):
+        acc += _row_dot(xs[j], fn_ptr, m, j, K, h, d, dmask)
     return acc
 
 
@@ -103,22 +109,24 @@ def _contract_fwd_row(
     head_fn is read (from L2) in [HP] slices, one per (row m, stream j), so only x is held whole."""
     K = n * h
     rows, i, rmask, d, dmask, ymask, xrow = _row_tile(T, K, h, BT, NP, HP)
-    xs = ()
-    ss = tl.zeros((BT,), dtype=tl.float32)
-    for j in tl.static_range(n):
+    x0 = _row_stream(x_ptr, xrow, 0, h, d, ymask)
+    ss = tl.sum(x0 * x0, axis=1)
+    xs = (x0,)
+    for j in tl.static_range(1, n):
         xj = _row_stream(x_ptr, xrow, j, h, d, ymask)
         ss += tl.sum(xj * xj, axis=1)
         xs = xs + (xj,)
     r = 1.0 / tl.sqrt(ss / K + eps)  # [BT]
     mix = tl.zeros((BT, NP), dtype=tl.float32)
     for m in tl.static_range(n):
-        mix = tl.where(i[None, :] == m, _row_mix(fn_ptr, m, K, h, d, dmask, xs, n)[:, None], mix)
+        mm = _row_mix(fn_ptr, m, K, h, d, dmask, xs, n)
+        mix = tl.where(i[None, :] == m, mm[:, None], mix)
     base = tl.load(base_ptr + i, mask=i < n, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr).to(tl.float32)
     vmask = rmask[:, None] & (i[None, :] < n)
     pre = tl.where(vmask, tl.sigmoid(mix * r[:, None] * scale + base[None, :]) + eps, 0.0)
-    y = tl.zeros((BT, HP), dtype=tl.float32)
-    for j in tl.static_range(n):
+    y = _pick(pre, i, 0) * xs[0]
+    for j in tl.static_range(1, n):
         y += _pick(pre, i, j) * xs[j]
     tl.store(y_ptr + rows[:, None].to(tl.int64) * h + d[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
     tl.store(mix_ptr + rows[:, None] * n + i[None, :], mix, mask=vmask)
