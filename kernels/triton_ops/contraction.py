@@ -160,10 +160,11 @@ def _contract_coef_bwd(
     dz = tl.where(vmask, dpre * s * (1.0 - s), 0.0)
     dscale = tl.sum(dz * mix, axis=1) * r
     dmix = dz * scale * r[:, None]
+    xcoef = -(dscale * scale) * r * r / K
     tl.store(dz_ptr + off, dz, mask=vmask)
     tl.store(dmix_ptr + off, dmix, mask=vmask)
     tl.store(dscale_ptr + rows, dscale, mask=rmask)
-    return pre, dmix, -(dscale * scale) * r * r / K
+    return pre, dmix, xcoef
 
 
 @triton.jit
