@@ -96,7 +96,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _ops():
-    from dsv4cli.kernels import triton_ops
+    from dsv4cli.kernels.triton_ops import launch as triton_ops
 
     return triton_ops
 

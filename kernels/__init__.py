@@ -2,10 +2,10 @@
 
 Every op takes the multi-stream state `[..., n*h]` (stream-major) and an `impl`:
 - "torch": the plain-PyTorch reference (`reference.py`), differentiable by autograd;
-- "triton": the fused Triton kernels (`triton_ops.py`) with hand-written backward;
+- "triton": the fused Triton kernels (`triton_ops/`, one module per op) with hand-written backward;
   on CPU tensors only under `TRITON_INTERPRET=1` (set before Triton is first imported);
 - "auto": Triton when x is on CUDA and Triton imports, the reference otherwise.
-Math: DESIGN.md §2.2 (mHC) and §2.3 (contraction); docs/kernels.md.
+Math: docs/design.md §2.2 (mHC) and §2.3 (contraction); docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -18,16 +18,9 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = [
-    "learned_output_contract",
-    "average_output_contract",
-    "mhc_mappings",
-    "sinkhorn",
-    "mhc_aggregate",
-    "mhc_post_res",
-    "resolve_impl",
-    "triton_available",
-]
+# The ops every backend implements: the reference's public functions but its two helpers.
+OPS = tuple(name for name in reference.__all__ if name not in ("compute_dtype", "stream_rms_rsqrt"))
+__all__ = [*OPS, "resolve_impl", "triton_available"]
 
 _IMPLS = ("auto", "torch", "triton")
 

@@ -22,7 +22,8 @@ _SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from dsv4cli.kernels import triton_ops as K
+    from dsv4cli.kernels import triton_ops
+    from dsv4cli.kernels.triton_ops import launch as K
 
     assert not K.INTERPRETED
     names, acts, ns, shapes = json.loads(sys.argv[1])
@@ -33,8 +34,8 @@ _SCRIPT = textwrap.dedent(
         """(kernel, signature, meta) exactly as the launchers in triton_ops choose them."""
         eb = 2 if act in ("*bf16", "*fp16") else 4
         M, NP = n * n + 2 * n, triton.next_power_of_2(n)
-        coef = dict(n=n, BT=K._coef_block(T, n), NP=NP)
-        bt, np_, bh = K._stream_blocks(T, n, h)
+        coef = dict(n=n, BT=K.coef_block(T, n), NP=NP)
+        bt, np_, bh = K.stream_blocks(T, n, h)
         stream = dict(n=n, BT=bt, NP=np_, BH=bh)
         yield "_proj_sumsq_fwd", dict(x_ptr=act, w_ptr=F, mix_ptr=F, rstd_ptr=F, T="i32", K="i32", M="i32", eps="fp32"), K.proj_fwd_meta(T, n * h, M, eb)
         for comb, m, has_dx in ((False, M, True), (True, n, True), (False, n, False)):
@@ -66,7 +67,7 @@ _SCRIPT = textwrap.dedent(
                         continue
                     opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
                     sig = {**sig, **{k: "constexpr" for k in meta}}
-                    c = triton.compile(ASTSource(getattr(K, name), sig, meta), target=GPUTarget("cuda", 90, 32), options=opts)
+                    c = triton.compile(ASTSource(triton_ops.KERNELS[name], sig, meta), target=GPUTarget("cuda", 90, 32), options=opts)
                     assert c.asm.get("cubin"), name
                     rec = dict(kernel=name, act=act, n=n, T=T, h=h, smem=c.metadata.shared, regs=None, spill=None)
                     if os.path.exists(PTXAS):

@@ -1,4 +1,4 @@
-"""Reference ops (dsv4cli.kernels, impl='torch') against DESIGN.md §2 written naively, HF's modules, and gradcheck."""
+"""Reference ops (dsv4cli.kernels, impl='torch') against docs/design.md §2 written naively, HF's modules, and gradcheck."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _naive_rsqrt(x_tok: list[float], eps: float) -> float:
 
 
 def _naive_sinkhorn(logits: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
-    """[n, n] -> [n, n] with explicit loops over rows and columns (DESIGN §2.2 step 4)."""
+    """[n, n] -> [n, n] with explicit loops over rows and columns (docs/design.md §2.2 step 4)."""
     n = logits.shape[0]
     p = [[0.0] * n for _ in range(n)]
     for i in range(n):
@@ -151,7 +151,7 @@ def test_contractions_equal_stream_loops(n):
 
 
 def test_function_preserving_conversion_reproduces_average():
-    """hc_head_fn = 0, scale = 1, base = logit(1/n - eps) makes the learned contraction the mean (DESIGN §2.3)."""
+    """hc_head_fn = 0, scale = 1, base = logit(1/n - eps) makes the learned contraction the mean (docs/design.md §2.3)."""
     n, h, eps = 4, 8, 1e-6
     x = torch.randn(3, n * h)
     base = torch.full((n,), math.log((1 / n - eps) / (1 - (1 / n - eps))))

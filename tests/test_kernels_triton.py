@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -22,8 +23,11 @@ from dsv4cli import kernels  # noqa: E402
 from dsv4cli.kernels import reference  # noqa: E402
 from dsv4cli.kernels import triton_ops  # noqa: E402
 
-if not triton_ops.INTERPRETED:  # imported earlier in this process without the env var: re-decorate
-    triton_ops = importlib.reload(triton_ops)
+if not triton_ops.INTERPRETED:  # imported earlier in this process without the env var: re-decorate every module
+    for _name in [m for m in sys.modules if m.startswith("dsv4cli.kernels.triton_ops")]:
+        del sys.modules[_name]
+    triton_ops = importlib.import_module("dsv4cli.kernels.triton_ops")
+launch = triton_ops.launch
 
 TOL = {
     torch.float32: {torch.float32: (1e-4, 1e-5)},
@@ -108,10 +112,10 @@ def test_triton_equals_reference_n3_bf16(op):
 @pytest.mark.parametrize("op", ["mhc_mappings", "mhc_aggregate", "mhc_post_res", "learned_output_contract"])
 def test_triton_multi_block_loops(op, monkeypatch):
     """Small block caps force several token blocks, K/h chunks and dW splits with ragged tails."""
-    monkeypatch.setattr(triton_ops, "MAX_BLOCK_T", 16)
-    monkeypatch.setattr(triton_ops, "MAX_BLOCK_K", 16)
-    monkeypatch.setattr(triton_ops, "MAX_BLOCK_H", 16)
-    monkeypatch.setattr(triton_ops, "PROJ_BWD_SPLITS", 2)
+    monkeypatch.setattr(launch, "MAX_BLOCK_T", 16)
+    monkeypatch.setattr(launch, "MAX_BLOCK_K", 16)
+    monkeypatch.setattr(launch, "MAX_BLOCK_H", 16)
+    monkeypatch.setattr(launch, "PROJ_BWD_SPLITS", 2)
     check_op(op, 2, 19, torch.float32, lead=(37,))
 
 
@@ -124,17 +128,17 @@ def test_triton_contraction_paths(path, dtype, monkeypatch):
     (16 tokens per program with tl.dot, 2 without)."""
     n, h, T = 3, 11, 9
     if path.startswith("two_pass"):
-        monkeypatch.setattr(triton_ops, "CONTRACT_ROW_MAX_ELEMS", 0)
+        monkeypatch.setattr(launch, "CONTRACT_ROW_MAX_ELEMS", 0)
         if path == "two_pass_small_block":  # < 16 tokens per program: the projection without tl.dot
-            monkeypatch.setattr(triton_ops, "CONTRACT_TWO_PASS_BT", 2)
-        assert triton_ops.contract_row_meta(T, n, h) is None and triton_ops.contract_bwd_row_meta(T, n, h) is None
+            monkeypatch.setattr(launch, "CONTRACT_TWO_PASS_BT", 2)
+        assert launch.contract_row_meta(T, n, h) is None and launch.contract_bwd_row_meta(T, n, h) is None
     else:
-        monkeypatch.setattr(triton_ops, "MIN_PROGRAMS", 2 if path == "row_multi_token" else 512)
+        monkeypatch.setattr(launch, "MIN_PROGRAMS", 2 if path == "row_multi_token" else 512)
         if path == "row_fwd_only":
-            monkeypatch.setattr(triton_ops, "CONTRACT_BWD_ROW_MAX_ELEMS", 0)
-        meta = triton_ops.contract_row_meta(T, n, h)
+            monkeypatch.setattr(launch, "CONTRACT_BWD_ROW_MAX_ELEMS", 0)
+        meta = launch.contract_row_meta(T, n, h)
         assert meta is not None and (meta["BT"] > 1) == (path == "row_multi_token"), meta
-        assert (triton_ops.contract_bwd_row_meta(T, n, h) is None) == (path == "row_fwd_only")
+        assert (launch.contract_bwd_row_meta(T, n, h) is None) == (path == "row_fwd_only")
     check_op("learned_output_contract", n, h, dtype, lead=(T,))
 
 

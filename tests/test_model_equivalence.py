@@ -111,12 +111,8 @@ def test_mhc_layer_and_contraction_equal_hf_deepseek_v4(tiny_spec):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_average_contraction_is_stream_mean_and_converted_learned_equals_it(n):
-    from dsv4cli.model.contraction import (
-        ContractionSettings,
-        add_contraction_params,
-        average_equivalent_base,
-        contract,
-    )
+    from dsv4cli.ckpt.convert import contraction_base
+    from dsv4cli.model.contraction import ContractionSettings, add_contraction_params, contract
 
     h, eps = 32, 1e-6
     x = torch.randn(S, B, n * h)
@@ -126,7 +122,7 @@ def test_average_contraction_is_stream_mean_and_converted_learned_equals_it(n):
     with torch.no_grad():
         learned.hc_head_fn.zero_()
         learned.hc_head_scale.fill_(1.0)
-        learned.hc_head_base.fill_(average_equivalent_base(n, eps))
+        learned.hc_head_base.fill_(contraction_base(n, eps))
         mean = x.view(S, B, n, h).mean(2)
         y_avg, y_learned = contract(avg, x), contract(learned, x)
     assert torch.allclose(y_avg, mean, rtol=0, atol=1e-7), (y_avg - mean).abs().max()
@@ -135,7 +131,7 @@ def test_average_contraction_is_stream_mean_and_converted_learned_equals_it(n):
 
 
 def test_converted_learned_model_reproduces_average_model_loss(tiny_spec):
-    from dsv4cli.model.contraction import average_equivalent_base
+    from dsv4cli.ckpt.convert import contraction_base
 
     n = 2
     avg = _build(tiny_spec(**{"model.mhc.streams": n, "model.mtp.depth": 2, "model.contraction.mode": "average"}))
@@ -144,7 +140,7 @@ def test_converted_learned_model_reproduces_average_model_loss(tiny_spec):
     assert sorted(missing) == sorted(
         [f"{p}hc_head_{s}" for p in ["decoder."] + [f"mtp.layers.{k}." for k in range(2)] for s in ("fn", "base", "scale")]
     ) and not unexpected
-    base = average_equivalent_base(n, 1e-6)
+    base = contraction_base(n, 1e-6)
     with torch.no_grad():
         for owner in [learned.decoder, *learned.mtp.layers]:
             owner.hc_head_fn.zero_(), owner.hc_head_scale.fill_(1.0), owner.hc_head_base.fill_(base)
@@ -156,7 +152,7 @@ def test_converted_learned_model_reproduces_average_model_loss(tiny_spec):
 
 
 def _learned_contraction(x, fn, base, scale, n: int, eps: float):
-    """DESIGN.md §2.3 written out: [s, b, n*h] -> [s, b, h]."""
+    """docs/design.md §2.3 written out: [s, b, n*h] -> [s, b, h]."""
     r = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
     pre = torch.sigmoid((x @ fn.t()) * r * scale + base) + eps
     return (pre.unsqueeze(-1) * x.unflatten(-1, (n, -1))).sum(-2)
@@ -168,7 +164,7 @@ def _shift_left(t, k: int):
 
 
 def _mtp_reference(model, ids, pos, labels, loss_mask, n: int, h: int, eps: float = 1e-6):
-    """DESIGN.md §2.4 by hand -> (main per-token CE [b, s], [masked mean CE of depth k for k = 1..D]).
+    """docs/design.md §2.4 by hand -> (main per-token CE [b, s], [masked mean CE of depth k for k = 1..D]).
 
     Depth k embeds the tokens shifted by k; e_proj(enorm(e)) is added to h_proj(hnorm(x_i)) of every
     stream of depth k-1 (the decoder's un-contracted streams for k = 1); its own mHC layer runs; its

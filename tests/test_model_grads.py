@@ -108,7 +108,7 @@ def test_unsupported_router_options_raise_clear_error(tiny_spec, moe):
     from dsv4cli.build import UnsupportedSpecError, transformer_config
 
     spec = tiny_spec(**{"model.moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16, **moe}})
-    with pytest.raises(UnsupportedSpecError, match="not implemented"):
+    with pytest.raises(UnsupportedSpecError, match="not supported by the model builder"):
         transformer_config(spec)
 
 
@@ -130,7 +130,7 @@ def test_mtp_must_share_the_last_stage_with_the_loss_when_streams_gt_1(tiny_spec
     from dsv4cli.build import UnsupportedSpecError, check_supported, transformer_config
 
     standalone = tiny_spec(**{"model.mhc.streams": 2, "parallel.pp": 3, "parallel.pp_layout": "Ett|m|L"})
-    with pytest.raises(UnsupportedSpecError, match="last stage"):
+    with pytest.raises(UnsupportedSpecError, match="parallel.pp_layout: MTP layers outside the last pipeline stage"):
         check_supported(standalone)
     check_supported(tiny_spec(**{"model.mhc.streams": 1, "parallel.pp": 3, "parallel.pp_layout": "Ett|m|L"}))
     config = transformer_config(tiny_spec(**{"model.mhc.streams": 2, "parallel.pp": 2, "parallel.pp_layout": "Ett|mL"}))

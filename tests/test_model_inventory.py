@@ -28,7 +28,7 @@ def test_built_parameters_equal_spec_estimate(variant):
     from megatron.core import tensor_parallel
 
     from dsv4cli.build import build_model
-    from dsv4cli.build.inspect import inspect_model
+    from dsv4cli.build.model_summary import inspect_model
     from dsv4cli.model.inventory import param_inventory as model_inventory
     from dsv4cli.spec.estimate import param_inventory as spec_inventory
     from dsv4cli.spec.load import load_spec
@@ -109,7 +109,7 @@ def test_inspect_model_shows_router_options_not_built_yet_with_a_warning():
 def test_inspect_model_handles_a_13b_spec_without_allocating():
     import time
 
-    from dsv4cli.build.inspect import inspect_model
+    from dsv4cli.build.model_summary import inspect_model
     from dsv4cli.spec.estimate import param_inventory
     from dsv4cli.spec.load import load_spec
 

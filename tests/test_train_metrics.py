@@ -1,4 +1,4 @@
-"""metrics.jsonl fields (DESIGN.md §2.6), plain progress lines, and `dsv4 plot`."""
+"""metrics.jsonl fields (docs/design.md §2.6), plain progress lines, and `dsv4 plot`."""
 
 from __future__ import annotations
 

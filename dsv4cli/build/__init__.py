@@ -6,6 +6,8 @@ Public API (training and checkpoint tools rely on it):
     build_model_chunks(spec) -> [Dsv4GPTModel] (one per virtual pipeline stage of this rank)
     initialize_parallel(spec, seed=None) / destroy_parallel() / single_process(spec)
     padded_vocab_size(spec), decoder_layer_spec(spec), decoder_block_spec(...), mtp_block_spec(...)
+`dsv4 inspect model` builds and describes a model in `model_summary.py`; `padded_vocab_size` and
+`check_supported` come from the spec layer (spec/estimate.py, spec/rules.py).
 """
 
 from __future__ import annotations

@@ -2,47 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
+from dsv4cli.spec.estimate import padded_vocab_size  # noqa: F401 (re-exported by dsv4cli.build)
+from dsv4cli.spec.rules import UnsupportedSpecError, check_supported  # noqa: F401 (the one list: spec/rules.py)
 from dsv4cli.spec.schema import Spec
 
 # train.recompute list entries that are megatron selective-recompute modules ("mhc" is ours).
 _MEGATRON_RECOMPUTE_MODULES = {"core_attn": "core_attn", "mlp": "mlp", "moe": "moe", "layernorm": "layernorm"}
-
-
-class UnsupportedSpecError(NotImplementedError):
-    """The spec asks for something the builder does not implement yet (one-line message)."""
-
-
-def padded_vocab_size(spec: Spec) -> int:
-    """ceil(vocab / (vocab_pad_multiple * tp)) * vocab_pad_multiple * tp."""
-    m = spec.model.vocab_pad_multiple * spec.parallel.tp
-    return int(math.ceil(spec.model.vocab_size / m) * m)
-
-
-def check_supported(spec: Spec) -> None:
-    """Raise UnsupportedSpecError for spec features the builder cannot honour yet."""
-    moe = spec.model.moe
-    if moe is not None and moe.score_function == "sqrtsoftplus":
-        raise UnsupportedSpecError(
-            "model.moe.score_function = 'sqrtsoftplus' is not implemented by the builder yet; use 'softmax' or 'sigmoid'"
-        )
-    if moe is not None and moe.hash_layers > 0:
-        raise UnsupportedSpecError(
-            f"model.moe.hash_layers = {moe.hash_layers}: hash routing is not implemented by the builder yet; set it to 0"
-        )
-    n, mtp, layout = spec.model.mhc.streams, spec.model.mtp.depth, spec.parallel.pp_layout
-    if n > 1 and mtp > 0 and layout:
-        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
-
-        stages = PipelineParallelLayerLayout.parse_str_to_list(layout)
-        last = [str(t) for t in stages[-1]]
-        if sum("mtp" in t for t in last) != mtp:
-            raise UnsupportedSpecError(
-                f"parallel.pp_layout {layout!r}: with model.mhc.streams = {n} all {mtp} MTP layers must sit in the "
-                "last stage, next to the loss"
-            )
 
 
 def virtual_stages(spec: Spec) -> int:

@@ -1,4 +1,4 @@
-"""Checkpoint tools: read, check, compare and convert Megatron torch_dist checkpoints (DESIGN.md §2.5-2.6).
+"""Checkpoint tools: read, check, compare and convert Megatron torch_dist checkpoints (docs/design.md §2.5-2.6).
 
 And the checkpoints of training: save, load (resume, eval), the checks before a load.
 

@@ -1,4 +1,4 @@
-"""Does a checkpoint hold exactly the tensors its spec's model has? (DESIGN.md §2.5, spec inventory)
+"""Does a checkpoint hold exactly the tensors its spec's model has? (docs/design.md §2.5, spec inventory)
 
 The spec's `param_inventory` names parameters per layer (`decoder.layers.{i}.…`, experts as
 `mlp.experts.local_experts.{e}.…`). Megatron stores homogeneous layers stacked

@@ -1,4 +1,4 @@
-"""Legacy averaging contraction -> learned contraction, function-preserving (DESIGN.md §2.3).
+"""Legacy averaging contraction -> learned contraction, function-preserving (docs/design.md §2.3).
 
 The converted checkpoint is the source plus `hc_head_fn = 0`, `hc_head_scale = 1`,
 `hc_head_base = logit(1/n - eps)` for the main block and every MTP depth lacking them (so

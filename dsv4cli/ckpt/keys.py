@@ -1,4 +1,4 @@
-"""Checkpoint key patterns (DESIGN.md §2.5): mHC tensors, contraction heads, MTP depths, optimizer state.
+"""Checkpoint key patterns (docs/design.md §2.5): mHC tensors, contraction heads, MTP depths, optimizer state.
 
 Megatron stores homogeneous decoder layers stacked (`decoder.layers.<rest>` with a leading layer
 dim); heterogeneous ones per layer (`decoder.layers.{i}.<rest>`). MTP depths are always per

@@ -1,4 +1,4 @@
-"""Where a Megatron torch_dist checkpoint lives on disk: run root -> `iter_*` directory (DESIGN.md §2.6).
+"""Where a Megatron torch_dist checkpoint lives on disk: run root -> `iter_*` directory (docs/design.md §2.6).
 
 A root holds `latest_checkpointed_iteration.txt` (an iteration number, or "release") and one
 `iter_0000100/`-style directory per save; an iteration directory holds the PyTorch DCP files

@@ -9,26 +9,11 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app, inspect_app
+from dsv4cli.commands.common import fail, human_bytes, set_option
 
-
-_SET_HELP = ("Override one key of the spec in use (--spec, else the saved one), e.g. --set model.mhc.streams=4 "
-             "(repeatable; the last one wins).")
-
+_SPEC_IN_USE = "spec in use (--spec, else the saved one)"
 
 _LISTED = 10  # problems listed by `inspect checkpoint`; --json has every one
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(nbytes) < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1024
-    return str(nbytes)
 
 
 def _objects(names: list[str]) -> str:
@@ -52,7 +37,7 @@ def convert_ckpt(
     src: str = typer.Argument(..., metavar="SRC", help="Legacy checkpoint: run root (latest iteration) or one iter_* dir."),
     dst: str = typer.Argument(..., metavar="DST", help="New checkpoint root to create."),
     spec: Optional[str] = typer.Option(None, "--spec", metavar="SPEC", help="Spec of the model (default: the checkpoint's dsv4_spec.toml)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    set_: Optional[List[str]] = set_option(spec=_SPEC_IN_USE),
     streams: Optional[int] = typer.Option(None, "--streams", metavar="N", help="Stream count n (default: saved spec, else stored shapes)."),
     eps: Optional[float] = typer.Option(None, "--eps", metavar="X", help="Contraction eps the model runs with (default: saved spec, else 1e-6)."),
     verify: bool = typer.Option(False, "--verify", help="Check the converted model reproduces the legacy one."),
@@ -87,9 +72,9 @@ def convert_ckpt(
         result = convert_checkpoint(src, dst, spec, streams, eps, force, drop_optimizer, verify,
                                     overrides=set_ or (), link=link)
     except CheckpointError as e:
-        _fail(str(e))
+        fail(f"error: {e}")
     except OSError as e:  # e.g. disk full: nothing was left at DST
-        _fail(f"conversion failed, {dst} not written: {e}", 1)
+        fail(f"error: conversion failed, {dst} not written: {e}", code=1)
     failed = result.verify is not None and not result.verify["ok"]
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
@@ -104,7 +89,7 @@ def convert_ckpt(
     states = f" ({', '.join(result.optimizer_states)})" if result.optimizer_states else ""
     typer.echo(f"  optimizer state: {result.optimizer}{states}")
     how = "hard-linked to SRC" if result.linked else "copied bit for bit"
-    typer.echo(f"  {how}: {len(result.copied_files)} files, {_human(result.bytes_copied)}")
+    typer.echo(f"  {how}: {len(result.copied_files)} files, {human_bytes(result.bytes_copied)}")
     spec_note = 'contraction.mode = "learned"' if result.spec_written else "none (no spec known)"
     typer.echo(f"  saved spec: {spec_note}")
     if result.verify is not None:
@@ -127,7 +112,7 @@ def convert_ckpt(
 def inspect_checkpoint_cmd(
     path: str = typer.Argument(..., metavar="PATH", help="Checkpoint: run root or iter_* directory."),
     spec: Optional[str] = typer.Option(None, "--spec", metavar="SPEC", help="Compare against this spec (default: the saved one)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    set_: Optional[List[str]] = set_option(spec=_SPEC_IN_USE),
     stats: bool = typer.Option(False, "--stats", help="Load tensors one at a time: norm, mean, std, min, max, NaN/Inf."),
     filter_: Optional[str] = typer.Option(None, "--filter", metavar="GLOB", help="Only tensors whose name matches GLOB."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -155,7 +140,7 @@ def inspect_checkpoint_cmd(
         check_checkpoint(path)
         report = inspect_checkpoint(path, spec, stats, filter_, overrides=set_ or ())
     except CheckpointError as e:
-        _fail(str(e))
+        fail(f"error: {e}")
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -176,10 +161,10 @@ def _render_report(r: dict) -> None:
     if shown:
         con.print("  provenance: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     con.print(f"  {r['tensor_count']} tensors, {r['total_params']:,} model parameters, "
-              f"{_human(r['total_bytes'])} ({_human(r['model_bytes'])} model, {_human(r['optimizer_bytes'])} optimizer)")
+              f"{human_bytes(r['total_bytes'])} ({human_bytes(r['model_bytes'])} model, {human_bytes(r['optimizer_bytes'])} optimizer)")
     if r["object_count"]:
         con.print(f"  {r['object_count']} pickled entries (not tensors): {_objects(r.get('objects') or [])}")
-    con.print("  by dtype: " + ", ".join(f"{d}: {v['tensors']} tensors, {_human(v['bytes'])}" for d, v in r["by_dtype"].items()))
+    con.print("  by dtype: " + ", ".join(f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in r["by_dtype"].items()))
     table = Table(show_edge=False, box=None, pad_edge=False)
     for col in ("tensor", "x", "shape", "dtype", "bytes", "shards"):
         table.add_column(col, justify="right" if col in ("x", "bytes", "shards") else "left")
@@ -188,11 +173,11 @@ def _render_report(r: dict) -> None:
             table.add_column(col, justify="right")
     stats = {t["name"]: t.get("stats") for t in r["tensors"]}
     for g in r["tree"]:
-        table.add_row(f"{g['group']}/", f"{g['tensors']}", "", "", _human(g["bytes"]), "")
+        table.add_row(f"{g['group']}/", f"{g['tensors']}", "", "", human_bytes(g["bytes"]), "")
         if is_optimizer_key(g["group"]) and not r["filter"]:
             continue  # one line per optimizer state; --filter '*optimizer.*' lists them
         for row in g["rows"]:
-            cells = [f"  {row['name']}", f"{row['count']}", str(row["shape"]), row["dtype"], _human(row["bytes"]), str(row["shards"])]
+            cells = [f"  {row['name']}", f"{row['count']}", str(row["shape"]), row["dtype"], human_bytes(row["bytes"]), str(row["shards"])]
             if r["stats"]:
                 st = stats.get(row["name"]) if row["count"] == 1 else None
                 if st is None or "error" in st:
@@ -240,7 +225,7 @@ def inspect_diff(
         check_checkpoint(b)
         d = diff_checkpoints(a, b)
     except CheckpointError as e:
-        _fail(str(e))
+        fail(f"error: {e}")
     code = 2 if d.unreadable else 0  # a tensor whose bytes cannot be read: unreadable input
     if as_json:
         typer.echo(json.dumps(d.to_json(), indent=2))

@@ -8,14 +8,13 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app, inspect_app  # noqa: F401
-
-_SET_HELP = "Override one spec key, e.g. --set model.mhc.streams=2 (repeatable; the last one wins)."
+from dsv4cli.commands.common import set_option, spec_or_exit
 
 
 @inspect_app.command("model")
 def inspect_model(
     spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    set_: Optional[List[str]] = set_option("model.mhc.streams=2"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (tree, parameters, counts)."),
 ) -> None:
     """Build the spec's model on CPU (one process) and show its module tree (repeated layers folded)
@@ -25,14 +24,7 @@ def inspect_model(
     are shapes only, so specs of any size inspect in seconds. Router options not built yet
     (sqrtsoftplus, hash routing) are inspected with a same-parameter stand-in and a warning.
     Exit 0 when the parameters match the estimate, 1 when they do not, 2 on a bad spec."""
-    from dsv4cli.spec.load import SpecError, load_spec
-
-    try:
-        resolved = load_spec(spec, set_ or ())
-    except SpecError as e:
-        for problem in e.problems:
-            typer.echo(str(problem), err=True)
-        raise typer.Exit(2)
+    resolved = spec_or_exit(spec, set_)
 
     import warnings
 
@@ -41,7 +33,7 @@ def inspect_model(
     try:
         with warnings.catch_warnings():  # megatron's import-time notices (no TE/Apex, deprecations)
             warnings.simplefilter("ignore")
-            from dsv4cli.build.inspect import inspect_model as build_and_inspect
+            from dsv4cli.build.model_summary import inspect_model as build_and_inspect
 
             report = build_and_inspect(resolved)
     except (UnsupportedSpecError, ValueError) as e:

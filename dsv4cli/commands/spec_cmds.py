@@ -8,14 +8,13 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app, inspect_app
-
-_SET_HELP = "Override one spec key, e.g. --set model.mhc.streams=8 (repeatable; the last one wins)."
+from dsv4cli.commands.common import human_count, set_option, spec_or_exit
 
 
 @app.command("validate")
 def validate(
     specs: List[str] = typer.Argument(..., metavar="SPEC", help="Spec file(s) to check."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    set_: Optional[List[str]] = set_option("model.mhc.streams=8"),
     world_size: Optional[int] = typer.Option(
         None, "--world-size", min=1, metavar="N", help="Processes in total (default: launch.nproc_per_node * launch.nnodes)."
     ),
@@ -64,7 +63,7 @@ def validate(
 @inspect_app.command("spec")
 def inspect_spec(
     spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    set_: Optional[List[str]] = set_option("model.mhc.streams=8"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML."),
 ) -> None:
     """Show the resolved spec (after extends and --set) as TOML, or as JSON.
@@ -75,14 +74,9 @@ def inspect_spec(
       dsv4 inspect spec specs/dsv4-pro.toml
       dsv4 inspect spec specs/tiny.toml --set model.mtp.depth=2 --json
     """
-    from dsv4cli.spec.load import SpecError, resolve_spec, spec_to_toml
+    from dsv4cli.spec.load import spec_to_toml
 
-    try:
-        resolved = resolve_spec(spec, set_ or ())
-    except SpecError as e:
-        for problem in e.problems:
-            typer.echo(str(problem), err=True)
-        raise typer.Exit(2)
+    resolved = spec_or_exit(spec, set_, checked=False)
     if as_json:
         typer.echo(json.dumps(resolved.model_dump(mode="json", exclude={"extends"}), indent=2))
     else:
@@ -114,13 +108,6 @@ def schema(
 # ---------------------------------------------------------------------------------------------
 # rendering
 # ---------------------------------------------------------------------------------------------
-def _human(value: float, unit: str = "") -> str:
-    for factor, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f} {suffix}{unit}"
-    return f"{value:g} {unit}".rstrip()
-
-
 def _gib(value: int) -> str:
     if value < 1024**3:
         return f"{value / 1024**2:.1f} MiB"
@@ -168,8 +155,8 @@ def _render_summary(report, info: dict, resolved: bool = False) -> None:
             ("  mHC (hyper-connections)", params["mhc"]), ("  contraction (hc_head_*)", params["contraction"]),
             ("  MTP (all depths)", params["mtp"])]
     for name, count in rows:
-        table.add_row(name, f"{count:,}", _human(count))
-    table.add_row("FLOPs per token (train)", f"{info['flops_per_token']:,}", _human(info["flops_per_token"], "FLOP"))
+        table.add_row(name, f"{count:,}", human_count(count))
+    table.add_row("FLOPs per token (train)", f"{info['flops_per_token']:,}", human_count(info["flops_per_token"], "FLOP"))
     console.print(table)
 
     memory = info["memory_per_rank"]

@@ -7,12 +7,7 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app
-
-
-def _fail(lines, code: int = 2) -> None:
-    for line in lines:
-        typer.echo(line, err=True)
-    raise typer.Exit(code)
+from dsv4cli.commands.common import fail, set_option
 
 
 def _say(line: str) -> None:
@@ -33,8 +28,7 @@ def sweep(
     spec: str = typer.Argument(..., metavar="SPEC", help="Spec file every variant starts from."),
     vary: Optional[List[str]] = typer.Option(None, "--vary", metavar="KEY=V1,V2,...",
                                              help="Values of one key (TOML values, as --set); repeatable."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
-                                             help="Override one spec key in every variant (repeatable)."),
+    set_: Optional[List[str]] = set_option("train.steps=20", note=" in every variant"),
     out: Optional[str] = typer.Option(None, "--out", metavar="DIR",
                                       help="Sweep directory; variant runs go to DIR/<slug> (default sweeps/<spec name>)."),
     zip_: bool = typer.Option(False, "--zip", help="Pair the --vary lists (equal lengths) instead of their product."),
@@ -70,7 +64,7 @@ def sweep(
         plan = plan_sweep(spec, vary or [], set_ or [], out_dir=out, zip_=zip_,
                           launch_items=launch_overrides(nproc_per_node))
     except SweepError as e:
-        _fail(e.problems)
+        fail(*e.problems)
     for line in plan.warnings:
         _say(line)
     if dry_run:
@@ -120,7 +114,7 @@ def _train(plan, force: bool, as_json: bool) -> None:
 
     problems, warnings = preflight(plan, force)
     if problems:
-        _fail(problems)
+        fail(*problems)
     for line in warnings:
         _say(line)
     with stdout_to_stderr() if as_json else nullcontext():

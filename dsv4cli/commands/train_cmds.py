@@ -9,17 +9,9 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app, inspect_app  # noqa: F401
+from dsv4cli.commands.common import fail, set_option
 
-_SET_HELP = "Override one spec key, e.g. --set train.steps=300 (repeatable; the last one wins)."
-_EVAL_SET_HELP = ("Override one spec key, e.g. --set model.mhc.streams=8 to match the checkpoint's model "
-                  "(repeatable; the last one wins).")
 _VERBOSE_HELP = "Also show known library warnings and torchrun's own output (hidden by default)."
-
-
-def _fail(lines, code: int = 2) -> None:
-    for line in lines:
-        typer.echo(line, err=True)
-    raise typer.Exit(code)
 
 
 def _plan(spec: str, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint, extra_args=(), verbose=False):
@@ -30,14 +22,14 @@ def _plan(spec: str, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint, ext
     for w in plan.warnings:
         typer.echo(w, err=True)
     if plan.problems:
-        _fail(plan.problems)
+        fail(*plan.problems)
     return plan
 
 
 @app.command("train")
 def train(
     spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_SET_HELP),
+    set_: Optional[List[str]] = set_option("train.steps=300"),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, metavar="N", help="Overrides launch.nproc_per_node."),
     nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, metavar="N", help="Overrides launch.nnodes."),
     node_rank: Optional[int] = typer.Option(None, "--node-rank", min=0, metavar="R", help="Overrides launch.node_rank."),
@@ -87,19 +79,19 @@ def train(
         if plan.spec.launch.node_rank == 0:  # node 0 holds a run's lock (run_plan)
             check_free(plan.spec.checkpoint.dir)  # a second run into a busy directory: refused at once
     except RunLocked as e:
-        _fail([f"error: {e}"])
+        fail(f"error: {e}")
     problem = preflight_device(plan.spec) or preflight_checkpoint(plan.spec)
     if problem:
-        _fail([f"error: {problem}"])
+        fail(f"error: {problem}")
     fits, message = preflight_memory(plan.spec, plan.world_size)
     if not fits and not force:
-        _fail([f"error: the run does not fit: {message} (--force to try anyway)"])
+        fail(f"error: the run does not fit: {message} (--force to try anyway)")
     if not fits:
         typer.echo(f"warning: {message}; starting anyway (--force)", err=True)
     try:
         code = run_plan(plan, verbose=verbose, log=lambda line: typer.echo(line, err=True))
     except RunLocked as e:
-        _fail([f"error: {e}"])
+        fail(f"error: {e}")
     raise typer.Exit(code)
 
 
@@ -107,7 +99,7 @@ def train(
 def eval_(
     spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
     load: str = typer.Option(..., "--load", metavar="DIR", help="Checkpoint root (-> latest) or one iter_* directory."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=_EVAL_SET_HELP),
+    set_: Optional[List[str]] = set_option("model.mhc.streams=8", note=" to match the checkpoint's model"),
     batches: Optional[int] = typer.Option(None, "--batches", min=1, metavar="N", help="Held-out global batches (default train.eval_batches)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"loss", "mtp_losses", "tokens"}.'),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, metavar="N", help="Overrides launch.nproc_per_node."),
@@ -164,7 +156,7 @@ def prepare_data(
     try:
         info = build(input_jsonl, out_prefix, tokenizer=tokenizer, key=key)
     except DataError as e:
-        _fail([f"error: {e}"])
+        fail(f"error: {e}")
     if as_json:
         typer.echo(json.dumps(info))
     else:
@@ -192,5 +184,5 @@ def plot(
     try:
         out = plot_runs(run_dirs, output or str(Path(run_dirs[0]) / "curves.png"))
     except PlotError as e:
-        _fail([f"error: {e}"])
+        fail(f"error: {e}")
     typer.echo(f"wrote {out}")

@@ -1,14 +1,13 @@
 """Output contraction of n streams to one before the final norm: learned (DSv4) or legacy average.
 
 The learned parameters are bare parameters of their owner (the decoder block, or one MTP depth),
-so that checkpoint keys read `decoder.hc_head_fn` and `mtp.layers.{k}.hc_head_fn` (DESIGN.md §2.5).
+so that checkpoint keys read `decoder.hc_head_fn` and `mtp.layers.{k}.hc_head_fn` (docs/design.md §2.5).
 Owners must put them into their `sharded_state_dict` themselves (`contraction_sharded_state_dict`):
 megatron's TransformerBlock only walks child modules and would silently drop them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,9 +15,8 @@ import torch
 from torch import Tensor
 
 from dsv4cli import kernels
+from dsv4cli.ckpt.keys import HC_HEAD_NAMES
 from dsv4cli.model.hyper_connection import mark_replicated
-
-HC_HEAD_NAMES = ("hc_head_fn", "hc_head_base", "hc_head_scale")
 
 
 @dataclass(frozen=True)
@@ -57,12 +55,6 @@ def contract(owner: torch.nn.Module, x: Tensor) -> Tensor:
     return kernels.learned_output_contract(
         x, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, s.streams, s.eps
     )
-
-
-def average_equivalent_base(n: int, eps: float) -> float:
-    """logit(1/n - eps): with hc_head_fn = 0 and scale = 1 this makes the learned contraction the mean."""
-    p = 1.0 / n - eps
-    return math.log(p / (1.0 - p))
 
 
 def contraction_sharded_state_dict(owner: torch.nn.Module, prefix: str, metadata: dict | None) -> dict:

@@ -2,7 +2,7 @@
 
 `apply()` is idempotent and must run once per process before models are built (the builder,
 the trainer and the session-scoped pytest fixture call it). Production GPU runs never go
-through this module. What each patch fixes (measured, see shared/CPU_NOTES.md §1):
+through this module. What each patch fixes (measured; docs/cpu.md says why each is needed):
 
 - `torch.cuda.current_device()` -> the CPU device, `torch.cuda.synchronize()` -> no-op
   (GlobalMemoryBuffer, p2p shapes, router, RoPE, dist-ckpt all ask for the current device).

@@ -1,6 +1,6 @@
 """Keep a module's own mHC/contraction parameters in fp32 through `.bfloat16()`/`.half()`/`.to(dtype)`.
 
-megatron's Float16Module casts the whole model with `.bfloat16()`; DESIGN.md §2 wants mHC and
+megatron's Float16Module casts the whole model with `.bfloat16()`; docs/design.md §2 wants mHC and
 contraction parameters fp32 always (a bf16 `hc_head_base` moves the contraction weights by ~0.2%).
 Device moves still apply.
 """

@@ -1,4 +1,4 @@
-"""One MTP depth with mHC (DESIGN.md §2.4): [s, b, n*h] streams in, [s, b, n*h] streams out.
+"""One MTP depth with mHC (docs/design.md §2.4): [s, b, n*h] streams in, [s, b, n*h] streams out.
 
     e = e_proj(enorm(embed(tokens shifted by k)))           [s, b, h]
     z = e (broadcast over streams) + h_proj(hnorm(x_i))      [s, b, n*h]   (hnorm per stream)

@@ -4,7 +4,7 @@ schema      pydantic models of every TOML section (the field names are a contrac
 load        load_spec / resolve_spec / spec_to_toml: extends chains, --set, key origins
 toml_lines  key -> line numbers of a TOML document
 problems    Problem (FILE:LINE: key: message) and SpecError
-rules       cross-field rules; UNSUPPORTED features (warn in validate, error in train)
+rules       cross-field rules; UNSUPPORTED features (warn in validate, error in train, check_supported)
 check       check_spec: everything `dsv4 validate` reports for one spec
 layout      world size, derived dp / expert grid, pp_layout parsing
 estimate    param_inventory, parameter counts, FLOPs per token, memory per rank

@@ -2,7 +2,8 @@
 
 `check_rules(spec, world_size)` returns every error and warning at once (never raises);
 `unsupported_features(spec)` lists what the spec can name but the builder cannot build yet
-(warnings in `dsv4 validate`, errors in `dsv4 train`). Each Problem points at the line that
+(warnings in `dsv4 validate`, errors in `dsv4 train`); `check_supported(spec)` raises for the first of
+them (the builder calls it before it builds anything). Each Problem points at the line that
 set the key it names (see `dsv4cli.spec.load.locate`).
 """
 
@@ -69,6 +70,17 @@ def _pick(spec: Spec, *keys: str) -> str:
 def unsupported_features(spec: Spec) -> list[Problem]:
     """Features named by the spec that the builder does not support yet (as warnings)."""
     return [_problem(spec, key, message, "warning") for key, applies, message in UNSUPPORTED if applies(spec)]
+
+
+class UnsupportedSpecError(NotImplementedError):
+    """The spec asks for something the builder does not implement yet (one-line message)."""
+
+
+def check_supported(spec: Spec) -> None:
+    """Raise UnsupportedSpecError (`key: message`) for the first feature of UNSUPPORTED the spec uses."""
+    for key, applies, message in UNSUPPORTED:
+        if applies(spec):
+            raise UnsupportedSpecError(f"{key}: {message}")
 
 
 class _Findings:

@@ -20,7 +20,7 @@ class _Section(BaseModel):
 
 
 class MhcSpec(_Section):
-    """Manifold-constrained hyper-connections (DESIGN.md §2.2)."""
+    """Manifold-constrained hyper-connections (docs/design.md §2.2)."""
 
     streams: int = Field(4, ge=1, le=16, description="Residual streams n; 1 disables hyper-connections.")
     sinkhorn_iterations: int = Field(20, ge=1, description="Sinkhorn iterations for H_res.")
@@ -29,14 +29,14 @@ class MhcSpec(_Section):
 
 
 class ContractionSpec(_Section):
-    """Output contraction of n streams to one, before the final norm (DESIGN.md §2.3)."""
+    """Output contraction of n streams to one, before the final norm (docs/design.md §2.3)."""
 
     mode: Literal["learned", "average"] = Field("learned", description="'learned' (DSv4) or legacy 'average'.")
     eps: float = Field(1e-6, gt=0, lt=0.1, description="eps of the learned contraction (RMS and floor).")
 
 
 class MtpSpec(_Section):
-    """Multi-token prediction (DESIGN.md §2.4)."""
+    """Multi-token prediction (docs/design.md §2.4)."""
 
     depth: int = Field(1, ge=0, le=8, description="MTP depths D; 0 disables MTP.")
     loss_scale: float = Field(0.1, ge=0, description="Total MTP loss weight; each depth gets loss_scale / D.")

@@ -108,34 +108,32 @@ class _Scanner:
         if c in ('"', "'"):
             self.string()
         elif c == "[":
-            self.pos += 1
-            while True:
-                self.skip_space(newlines=True)
-                if self.peek() == "]":
-                    self.pos += 1
-                    return
-                self.value(path)
-                self.skip_space(newlines=True)
-                if self.peek() == ",":
-                    self.pos += 1
+            self.items("]", lambda: self.value(path), newlines=True)
         elif c == "{":
-            self.pos += 1
-            while True:
-                self.skip_space(newlines=False)
-                if self.peek() == "}":
-                    self.pos += 1
-                    return
-                line = self.line()
-                sub = path + self.key()
-                self.record(sub, line)
-                self.expect("=")
-                self.value(sub)
-                self.skip_space(newlines=False)
-                if self.peek() == ",":
-                    self.pos += 1
+            self.items("}", lambda: self.inline_pair(path), newlines=False)
         else:
             while self.pos < len(self.text) and self.text[self.pos] not in ",]}\n#":
                 self.pos += 1
+
+    def items(self, close: str, item, newlines: bool) -> None:
+        """An array or inline table from its opening bracket: `item()` per element up to `close`."""
+        self.pos += 1
+        while True:
+            self.skip_space(newlines=newlines)
+            if self.peek() == close:
+                self.pos += 1
+                return
+            item()
+            self.skip_space(newlines=newlines)
+            if self.peek() == ",":
+                self.pos += 1
+
+    def inline_pair(self, path: Path) -> None:
+        line = self.line()
+        sub = path + self.key()
+        self.record(sub, line)
+        self.expect("=")
+        self.value(sub)
 
     def expect(self, char: str) -> None:
         self.skip_space(newlines=False)

@@ -1,4 +1,4 @@
-"""Training metrics: metrics.jsonl (DESIGN.md §2.6), progress on the terminal, TensorBoard if installed.
+"""Training metrics: metrics.jsonl (docs/design.md §2.6), progress on the terminal, TensorBoard if installed.
 
 Only rank 0 constructs a `MetricsLogger`. One JSON object per logged step:
 `step`, `loss`, `mtp_losses`, `grad_norm`, `lr`, `tokens_per_s`, `step_time_s`, `peak_mem_gb`,
