@@ -40,11 +40,17 @@ def _step_dim(k: int) -> int:
     return 0 if k % 2 == 0 else 1
 
 
+def _eps_like(t: Tensor, eps: float) -> Tensor:
+    """eps as a 0-dim tensor of t's dtype: adding a Python float costs a scalar-to-tensor conversion per op."""
+    return torch.full((), eps, dtype=t.dtype, device=t.device)
+
+
 def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
     """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax."""
-    p = torch.softmax(zt, dim=1).add_(eps)
+    e = _eps_like(zt, eps)
+    p = torch.softmax(zt, dim=1).add_(e)
     for k in range(2 * iterations - 1):
-        p.div_(p.sum(_step_dim(k), keepdim=True).add_(eps))
+        p.div_(p.sum(_step_dim(k), keepdim=True).add_(e))
     return p
 
 
@@ -53,11 +59,12 @@ def sinkhorn_bwd_t(zt: Tensor, gt: Tensor, iterations: int, eps: float) -> Tenso
 
     Recomputes the forward (bit-identical ops) keeping each step's output y_k and divisor c_k
     (transient, freed on return), then walks the steps backwards; the softmax's eps is a shift."""
+    e = _eps_like(zt, eps)
     sm = torch.softmax(zt, dim=1)
-    p = sm + eps
+    p = sm + e
     outs, divs = [], []
     for k in range(2 * iterations - 1):
-        c = p.sum(_step_dim(k), keepdim=True).add_(eps)
+        c = p.sum(_step_dim(k), keepdim=True).add_(e)
         p = p / c
         outs.append(p)
         divs.append(c)
