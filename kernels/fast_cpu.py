@@ -12,6 +12,8 @@ one call is one autograd node instead of tens, and keep only O(1) tensors per ca
 - `mhc_mappings`: RMS, projection, gating, sigmoids and Sinkhorn in one Function; saves x, the
   projection [T, M] and the rsqrt [T, 1] (as the Triton kernel does) and recomputes the rest.
 - `learned_output_contract`: the same projection helper, sigmoid and weighted stream sum.
+- `mhc_aggregate`, `mhc_post_res`: one Function each; batched matmuls where both per-token operands
+  have >= n rows and columns, broadcasts where one is a single column (CPU `bmm` loops over tokens).
 
 Shapes: T tokens (all leading dims flattened), n streams, h hidden, K = n*h, M mapping width.
 All math runs in reference.compute_dtype (fp32, fp64 for fp64 inputs); gradients come back in
