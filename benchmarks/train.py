@@ -8,6 +8,8 @@ Each variant runs the real training step (megatron DDP + optimizer + forward_bac
 mock data) in this process: `--warmup` untimed steps, then `--steps` timed ones; the median
 step time gives tokens/s. Only the stream count differs between variants (MTP, contraction
 and every other setting come from the spec). One process; on a GPU machine it uses CUDA.
+The measured contract (`dsv4 train` itself, separate interleaved runs, median step_time_s of
+metrics.jsonl, specs/bench-mhc.toml): benchmarks/mhc_overhead.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """mHC and output-contraction ops (installed as `dsv4cli.kernels`): one public API, two backends.
 
 Every op takes the multi-stream state `[..., n*h]` (stream-major) and an `impl`:
-- "torch": the plain-PyTorch reference (`reference.py`), differentiable by autograd;
+- "torch": plain PyTorch ops with hand-written backwards (`fast_cpu.py`: one autograd node per op,
+  O(1) tensors kept for backward); the average contraction is the reference itself. The plain
+  reference (`reference.py`, autograd) is the ground truth the tests compare both paths against;
 - "triton": the fused Triton kernels (`triton_ops/`, one module per op) with hand-written backward;
   on CPU tensors only under `TRITON_INTERPRET=1` (set before Triton is first imported);
 - "auto": Triton when x is on CUDA and Triton imports, the reference otherwise.
@@ -16,7 +18,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import reference
+from . import fast_cpu, reference
 
 # The ops every backend implements: the reference's public functions but its two helpers.
 OPS = tuple(name for name in reference.__all__ if name not in ("compute_dtype", "stream_rms_rsqrt"))
@@ -72,7 +74,7 @@ def learned_output_contract(
     """
     if resolve_impl(impl, x) == "triton":
         return _triton().learned_output_contract(x, head_fn, base, scale, n, eps)
-    return reference.learned_output_contract(x, head_fn, base, scale, n, eps)
+    return fast_cpu.learned_output_contract(x, head_fn, base, scale, n, eps)
 
 
 def average_output_contract(x: Tensor, n: int, impl: str = "auto") -> Tensor:
@@ -91,25 +93,25 @@ def mhc_mappings(
     """
     if resolve_impl(impl, x) == "triton":
         return _triton().mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps)
-    return reference.mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps)
+    return fast_cpu.mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps)
 
 
 def sinkhorn(logits: Tensor, iterations: int, eps: float, impl: str = "auto") -> Tensor:
     """[..., n, n] logits -> doubly-stochastic [..., n, n] (softmax rows + eps, column step, then row+column steps)."""
     if resolve_impl(impl, logits) == "triton":
         return _triton().sinkhorn(logits, iterations, eps)
-    return reference.sinkhorn(logits, iterations, eps)
+    return fast_cpu.sinkhorn(logits, iterations, eps)
 
 
 def mhc_aggregate(x: Tensor, h_pre: Tensor, n: int, impl: str = "auto") -> Tensor:
     """[..., n*h], h_pre [..., n] -> u [..., h] = sum_i h_pre[i] x_i (x's dtype)."""
     if resolve_impl(impl, x) == "triton":
         return _triton().mhc_aggregate(x, h_pre, n)
-    return reference.mhc_aggregate(x, h_pre, n)
+    return fast_cpu.mhc_aggregate(x, h_pre, n)
 
 
 def mhc_post_res(x: Tensor, f: Tensor, h_post: Tensor, h_res: Tensor, n: int, impl: str = "auto") -> Tensor:
     """[..., n*h], f [..., h], h_post [..., n], h_res [..., n, n] -> [..., n*h]: x'_k = h_post[k] f + sum_j h_res[j,k] x_j."""
     if resolve_impl(impl, x) == "triton":
         return _triton().mhc_post_res(x, f, h_post, h_res, n)
-    return reference.mhc_post_res(x, f, h_post, h_res, n)
+    return fast_cpu.mhc_post_res(x, f, h_post, h_res, n)

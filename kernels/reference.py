@@ -3,7 +3,7 @@
 Layout: the multi-stream state is `[..., n*h]`, stream-major (view as `[..., n, h]`).
 All math runs in at least fp32 (float64 inputs stay float64, so gradcheck works);
 `mhc_mappings` and `sinkhorn` return the compute dtype (fp32, or fp64 for fp64 inputs),
-the other ops cast back to x's dtype. Formulas: DESIGN.md §2.2 and §2.3.
+the other ops cast back to x's dtype. Formulas: docs/design.md §2.2 and §2.3.
 """
 
 from __future__ import annotations

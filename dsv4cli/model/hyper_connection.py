@@ -5,7 +5,7 @@
       ├── aggregate:  u = Σ_i H_pre[i] x_i                      [s, b, h]  -> norm -> F (attn or MLP)
       └── post+res:   x'_k = H_post[k] F(u) + Σ_j H_res[j,k] x_j   [s, b, n*h]
 
-Parameters (fp32 always, TP-replicated; DESIGN.md §2.2): `mapping_proj.weight [n*n+2n, n*h]`
+Parameters (fp32 always, TP-replicated; docs/design.md §2.2): `mapping_proj.weight [n*n+2n, n*h]`
 (xavier-uniform), `alpha_pre`, `alpha_post`, `alpha_res` ([1] each, = gating_init), `bias [n*n+2n]`
 (zeros, ordered pre, post, res). Under sequence parallelism each rank sees a sequence shard, so
 the params are tagged `sequence_parallel` and megatron all-reduces their grads over TP.

@@ -1,7 +1,7 @@
 """A megatron TransformerLayer whose residual is n mHC streams: [s, b, n*h] -> [s, b, n*h].
 
 Same submodules as megatron's layer (input_layernorm, self_attention, pre_mlp_layernorm, mlp);
-the plain residual adds are replaced by one HyperConnection per sub-layer (DESIGN.md §2.2):
+the plain residual adds are replaced by one HyperConnection per sub-layer (docs/design.md §2.2):
 
     x ─ self_attention_hyper_connection(x, u -> attn(input_layernorm(u))) ─> x
       ─ mlp_hyper_connection(x, u -> mlp(pre_mlp_layernorm(u)))          ─> x

@@ -1,0 +1,314 @@
+"""Fast PyTorch path of the mHC / contraction ops (what impl="torch" runs): reference.py's math, fewer ops.
+
+`reference.py` stays the plain, readable ground truth; these ops compute the same functions
+(tests/test_kernels_fast.py compares values and gradients) with hand-written backwards, so that
+one call is one autograd node instead of tens, and keep only O(1) tensors per call for backward:
+
+- `sinkhorn`: runs on the token-innermost layout `[n, n, T]`, where every row / column sum and
+  division streams over T contiguous values (on `[T, n, n]` each op walks strided groups of n,
+  ~8x slower per op on CPU). Backward keeps only the logits: it recomputes the iterations,
+  then runs the steps in reverse (the math of triton_ops._sk_backward): step y = q / c, with
+  c = sum(q) + eps along the normalised axis, has dq = (g - sum(g * y)) / c along that axis.
+- `mhc_mappings`: RMS, projection, gating, sigmoids and Sinkhorn in one Function; saves x, the
+  projection [T, M] and the rsqrt [T, 1] (as the Triton kernel does) and recomputes the rest.
+- `learned_output_contract`: the same projection helper, sigmoid and weighted stream sum.
+- `mhc_aggregate`, `mhc_post_res`: one Function each; batched matmuls where both per-token operands
+  have >= n rows and columns, broadcasts where one is a single column (CPU `bmm` loops over tokens).
+
+Shapes: T tokens (all leading dims flattened), n streams, h hidden, K = n*h, M mapping width.
+All math runs in reference.compute_dtype (fp32, fp64 for fp64 inputs); gradients come back in
+each input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import compute_dtype
+
+__all__ = ["sinkhorn", "mhc_mappings", "mhc_aggregate", "mhc_post_res", "learned_output_contract"]
+
+# ------------------------------------------------------------------------------------------ Sinkhorn core
+
+
+def _check_iterations(iterations: int) -> None:
+    if iterations < 1:
+        raise ValueError(f"sinkhorn iterations must be >= 1, got {iterations}")
+
+
+def _step_dim(k: int) -> int:
+    """Normalisation step k on [n(row i), n(col j), T]: even k divide columns (sum over i = dim 0), odd k rows."""
+    return 0 if k % 2 == 0 else 1
+
+
+def _eps_like(t: Tensor, eps: float) -> Tensor:
+    """eps as a 0-dim tensor of t's dtype: adding a Python float costs a scalar-to-tensor conversion per op."""
+    return torch.full((), eps, dtype=t.dtype, device=t.device)
+
+
+def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
+    """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax."""
+    e = _eps_like(zt, eps)
+    p = torch.softmax(zt, dim=1).add_(e)
+    for k in range(2 * iterations - 1):
+        p.div_(p.sum(_step_dim(k), keepdim=True).add_(e))
+    return p
+
+
+def sinkhorn_bwd_t(zt: Tensor, gt: Tensor, iterations: int, eps: float) -> Tensor:
+    """[n, n, T] logits and d(loss)/d(output) -> d(loss)/d(logits) [n, n, T].
+
+    Recomputes the forward (bit-identical ops) keeping each step's output y_k and divisor c_k
+    (transient, freed on return), then walks the steps backwards; the softmax's eps is a shift."""
+    e = _eps_like(zt, eps)
+    sm = torch.softmax(zt, dim=1)
+    p = sm + e
+    outs, divs = [], []
+    for k in range(2 * iterations - 1):
+        c = p.sum(_step_dim(k), keepdim=True).add_(e)
+        p = p / c
+        outs.append(p)
+        divs.append(c)
+    g = gt
+    for k in range(2 * iterations - 2, -1, -1):
+        g = (g - (g * outs[k]).sum(_step_dim(k), keepdim=True)).div_(divs[k])
+    return sm * (g - (g * sm).sum(1, keepdim=True))
+
+
+def _to_t(z: Tensor, n: int) -> Tensor:
+    """[T, n*n] (row-major n x n per token, any strides) -> [n, n, T] contiguous."""
+    return z.t().contiguous().view(n, n, -1)
+
+
+def _from_t(pt: Tensor) -> Tensor:
+    """[n, n, T] -> [T, n, n] contiguous."""
+    return pt.permute(2, 0, 1).contiguous()
+
+
+class _Sinkhorn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, iterations, eps):  # z [T, n, n] in the compute dtype
+        n = z.shape[-1]
+        ctx.save_for_backward(z)
+        ctx.cfg = (iterations, eps)
+        return _from_t(sinkhorn_fwd_t(_to_t(z.view(-1, n * n), n), iterations, eps))
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        iterations, eps = ctx.cfg
+        n = z.shape[-1]
+        gt = _to_t(g.reshape(-1, n * n).to(z.dtype), n)
+        return _from_t(sinkhorn_bwd_t(_to_t(z.view(-1, n * n), n), gt, iterations, eps)), None, None
+
+
+def sinkhorn(logits: Tensor, iterations: int, eps: float) -> Tensor:
+    """[..., n, n] logits -> doubly-stochastic [..., n, n] in the compute dtype; see reference.sinkhorn."""
+    _check_iterations(iterations)
+    n = logits.shape[-1]
+    z = logits.to(compute_dtype(logits)).reshape(-1, n, n)
+    return _Sinkhorn.apply(z, int(iterations), float(eps)).view(logits.shape)
+
+
+# ------------------------------------------------------------------------------------------ RMS projection
+
+
+def _logits(x2: Tensor, w: Tensor, gate: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x2 [T, K], w [M, K], gate and bias broadcastable to [M] -> (z, mix, r).
+
+    mix = x2 @ w^T [T, M]; r = rsqrt(mean(x2^2) + eps) [T, 1]; z = mix * r * gate + bias [T, M]."""
+    mix = x2 @ w.t()
+    r = torch.rsqrt(x2.square().mean(-1, keepdim=True).add_(eps))
+    return _gated(mix, r, gate, bias), mix, r
+
+
+def _gated(mix: Tensor, r: Tensor, gate: Tensor, bias: Tensor) -> Tensor:
+    """z = (mix * r) * gate + bias, the op order of reference.mhc_logits."""
+    return (mix * r).mul_(gate).add_(bias)
+
+
+def _logits_bwd(
+    x2: Tensor, w: Tensor, gate: Tensor, mix: Tensor, r: Tensor, dz: Tensor, dx_extra: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `_logits` for dz [T, M] -> (dx2 [T, K] (+ dx_extra), dw [M, K], dgate [M] per column, dbias [M]).
+
+    With m = mix * r: dgate = sum_t dz * m, dm = dz * gate, dmix = dm * r, and
+    dr/dx2 = -r^3 x2 / K, so dx2 = dmix @ w - (sum_m dm * mix) r^3 / K * x2."""
+    K = x2.shape[-1]
+    dgate = (dz * mix * r).sum(0)
+    dbias = dz.sum(0)
+    dm = dz * gate
+    dmix = dm * r
+    coef = (dm * mix).sum(-1, keepdim=True).mul_(r.pow(3)).mul_(-1.0 / K)
+    dx = x2 * coef if dx_extra is None else torch.addcmul(dx_extra, x2, coef)
+    dx.addmm_(dmix, w)
+    return dx, dmix.t() @ x2, dgate, dbias
+
+
+def _mapping_gate(alpha: Tensor, n: int) -> Tensor:
+    """alpha [3] -> gate [n*n+2n]: alpha_pre over the pre columns, alpha_post over post, alpha_res over res."""
+    return torch.cat([alpha[0:1].expand(n), alpha[1:2].expand(n), alpha[2:3].expand(n * n)])
+
+
+def _flat(x: Tensor, n: int, dt: torch.dtype) -> Tensor:
+    """[..., n*h] -> [T, n*h] in dt (raises with the numbers if n does not divide the last dim)."""
+    if x.shape[-1] % n != 0:
+        raise ValueError(f"last dim {x.shape[-1]} of x is not a multiple of n={n}")
+    return x.reshape(-1, x.shape[-1]).to(dt)
+
+
+# ------------------------------------------------------------------------------------------ mHC mappings
+
+
+class _MhcMappings(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, alpha, bias, n, iterations, eps):
+        dt = compute_dtype(x, w, alpha, bias)
+        x2, wd, a = _flat(x, n, dt), w.to(dt), alpha.to(dt)
+        z, mix, r = _logits(x2, wd, _mapping_gate(a, n), bias.to(dt), eps)
+        s = torch.sigmoid(z[:, : 2 * n])
+        h_pre = s[:, :n] + eps
+        h_post = s[:, n:] * 2.0
+        h_res = _from_t(sinkhorn_fwd_t(_to_t(z[:, 2 * n :], n), iterations, eps))
+        ctx.save_for_backward(x, w, alpha, bias, mix, r)
+        ctx.cfg = (n, iterations, eps, dt)
+        lead = x.shape[:-1]
+        return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
+
+    @staticmethod
+    def backward(ctx, g_pre, g_post, g_res):
+        x, w, alpha, bias, mix, r = ctx.saved_tensors
+        n, iterations, eps, dt = ctx.cfg
+        x2, wd, gate = _flat(x, n, dt), w.to(dt), _mapping_gate(alpha.to(dt), n)
+        z = _gated(mix, r, gate, bias.to(dt))
+        T = x2.shape[0]
+        dz = torch.empty_like(z)
+        g_sig = torch.cat([g_pre.reshape(T, n), g_post.reshape(T, n) * 2.0], dim=-1).to(dt)
+        dz[:, : 2 * n] = torch.ops.aten.sigmoid_backward(g_sig, torch.sigmoid(z[:, : 2 * n]))
+        gt = _to_t(g_res.reshape(T, n * n).to(dt), n)
+        dz[:, 2 * n :] = sinkhorn_bwd_t(_to_t(z[:, 2 * n :], n), gt, iterations, eps).view(n * n, T).t()
+        dx, dw, dgate, dbias = _logits_bwd(x2, wd, gate, mix, r, dz)
+        dalpha = torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n :].sum()])
+        return (dx.view(x.shape).to(x.dtype), dw.to(w.dtype), dalpha.view(alpha.shape).to(alpha.dtype),
+                dbias.view(bias.shape).to(bias.dtype), None, None, None)  # fmt: skip
+
+
+def mhc_mappings(
+    x: Tensor, proj_weight: Tensor, alpha: Tensor, bias: Tensor, n: int, iterations: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """[..., n*h] -> (h_pre [..., n], h_post [..., n], h_res [..., n, n]) in the compute dtype; see reference."""
+    _check_iterations(iterations)
+    return _MhcMappings.apply(x, proj_weight, alpha.reshape(3), bias, n, int(iterations), float(eps))
+
+
+# ------------------------------------------------------------------------------------------ stream sums
+
+
+def _wsum(xs: Tensor, w: Tensor) -> Tensor:
+    """xs [T, n, h], w [T, n] -> [T, h] = sum_i w[:, i] xs[:, i] (one [1, n] @ [n, h] product per token)."""
+    return torch.bmm(w.unsqueeze(1), xs).squeeze(1)
+
+
+def _wsum_bwd(xs: Tensor, w: Tensor, du: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of `_wsum` for du [T, h] -> (dxs [T, n, h] = w_i du, dw [T, n] = <xs_i, du>), as broadcasts
+    (a batched matmul with one-column operands loops over the tokens on CPU)."""
+    du3 = du.unsqueeze(1)
+    return w.unsqueeze(2) * du3, (xs * du3).sum(-1)
+
+
+def _streams(x: Tensor, n: int, dt: torch.dtype) -> Tensor:
+    """[..., n*h] -> [T, n, h] in dt."""
+    x2 = _flat(x, n, dt)
+    return x2.view(x2.shape[0], n, x2.shape[1] // n)
+
+
+class _Aggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h_pre, n):
+        dt = compute_dtype(x, h_pre)
+        xs = _streams(x, n, dt)
+        ctx.save_for_backward(x, h_pre)
+        ctx.cfg = (n, dt)
+        return _wsum(xs, h_pre.reshape(-1, n).to(dt)).view(*x.shape[:-1], xs.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, du):
+        x, h_pre = ctx.saved_tensors
+        n, dt = ctx.cfg
+        xs = _streams(x, n, dt)
+        dxs, dw = _wsum_bwd(xs, h_pre.reshape(-1, n).to(dt), du.reshape(xs.shape[0], -1).to(dt))
+        return dxs.view(x.shape).to(x.dtype), dw.view(h_pre.shape).to(h_pre.dtype), None
+
+
+def mhc_aggregate(x: Tensor, h_pre: Tensor, n: int) -> Tensor:
+    """[..., n*h], h_pre [..., n] -> u [..., h] = sum_i h_pre[i] x_i (x's dtype); see reference."""
+    return _Aggregate.apply(x, h_pre, n)
+
+
+class _PostRes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f, h_post, h_res, n):
+        dt = compute_dtype(x, f, h_post, h_res)
+        xs = _streams(x, n, dt)
+        T, _, h = xs.shape
+        post, res, f2 = h_post.reshape(T, n).to(dt), h_res.reshape(T, n, n).to(dt), f.reshape(T, h).to(dt)
+        out = torch.baddbmm(post.unsqueeze(2) * f2.unsqueeze(1), res.transpose(1, 2), xs)  # [T, k, h]
+        ctx.save_for_backward(x, f, h_post, h_res)
+        ctx.cfg = (n, dt)
+        return out.view(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, f, h_post, h_res = ctx.saved_tensors
+        n, dt = ctx.cfg
+        xs = _streams(x, n, dt)
+        T, _, h = xs.shape
+        post, res, f2 = h_post.reshape(T, n).to(dt), h_res.reshape(T, n, n).to(dt), f.reshape(T, h).to(dt)
+        g3 = g.reshape(T, n, h).to(dt)
+        dx = torch.bmm(res, g3)  # dx_j = sum_k h_res[j, k] g_k
+        dres = torch.bmm(xs, g3.transpose(1, 2))  # <x_j, g_k>
+        dpost = (g3 * f2.unsqueeze(1)).sum(-1)  # <g_k, f>
+        df = _wsum(g3, post)  # sum_k h_post[k] g_k
+        return (dx.view(x.shape).to(x.dtype), df.view(f.shape).to(f.dtype), dpost.view(h_post.shape).to(h_post.dtype),
+                dres.view(h_res.shape).to(h_res.dtype), None)  # fmt: skip
+
+
+def mhc_post_res(x: Tensor, f: Tensor, h_post: Tensor, h_res: Tensor, n: int) -> Tensor:
+    """[..., n*h], f [..., h], h_post [..., n], h_res [..., n, n] -> [..., n*h] (x's dtype); see reference."""
+    return _PostRes.apply(x, f, h_post, h_res, n)
+
+
+# ------------------------------------------------------------------------------------------ learned contraction
+
+
+class _LearnedContract(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, head_fn, base, scale, n, eps):
+        dt = compute_dtype(x, head_fn, base, scale)
+        xs = _streams(x, n, dt)
+        x2 = xs.view(xs.shape[0], -1)
+        z, mix, r = _logits(x2, head_fn.to(dt), scale.to(dt), base.to(dt), eps)
+        y = _wsum(xs, torch.sigmoid(z).add_(eps))
+        ctx.save_for_backward(x, head_fn, base, scale, mix, r)
+        ctx.cfg = (n, eps, dt)
+        return y.view(*x.shape[:-1], xs.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, head_fn, base, scale, mix, r = ctx.saved_tensors
+        n, eps, dt = ctx.cfg
+        xs = _streams(x, n, dt)
+        T = xs.shape[0]
+        x2, fn, sc = xs.view(T, -1), head_fn.to(dt), scale.to(dt)
+        s = torch.sigmoid(_gated(mix, r, sc, base.to(dt)))
+        dxs, dpre = _wsum_bwd(xs, s + eps, dy.reshape(T, -1).to(dt))
+        dz = torch.ops.aten.sigmoid_backward(dpre, s)
+        dx, dfn, dgate, dbase = _logits_bwd(x2, fn, sc, mix, r, dz, dx_extra=dxs.view(T, -1))
+        return (dx.view(x.shape).to(x.dtype), dfn.to(head_fn.dtype), dbase.view(base.shape).to(base.dtype),
+                dgate.sum().view(scale.shape).to(scale.dtype), None, None)  # fmt: skip
+
+
+def learned_output_contract(x: Tensor, head_fn: Tensor, base: Tensor, scale: Tensor, n: int, eps: float) -> Tensor:
+    """[..., n*h] -> [..., h] in x's dtype; see reference.learned_output_contract."""
+    return _LearnedContract.apply(x, head_fn, base, scale, n, float(eps))
