@@ -4,11 +4,33 @@ Fixtures here import torch/megatron only when a test requests them, so spec/CLI 
 - `cpu_compat` (session): the CPU workarounds of dsv4cli.model.cpu_compat (no-op with CUDA).
 - `megatron_1proc` (module): a 1-process gloo group with megatron model-parallel groups of size 1;
   torn down at the end of the module so other test modules can create their own.
+- `_fresh_megatron_loss_scales` (every test): megatron's class-level MTP / MoE aux-loss backward scales
+  as a fresh process has them.
 """
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_megatron_loss_scales():
+    """megatron's schedules leave 1/num_microbatches in class attributes (MTPLossAutoScaler,
+    MoEAuxLossAutoScaler) after an in-process training, and MTP losses in a class-level tracker; a model run outside a schedule later in the
+    session would backpropagate its MTP / aux losses scaled by it, unlike the fresh worker processes
+    it is compared with. Restore the defaults of a fresh process (only where megatron is imported)."""
+    mtp = sys.modules.get("megatron.core.transformer.multi_token_prediction")
+    moe = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if mtp is not None:
+        import torch
+
+        mtp.MTPLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
+        mtp.MTPLossLoggingHelper.tracker.clear()  # sized by the MTP depth of the model that ran last
+    if moe is not None:
+        moe.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    yield
 
 
 @pytest.fixture(scope="session")

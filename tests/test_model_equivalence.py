@@ -230,12 +230,7 @@ def test_mtp_depth_losses_equal_a_step_by_step_reference(tiny_spec):
 def test_mtp_gradients_are_loss_scale_over_depth_times_each_depths_loss(tiny_spec):
     """Only the MTP losses backpropagate (main loss x 0): depth k's head sees (loss_scale / D) * dCE_k,
     the decoder's head sees nothing (MTP consumes the un-contracted streams, not the decoder head)."""
-    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
-
-    loss_scale, depth = 0.3, 2
-    # megatron's schedule leaves its last 1/num_microbatches in this class-level scale (an in-process
-    # training test earlier in the session sets it): outside a schedule the backward scale is 1.
-    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    loss_scale, depth = 0.3, 2  # (conftest restores megatron's MTP backward scale of a fresh process)
     model, ids, pos, labels, loss_mask = _mtp_model_and_batch(tiny_spec, loss_scale)
     main = model(ids, pos, None, labels=labels, loss_mask=loss_mask)
     (main * 0.0).sum().backward()
