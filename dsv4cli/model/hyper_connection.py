@@ -107,6 +107,12 @@ class HyperConnection(KeepFp32Params, torch.nn.Module):
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
         """x [s, b, n*h] -> [s, b, n*h], with `sublayer: [s, b, h] -> [s, b, h]` (norm + attn or MLP)."""
-        h_pre, h_post, h_res = self.mappings(x)
-        f = sublayer(self.aggregate(x, h_pre))
-        return self.merge(x, f, h_post, h_res)
+        if self.settings.recompute and torch.is_grad_enabled():
+            h_pre, h_post, h_res = self.mappings(x)
+            u = self.aggregate(x, h_pre)
+        else:  # mappings + aggregate as one op (kernels.mhc_pre)
+            s = self.settings
+            u, h_post, h_res = kernels.mhc_pre(
+                x, self.mapping_proj.weight, self.alpha(), self.bias, self.n, s.sinkhorn_iterations, s.eps
+            )
+        return self.merge(x, sublayer(u), h_post, h_res)
