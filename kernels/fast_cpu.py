@@ -119,7 +119,9 @@ def _logits(x2: Tensor, w: Tensor, gate: Tensor, bias: Tensor, eps: float) -> tu
 
     mix = x2 @ w^T [T, M]; r = rsqrt(mean(x2^2) + eps) [T, 1]; z = mix * r * gate + bias [T, M]."""
     mix = x2 @ w.t()
-    r = torch.rsqrt(x2.square().mean(-1, keepdim=True).add_(eps))
+    # mean(x2^2) as one reduction (square().mean() materialises a [T, K] temporary)
+    ss = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_()
+    r = torch.rsqrt(ss.mul_(1.0 / x2.shape[-1]).add_(eps))
     return _gated(mix, r, gate, bias), mix, r
 
 
@@ -141,7 +143,7 @@ def _logits_bwd(
     dm = dz * gate
     dmix = dm * r
     coef = (dm * mix).sum(-1, keepdim=True).mul_(r.pow(3)).mul_(-1.0 / K)
-    dx = x2 * coef if dx_extra is None else torch.addcmul(dx_extra, x2, coef)
+    dx = x2 * coef if dx_extra is None else dx_extra.addcmul_(x2, coef)  # dx_extra: a fresh buffer, reused
     dx.addmm_(dmix, w)
     return dx, dmix.t() @ x2, dgate, dbias
 
@@ -300,7 +302,8 @@ class _PostRes(torch.autograd.Function):
         xs = _streams(x, n, dt)
         T, _, h = xs.shape
         post, res, f2 = h_post.reshape(T, n).to(dt), h_res.reshape(T, n, n).to(dt), f.reshape(T, h).to(dt)
-        out = torch.baddbmm(post.unsqueeze(2) * f2.unsqueeze(1), res.transpose(1, 2), xs)  # [T, k, h]
+        # res^T x, then += post (x) f in place (baddbmm would first copy a materialised outer product)
+        out = torch.bmm(res.transpose(1, 2), xs).addcmul_(post.unsqueeze(2), f2.unsqueeze(1))  # [T, k, h]
         ctx.save_for_backward(x, f, h_post, h_res)
         ctx.cfg = (n, dt)
         return out.view(x.shape).to(x.dtype)
