@@ -22,7 +22,7 @@ from . import fast_cpu, reference
 
 # The ops every backend implements: the reference's public functions but its two helpers.
 OPS = tuple(name for name in reference.__all__ if name not in ("compute_dtype", "stream_rms_rsqrt"))
-__all__ = [*OPS, "resolve_impl", "triton_available"]
+__all__ = [*OPS, "mhc_pre", "resolve_impl", "triton_available"]
 
 _IMPLS = ("auto", "torch", "triton")
 
@@ -94,6 +94,17 @@ def mhc_mappings(
     if resolve_impl(impl, x) == "triton":
         return _triton().mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps)
     return fast_cpu.mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps)
+
+
+def mhc_pre(
+    x: Tensor, proj_weight: Tensor, alpha: Tensor, bias: Tensor, n: int, iterations: int, eps: float, impl: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """[..., n*h] -> (u [..., h], h_post [..., n], h_res [..., n, n]): mhc_mappings, then mhc_aggregate with
+    its h_pre (one autograd node on the torch path)."""
+    if resolve_impl(impl, x) == "triton":
+        h_pre, h_post, h_res = mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps, impl="triton")
+        return mhc_aggregate(x, h_pre, n, impl="triton"), h_post, h_res
+    return fast_cpu.mhc_pre(x, proj_weight, alpha, bias, n, iterations, eps)
 
 
 def sinkhorn(logits: Tensor, iterations: int, eps: float, impl: str = "auto") -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .reference import compute_dtype
 
-__all__ = ["sinkhorn", "mhc_mappings", "mhc_aggregate", "mhc_post_res", "learned_output_contract"]
+__all__ = ["sinkhorn", "mhc_mappings", "mhc_pre", "mhc_aggregate", "mhc_post_res", "learned_output_contract"]
 
 # ------------------------------------------------------------------------------------------ Sinkhorn core
 
@@ -119,7 +119,9 @@ def _logits(x2: Tensor, w: Tensor, gate: Tensor, bias: Tensor, eps: float) -> tu
 
     mix = x2 @ w^T [T, M]; r = rsqrt(mean(x2^2) + eps) [T, 1]; z = mix * r * gate + bias [T, M]."""
     mix = x2 @ w.t()
-    r = torch.rsqrt(x2.square().mean(-1, keepdim=True).add_(eps))
+    # mean(x2^2) as one reduction (square().mean() materialises a [T, K] temporary)
+    ss = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_()
+    r = torch.rsqrt(ss.mul_(1.0 / x2.shape[-1]).add_(eps))
     return _gated(mix, r, gate, bias), mix, r
 
 
@@ -141,7 +143,7 @@ def _logits_bwd(
     dm = dz * gate
     dmix = dm * r
     coef = (dm * mix).sum(-1, keepdim=True).mul_(r.pow(3)).mul_(-1.0 / K)
-    dx = x2 * coef if dx_extra is None else torch.addcmul(dx_extra, x2, coef)
+    dx = x2 * coef if dx_extra is None else dx_extra.addcmul_(x2, coef)  # dx_extra: a fresh buffer, reused
     dx.addmm_(dmix, w)
     return dx, dmix.t() @ x2, dgate, dbias
 
@@ -161,16 +163,45 @@ def _flat(x: Tensor, n: int, dt: torch.dtype) -> Tensor:
 # ------------------------------------------------------------------------------------------ mHC mappings
 
 
+def _mappings_fwd(x, w, alpha, bias, n, iterations, eps):
+    """x [..., n*h] -> (x2 [T, K], h_pre [T, n], h_post [T, n], h_res [T, n, n], mix [T, M], r [T, 1], dt)."""
+    dt = compute_dtype(x, w, alpha, bias)
+    x2, wd, a = _flat(x, n, dt), w.to(dt), alpha.to(dt)
+    z, mix, r = _logits(x2, wd, _mapping_gate(a, n), bias.to(dt), eps)
+    s = torch.sigmoid(z[:, : 2 * n])
+    h_res = _from_t(sinkhorn_fwd_t(_to_t(z[:, 2 * n :], n), iterations, eps))
+    return x2, s[:, :n] + eps, s[:, n:] * 2.0, h_res, mix, r, dt
+
+
+def _mappings_bwd(ctx, g_pre, g_post, g_res, pre_from_x=None):
+    """Backward of `_mappings_fwd` from ctx (saved x, w, alpha, bias, mix, r; cfg n, iterations, eps, dt)
+    -> the grads of (x, w, alpha, bias). `pre_from_x(xs [T, n, h], h_pre [T, n]) -> (dxs, g_pre)` lets a
+    fused consumer of h_pre (the aggregate) add its x-gradient and supply g_pre from the recomputed h_pre."""
+    x, w, alpha, bias, mix, r = ctx.saved_tensors
+    n, iterations, eps, dt = ctx.cfg
+    x2, wd, gate = _flat(x, n, dt), w.to(dt), _mapping_gate(alpha.to(dt), n)
+    z = _gated(mix, r, gate, bias.to(dt))
+    T = x2.shape[0]
+    sig = torch.sigmoid(z[:, : 2 * n])
+    dx_extra = None
+    if pre_from_x is not None:
+        dxs, g_pre = pre_from_x(x2.view(T, n, -1), sig[:, :n] + eps)
+        dx_extra = dxs.view(T, -1)
+    dz = torch.empty_like(z)
+    g_sig = torch.cat([g_pre.reshape(T, n).to(dt), g_post.reshape(T, n).to(dt) * 2.0], dim=-1)
+    dz[:, : 2 * n] = torch.ops.aten.sigmoid_backward(g_sig, sig)
+    gt = _to_t(g_res.reshape(T, n * n).to(dt), n)
+    dz[:, 2 * n :] = sinkhorn_bwd_t(_to_t(z[:, 2 * n :], n), gt, iterations, eps).view(n * n, T).t()
+    dx, dw, dgate, dbias = _logits_bwd(x2, wd, gate, mix, r, dz, dx_extra=dx_extra)
+    dalpha = torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n :].sum()])
+    return (dx.view(x.shape).to(x.dtype), dw.to(w.dtype), dalpha.view(alpha.shape).to(alpha.dtype),
+            dbias.view(bias.shape).to(bias.dtype))  # fmt: skip
+
+
 class _MhcMappings(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, alpha, bias, n, iterations, eps):
-        dt = compute_dtype(x, w, alpha, bias)
-        x2, wd, a = _flat(x, n, dt), w.to(dt), alpha.to(dt)
-        z, mix, r = _logits(x2, wd, _mapping_gate(a, n), bias.to(dt), eps)
-        s = torch.sigmoid(z[:, : 2 * n])
-        h_pre = s[:, :n] + eps
-        h_post = s[:, n:] * 2.0
-        h_res = _from_t(sinkhorn_fwd_t(_to_t(z[:, 2 * n :], n), iterations, eps))
+        _, h_pre, h_post, h_res, mix, r, dt = _mappings_fwd(x, w, alpha, bias, n, iterations, eps)
         ctx.save_for_backward(x, w, alpha, bias, mix, r)
         ctx.cfg = (n, iterations, eps, dt)
         lead = x.shape[:-1]
@@ -178,20 +209,38 @@ class _MhcMappings(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_pre, g_post, g_res):
-        x, w, alpha, bias, mix, r = ctx.saved_tensors
-        n, iterations, eps, dt = ctx.cfg
-        x2, wd, gate = _flat(x, n, dt), w.to(dt), _mapping_gate(alpha.to(dt), n)
-        z = _gated(mix, r, gate, bias.to(dt))
-        T = x2.shape[0]
-        dz = torch.empty_like(z)
-        g_sig = torch.cat([g_pre.reshape(T, n), g_post.reshape(T, n) * 2.0], dim=-1).to(dt)
-        dz[:, : 2 * n] = torch.ops.aten.sigmoid_backward(g_sig, torch.sigmoid(z[:, : 2 * n]))
-        gt = _to_t(g_res.reshape(T, n * n).to(dt), n)
-        dz[:, 2 * n :] = sinkhorn_bwd_t(_to_t(z[:, 2 * n :], n), gt, iterations, eps).view(n * n, T).t()
-        dx, dw, dgate, dbias = _logits_bwd(x2, wd, gate, mix, r, dz)
-        dalpha = torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n :].sum()])
-        return (dx.view(x.shape).to(x.dtype), dw.to(w.dtype), dalpha.view(alpha.shape).to(alpha.dtype),
-                dbias.view(bias.shape).to(bias.dtype), None, None, None)  # fmt: skip
+        return (*_mappings_bwd(ctx, g_pre, g_post, g_res), None, None, None)
+
+
+class _MhcPre(torch.autograd.Function):
+    """mappings + aggregate in one node: x -> (u, h_post, h_res); h_pre never leaves the Function."""
+
+    @staticmethod
+    def forward(ctx, x, w, alpha, bias, n, iterations, eps):
+        x2, h_pre, h_post, h_res, mix, r, dt = _mappings_fwd(x, w, alpha, bias, n, iterations, eps)
+        u = _wsum(x2.view(x2.shape[0], n, -1), h_pre)
+        ctx.save_for_backward(x, w, alpha, bias, mix, r)
+        ctx.cfg = (n, iterations, eps, dt)
+        lead = x.shape[:-1]
+        return u.view(*lead, u.shape[-1]).to(x.dtype), h_post.view(*lead, n), h_res.view(*lead, n, n)
+
+    @staticmethod
+    def backward(ctx, du, g_post, g_res):
+        dt = ctx.cfg[3]
+
+        def pre_from_x(xs, h_pre):
+            return _wsum_bwd(xs, h_pre, du.reshape(xs.shape[0], -1).to(dt))
+
+        return (*_mappings_bwd(ctx, None, g_post, g_res, pre_from_x), None, None, None)
+
+
+def mhc_pre(
+    x: Tensor, proj_weight: Tensor, alpha: Tensor, bias: Tensor, n: int, iterations: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """[..., n*h] -> (u [..., h] (x's dtype), h_post [..., n], h_res [..., n, n]): mhc_mappings then
+    mhc_aggregate with its h_pre, as one autograd node (one x-sized gradient instead of two summed)."""
+    _check_iterations(iterations)
+    return _MhcPre.apply(x, proj_weight, alpha.reshape(3), bias, n, int(iterations), float(eps))
 
 
 def mhc_mappings(
@@ -253,7 +302,8 @@ class _PostRes(torch.autograd.Function):
         xs = _streams(x, n, dt)
         T, _, h = xs.shape
         post, res, f2 = h_post.reshape(T, n).to(dt), h_res.reshape(T, n, n).to(dt), f.reshape(T, h).to(dt)
-        out = torch.baddbmm(post.unsqueeze(2) * f2.unsqueeze(1), res.transpose(1, 2), xs)  # [T, k, h]
+        # res^T x, then += post (x) f in place (baddbmm would first copy a materialised outer product)
+        out = torch.bmm(res.transpose(1, 2), xs).addcmul_(post.unsqueeze(2), f2.unsqueeze(1))  # [T, k, h]
         ctx.save_for_backward(x, f, h_post, h_res)
         ctx.cfg = (n, dt)
         return out.view(x.shape).to(x.dtype)

@@ -145,6 +145,38 @@ def test_mappings_accept_non_contiguous_x():
                  reference.mhc_mappings(xt, w, alpha, bias, 2, 3, EPS), atol=1e-6)  # fmt: skip
 
 
+def _pre_composed(x, w, alpha, bias, n, iterations):
+    h_pre, h_post, h_res = reference.mhc_mappings(x, w, alpha, bias, n, iterations, EPS)
+    return reference.mhc_aggregate(x, h_pre, n), h_post, h_res
+
+
+@pytest.mark.parametrize("n,h,iterations", [(2, 5, 4), (4, 16, 20)])
+def test_pre_equals_reference_mappings_then_aggregate_fp32(n, h, iterations):
+    args = _mapping_args(n, h)
+    fast = fast_cpu.mhc_pre(*args, n, iterations, EPS)
+    ref = _pre_composed(*args, n, iterations)
+    _assert_same(fast, ref, atol=1e-5, rtol=1e-5)
+    g_fast, g_ref = _grads(fast, args), _grads(ref, args)
+    for a, b in zip(g_fast, g_ref):
+        assert b.abs().max() > 1e-3
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_pre_gradcheck_fp64_and_saves_six_tensors():
+    n, h = 3, 2
+    args = _mapping_args(n, h, lead=(2, 3), dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: fast_cpu.mhc_pre(*a, n, 4, EPS), args)
+    assert _saved_count(fast_cpu.mhc_pre, *args, n, 4, EPS) == 6  # as mhc_mappings; aggregate adds none
+
+
+def test_pre_gradient_of_u_alone():
+    """Only u used (h_post, h_res unused): the gradients still equal the composed reference."""
+    args = _mapping_args(4, 8)
+    fast, ref = fast_cpu.mhc_pre(*args, 4, 5, EPS)[0], _pre_composed(*args, 4, 5)[0]
+    for a, b in zip(_grads(fast, args), _grads(ref, args)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- aggregate, post + residual, contraction
 
 

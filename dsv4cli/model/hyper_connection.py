@@ -81,25 +81,20 @@ class HyperConnection(KeepFp32Params, torch.nn.Module):
         """[3] gating scales (pre, post, res) as the ops take them."""
         return torch.cat([self.alpha_pre, self.alpha_post, self.alpha_res])
 
-    def _mappings(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _pre(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         s = self.settings
-        return kernels.mhc_mappings(
-            x, self.mapping_proj.weight, self.alpha(), self.bias, self.n, s.sinkhorn_iterations, s.eps
-        )
+        return kernels.mhc_pre(x, self.mapping_proj.weight, self.alpha(), self.bias, self.n, s.sinkhorn_iterations, s.eps)
 
-    def mappings(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [s, b, n*h] -> (H_pre [s,b,n], H_post [s,b,n], H_res [s,b,n,n]) in fp32.
+    def pre(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [s, b, n*h] -> (u [s, b, h], H_post [s,b,n], H_res [s,b,n,n]): the mappings (fp32) and the
+        aggregate u = Σ_i H_pre[i] x_i as one op (H_pre stays inside).
 
-        With `recompute`, only x is kept for backward and the mappings (Sinkhorn included) are
+        With `recompute`, only x is kept for backward and the mappings (Sinkhorn included) and u are
         recomputed there.
         """
         if self.settings.recompute and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._mappings, x, use_reentrant=False)
-        return self._mappings(x)
-
-    def aggregate(self, x: Tensor, h_pre: Tensor) -> Tensor:
-        """x [s, b, n*h], H_pre [s, b, n] -> u [s, b, h]."""
-        return kernels.mhc_aggregate(x, h_pre, self.n)
+            return torch.utils.checkpoint.checkpoint(self._pre, x, use_reentrant=False)
+        return self._pre(x)
 
     def merge(self, x: Tensor, f: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         """x [s,b,n*h], f [s,b,h] -> x' [s,b,n*h]: x'_k = H_post[k] f + Σ_j H_res[j,k] x_j."""
@@ -107,6 +102,5 @@ class HyperConnection(KeepFp32Params, torch.nn.Module):
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
         """x [s, b, n*h] -> [s, b, n*h], with `sublayer: [s, b, h] -> [s, b, h]` (norm + attn or MLP)."""
-        h_pre, h_post, h_res = self.mappings(x)
-        f = sublayer(self.aggregate(x, h_pre))
-        return self.merge(x, f, h_post, h_res)
+        u, h_post, h_res = self.pre(x)
+        return self.merge(x, sublayer(u), h_post, h_res)
