@@ -53,7 +53,7 @@ def load_checkpoint(iter_dir: Path, chunks, optimizer, scheduler, layout: dict,
         across = (saved is not None) != adam_state.is_distributed(optimizer)  # distributed optimizer on <-> off
         if not across:
             opt_request = optimizer_request(
-                optimizer, model_sd, iter_dir, meta.get("parallel"), layout,
+                optimizer, model_sd, iter_dir, meta.get("parallel"), layout, common,
                 metadata={"distrib_optim_sharding_type": saved or adam_state.DISTOPT_SHARDING})
             state[opt_request.key] = opt_request.sharded
     same_layout = meta.get("parallel") == layout

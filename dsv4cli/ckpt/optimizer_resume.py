@@ -141,14 +141,14 @@ class OptimizerRequest:
                                   f"({type(e).__name__}: {e}); {FRESH_OPTIMIZER_HINT}") from None
 
 
-def optimizer_request(optimizer, model_sd: dict, iter_dir: Path, saved_layout, layout: dict,
+def optimizer_request(optimizer, model_sd: dict, iter_dir: Path, saved_layout, layout: dict, common: dict,
                       metadata: Optional[dict] = None) -> OptimizerRequest:
-    """Collective: optimizer_sharded_state, keyed for a direct or a regrouped load (OptimizerRequest)."""
-    from megatron.core import dist_checkpointing
+    """Collective: optimizer_sharded_state, keyed for a direct or a regrouped load (OptimizerRequest).
+    `common`: the checkpoint's common state (common.pt), as the caller already loaded it."""
     from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
 
     sd = optimizer_sharded_state(optimizer, model_sd, iter_dir, saved_layout, layout, metadata)
-    saved = dist_checkpointing.load_common_state_dict(str(iter_dir)).get("optimizer")
+    saved = common.get("optimizer")
     if chain_length(saved) == len(getattr(optimizer, "chained_optimizers", [optimizer])):
         return OptimizerRequest("optimizer", sd)
     _, local = extract_sharded_base(sd)
