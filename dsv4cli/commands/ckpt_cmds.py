@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app, inspect_app
-from dsv4cli.commands.common import fail, human_bytes, set_option
+from dsv4cli.commands.common import fail, human_bytes, json_option, set_option
 
 _SPEC_IN_USE = "spec in use (--spec, else the saved one)"
 
@@ -45,7 +45,7 @@ def convert_ckpt(
     drop_optimizer: bool = typer.Option(False, "--drop-optimizer", help="Write a model-only checkpoint (no optimizer state)."),
     link: bool = typer.Option(False, "--link", help="Hard-link SRC's unchanged data files instead of copying "
                               "them (same filesystem; seconds and no extra space, see docs/checkpoints.md)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = json_option("Print the result as JSON."),
 ) -> None:
     """Convert a legacy averaging-contraction checkpoint to the learned contraction.
 
@@ -115,7 +115,7 @@ def inspect_checkpoint_cmd(
     set_: Optional[List[str]] = set_option(spec=_SPEC_IN_USE),
     stats: bool = typer.Option(False, "--stats", help="Load tensors one at a time: norm, mean, std, min, max, NaN/Inf."),
     filter_: Optional[str] = typer.Option(None, "--filter", metavar="GLOB", help="Only tensors whose name matches GLOB."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = json_option("Print the report as JSON."),
 ) -> None:
     """What is inside a saved checkpoint, and whether it matches the spec.
 
@@ -205,7 +205,7 @@ def _render_report(r: dict) -> None:
 def inspect_diff(
     a: str = typer.Argument(..., metavar="A", help="First checkpoint."),
     b: str = typer.Argument(..., metavar="B", help="Second checkpoint."),
-    as_json: bool = typer.Option(False, "--json", help="Print the diff as JSON."),
+    as_json: bool = json_option("Print the diff as JSON."),
 ) -> None:
     """Compare two checkpoints: keys only in A or B, shape/dtype changes, and per-tensor
     max |A - B| (tensors streamed one at a time). Exit 0 when both were read, 2 otherwise.

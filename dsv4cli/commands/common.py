@@ -1,4 +1,5 @@
-"""What the command modules share: the `--set` option, the error exit and human-readable numbers (no torch)."""
+"""What the command modules share: the SPEC argument, the `--set` and `--json` options, the error exit and
+human-readable numbers (no torch)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ from typing import Any, NoReturn
 import typer
 
 
+def spec_argument(help: str = "Spec file.") -> Any:
+    """The positional SPEC argument of every command that reads a spec (a typer.Argument default)."""
+    return typer.Argument(..., metavar="SPEC", help=help)
+
+
 def set_option(example: str = "model.mhc.streams=4", spec: str = "spec", note: str = "") -> Any:
     """The repeatable `--set KEY=VALUE` option of every command that reads a spec (a typer.Option default)."""
     return typer.Option(
         None, "--set", metavar="KEY=VALUE",
         help=f"Override one key of the {spec}, e.g. --set {example}{note} (repeatable; the last one wins).",
     )  # fmt: skip
+
+
+def json_option(help: str) -> Any:
+    """The `--json` flag: print machine-readable output instead of text; `help` says what is printed."""
+    return typer.Option(False, "--json", help=help)
 
 
 def fail(*lines: str, code: int = 2) -> NoReturn:

@@ -8,14 +8,14 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app, inspect_app  # noqa: F401
-from dsv4cli.commands.common import set_option, spec_or_exit
+from dsv4cli.commands.common import fail, json_option, set_option, spec_argument, spec_or_exit
 
 
 @inspect_app.command("model")
 def inspect_model(
-    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    set_: Optional[List[str]] = set_option("model.mhc.streams=2"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (tree, parameters, counts)."),
+    spec: str = spec_argument(),
+    set_: Optional[List[str]] = set_option(),
+    as_json: bool = json_option("Print JSON (tree, parameters, counts)."),
 ) -> None:
     """Build the spec's model on CPU (one process) and show its module tree (repeated layers folded)
     and parameter counts, checked against the estimate of `dsv4 validate`.
@@ -37,11 +37,9 @@ def inspect_model(
 
             report = build_and_inspect(resolved)
     except (UnsupportedSpecError, ValueError) as e:
-        typer.echo(f"{spec}: {e}", err=True)
-        raise typer.Exit(2)
+        fail(f"{spec}: {e}")
     except Exception as e:  # noqa: BLE001 - one-line error, exit 1
-        typer.echo(f"{spec}: building the model failed: {type(e).__name__}: {e}", err=True)
-        raise typer.Exit(1)
+        fail(f"{spec}: building the model failed: {type(e).__name__}: {e}", code=1)
 
     for note in report.warnings:
         typer.echo(f"{spec}: warning: {note}", err=True)

@@ -8,19 +8,19 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app, inspect_app
-from dsv4cli.commands.common import human_count, set_option, spec_or_exit
+from dsv4cli.commands.common import human_bytes, human_count, json_option, set_option, spec_argument, spec_or_exit
 
 
 @app.command("validate")
 def validate(
-    specs: List[str] = typer.Argument(..., metavar="SPEC", help="Spec file(s) to check."),
+    specs: List[str] = spec_argument("Spec file(s) to check."),
     set_: Optional[List[str]] = set_option("model.mhc.streams=8"),
     world_size: Optional[int] = typer.Option(
         None, "--world-size", min=1, metavar="N", help="Processes in total (default: launch.nproc_per_node * launch.nnodes)."
     ),
     resolved: bool = typer.Option(False, "--resolved", help="Also list the resolved spec: every key, its value "
                                   "and the FILE:LINE that set it (or default)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per spec per line."),
+    as_json: bool = json_option("One JSON object per spec per line."),
 ) -> None:
     """Check specs and print estimates; exit 2 on errors.
 
@@ -62,9 +62,9 @@ def validate(
 
 @inspect_app.command("spec")
 def inspect_spec(
-    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    set_: Optional[List[str]] = set_option("model.mhc.streams=8"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML."),
+    spec: str = spec_argument(),
+    set_: Optional[List[str]] = set_option("model.mtp.depth=2"),
+    as_json: bool = json_option("Print JSON instead of TOML."),
 ) -> None:
     """Show the resolved spec (after extends and --set) as TOML, or as JSON.
 
@@ -108,12 +108,6 @@ def schema(
 # ---------------------------------------------------------------------------------------------
 # rendering
 # ---------------------------------------------------------------------------------------------
-def _gib(value: int) -> str:
-    if value < 1024**3:
-        return f"{value / 1024**2:.1f} MiB"
-    return f"{value / 1024**3:.2f} GiB"
-
-
 def resolved_lines(spec, data: dict) -> list[str]:
     """`key = value  # FILE:LINE` (or `# default`, `# --set`) per set key, aligned; plain lines so a
     pipe or a narrow terminal wraps them instead of cutting a path or a value."""
@@ -167,7 +161,7 @@ def _render_summary(report, info: dict, resolved: bool = False) -> None:
     for name, key in (("weights", "weights"), ("grads", "grads"), (optimizer, "optimizer"),
                       ("activations", "activations"), ("  of which n-stream residual", "residual_streams"),
                       ("total", "total")):
-        table.add_row(name, _gib(memory[key]))
+        table.add_row(name, human_bytes(memory[key]))
     console.print(table)
 
     sizes = info["parallel"]

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app
-from dsv4cli.commands.common import fail, set_option
+from dsv4cli.commands.common import fail, json_option, set_option, spec_argument
 
 
 def _say(line: str) -> None:
@@ -25,7 +25,7 @@ def _print(renderable) -> None:
 
 @app.command("sweep")
 def sweep(
-    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file every variant starts from."),
+    spec: str = spec_argument("Spec file every variant starts from."),
     vary: Optional[List[str]] = typer.Option(None, "--vary", metavar="KEY=V1,V2,...",
                                              help="Values of one key (TOML values, as --set); repeatable."),
     set_: Optional[List[str]] = set_option("train.steps=20", note=" in every variant"),
@@ -38,7 +38,7 @@ def sweep(
     slurm: Optional[str] = typer.Option(None, "--slurm", metavar="DIR",
                                         help="Write one sbatch script per variant into DIR; run nothing."),
     summary_only: bool = typer.Option(False, "--summary-only", help="Only print the summary of DIR's runs."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"variants": [...]} on stdout (progress on stderr).'),
+    as_json: bool = json_option('Print {"variants": [...]} on stdout (progress on stderr).'),
     force: bool = typer.Option(False, "--force", help="Start even if a memory estimate exceeds the device memory."),
 ) -> None:
     """Train a grid of SPEC variants one by one (as dsv4 train) and compare them.

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from dsv4cli.commands.app import app, inspect_app  # noqa: F401
-from dsv4cli.commands.common import fail, set_option
+from dsv4cli.commands.common import fail, json_option, set_option, spec_argument
 
 _VERBOSE_HELP = "Also show known library warnings and torchrun's own output (hidden by default)."
 
@@ -28,7 +28,7 @@ def _plan(spec: str, set_, nproc_per_node, nnodes, node_rank, rdzv_endpoint, ext
 
 @app.command("train")
 def train(
-    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
+    spec: str = spec_argument(),
     set_: Optional[List[str]] = set_option("train.steps=300"),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, metavar="N", help="Overrides launch.nproc_per_node."),
     nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, metavar="N", help="Overrides launch.nnodes."),
@@ -97,11 +97,11 @@ def train(
 
 @app.command("eval")
 def eval_(
-    spec: str = typer.Argument(..., metavar="SPEC", help="Spec file."),
+    spec: str = spec_argument(),
     load: str = typer.Option(..., "--load", metavar="DIR", help="Checkpoint root (-> latest) or one iter_* directory."),
     set_: Optional[List[str]] = set_option("model.mhc.streams=8", note=" to match the checkpoint's model"),
     batches: Optional[int] = typer.Option(None, "--batches", min=1, metavar="N", help="Held-out global batches (default train.eval_batches)."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"loss", "mtp_losses", "tokens"}.'),
+    as_json: bool = json_option('Print {"loss", "mtp_losses", "tokens"}.'),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, metavar="N", help="Overrides launch.nproc_per_node."),
     verbose: bool = typer.Option(False, "--verbose", help=_VERBOSE_HELP),
 ) -> None:
@@ -136,7 +136,7 @@ def prepare_data(
     out_prefix: str = typer.Argument(..., metavar="OUT_PREFIX", help="Writes OUT_PREFIX.bin and OUT_PREFIX.idx."),
     tokenizer: str = typer.Option("byte", "--tokenizer", metavar="byte|PATH", help="'byte' or a tokenizer.json."),
     key: str = typer.Option("text", "--key", metavar="FIELD", help="JSON field holding the text."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = json_option("Print the summary as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
 ) -> None:
     """Build a Megatron indexed dataset (.bin/.idx) from JSON lines (for data.source = 'indexed').

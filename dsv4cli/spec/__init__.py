@@ -2,8 +2,11 @@
 
 schema      pydantic models of every TOML section (the field names are a contract)
 load        load_spec / resolve_spec / spec_to_toml: extends chains, --set, key origins
+chain       a spec file and its extends chain: merged data, key origins, relative paths, TOML errors
+overrides   --set KEY=VALUE: parse_override and applying them in order
+schema_problems  pydantic's validation errors -> Problems (did-you-mean for unknown keys)
 toml_lines  key -> line numbers of a TOML document
-problems    Problem (FILE:LINE: key: message) and SpecError
+problems    Problem (FILE:LINE: key: message), SpecError, Origin (file, line) of a key
 rules       cross-field rules; UNSUPPORTED features (warn in validate, error in train, check_supported)
 check       check_spec: everything `dsv4 validate` reports for one spec
 layout      world size, derived dp / expert grid, pp_layout parsing

@@ -10,6 +10,20 @@ Severity = Literal["error", "warning"]
 OVERRIDE_FILE = "--set"
 """`Problem.file` of a value that came from a `--set KEY=VALUE` override."""
 
+Origin = tuple[str, Optional[int]]
+"""Where a key was set: (file as shown to the user, 1-based line or None)."""
+
+
+def origin_of(origins: dict[str, Origin], key: str, root: str) -> Origin:
+    """The origin of dotted `key`, or of its nearest parent table that has one; (root, None) if none."""
+    parts = key.split(".") if key else []
+    while parts:
+        origin = origins.get(".".join(parts))
+        if origin is not None:
+            return origin
+        parts.pop()
+    return (root, None)
+
 
 @dataclass(frozen=True)
 class Problem:

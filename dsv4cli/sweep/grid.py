@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dsv4cli.spec.load import parse_override
+from dsv4cli.spec.overrides import parse_override
 
 RESERVED_KEYS = ("checkpoint.dir",)
 """Keys the sweep sets itself (each variant trains into DIR/<slug>)."""

@@ -6,7 +6,7 @@
     runlock.py        one `dsv4 train` per run directory (checkpoint.dir/dsv4.lock)
     runtime.py        megatron parallel state, model chunks, DDP, optimizer, scheduler, schedules
     loop.py           the training loop: steps, held-out loss, checkpoints, exit_interval, signals
-    data.py           builtin stdlib corpus, byte/HF tokenizers, indexed/mock datasets, prepare-data
+    data/             builtin stdlib corpus, byte/HF tokenizers, indexed/mock datasets, batching, prepare-data
     metrics.py        metrics.jsonl, progress lines/bar, TensorBoard
     eval.py           held-out loss of a checkpoint
     plot.py           loss curves of run directories
