@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+from dsv4cli.spec.dsv4_rules import dsv4_rules
 from dsv4cli.spec.layout import LAYOUT_CHARS, default_world_size, parse_pp_layout
 from dsv4cli.spec.load import locate
 from dsv4cli.spec.problems import Problem, Severity
@@ -27,6 +28,16 @@ UNSUPPORTED: tuple[tuple[str, Callable[[Spec], bool], str], ...] = (
         "model.moe.hash_layers",
         lambda s: s.model.moe is not None and s.model.moe.hash_layers > 0,
         "hash routing (hash_layers > 0) is not supported by the model builder yet",
+    ),
+    (
+        "model.attention",
+        lambda s: s.model.attention is not None,
+        "DeepSeek-V4 attention ([model.attention]) is not supported by the model builder yet",
+    ),
+    (
+        "model.moe.swiglu_limit",
+        lambda s: s.model.moe is not None and s.model.moe.swiglu_limit > 0,
+        "the SwiGLU clamp (swiglu_limit > 0) is not supported by the model builder yet",
     ),
     (
         "parallel.cp",
@@ -111,6 +122,7 @@ def check_rules(spec: Spec, world_size: Optional[int] = None, *, world_rules: bo
     _attention_rules(spec, f)
     _pipeline_rules(spec, f)
     _moe_rules(spec, f)
+    dsv4_rules(spec, f)
     if world_rules:
         _world_rules(spec, world_size or default_world_size(spec), f)
     _stream_rules(spec, f)

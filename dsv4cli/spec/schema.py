@@ -55,6 +55,52 @@ class MoeSpec(_Section):
     routed_scaling_factor: float = Field(1.0, gt=0, description="Scale of the routed experts' output.")
     hash_layers: int = Field(0, ge=0, description="Leading layers routed by a fixed token-id -> expert table.")
     aux_loss_coeff: float = Field(0.0, ge=0, description="Load-balancing auxiliary loss coefficient.")
+    swiglu_limit: float = Field(
+        0.0, ge=0, description="Clamp of the experts' SwiGLU inputs (gate <= limit, |up| <= limit); 0 = off."
+    )
+
+
+ATTENTION_LAYER_TYPES = ("sliding", "csa", "hca")
+"""DeepSeek-V4 attention kinds per layer: sliding window only, compressed sparse (overlapping
+compressor + indexer top-k), heavily compressed (non-overlapping compressor, every entry)."""
+
+DEFAULT_COMPRESS_RATIO = {"sliding": 0, "csa": 4, "hca": 128}
+"""The release's compression ratio of each attention kind (used where compress_ratios is not set)."""
+
+
+class AttentionSpec(_Section):
+    """DeepSeek-V4 attention: low-rank query, one shared KV head, attention sinks, grouped output
+    projection, a sliding window, and per layer compressed entries. Absent section = megatron's
+    standard attention (model.num_query_groups, model.kv_channels)."""
+
+    layer_types: list[Literal["sliding", "csa", "hca"]] = Field(
+        ..., min_length=1,
+        description="Per layer: 'sliding' (window only), 'csa' (compressed sparse attention), 'hca' (heavily "
+                    "compressed attention); decoder layers first, then one per MTP depth.",
+    )
+    compress_ratios: Optional[list[int]] = Field(
+        None, description="Per layer compression ratio (0 for 'sliding'); default 4 for 'csa', 128 for 'hca'."
+    )
+    head_dim: int = Field(512, ge=2, description="Head dim of queries and of the shared KV head.")
+    rope_head_dim: int = Field(64, ge=2, description="Trailing dims of each head that get (interleaved) RoPE.")
+    q_lora_rank: int = Field(1024, ge=1, description="Rank of the low-rank query projection.")
+    o_groups: int = Field(8, ge=1, description="Head groups of the grouped output projection.")
+    o_lora_rank: int = Field(1024, ge=1, description="Per-group rank of the grouped output projection.")
+    sliding_window: int = Field(128, ge=1, description="Tokens each query sees uncompressed (incl. itself).")
+    index_n_heads: int = Field(64, ge=1, description="Query heads of the lightning indexer ('csa' layers).")
+    index_head_dim: int = Field(128, ge=1, description="Head dim of the lightning indexer.")
+    index_topk: int = Field(512, ge=1, description="Compressed entries each query keeps ('csa' layers).")
+    compress_rope_theta: float = Field(160000.0, gt=0, description="RoPE base of compressed layers (main: model.rotary_base).")
+    yarn_factor: float = Field(1.0, ge=1, description="YaRN scaling of the compressed layers' RoPE (1 = off).")
+    yarn_original_max_position: int = Field(65536, ge=1, description="YaRN's original context length.")
+    yarn_beta_fast: float = Field(32.0, gt=0, description="YaRN beta_fast.")
+    yarn_beta_slow: float = Field(1.0, gt=0, description="YaRN beta_slow.")
+
+    def ratios(self) -> list[int]:
+        """Compression ratio of every layer (decoder layers, then MTP depths)."""
+        if self.compress_ratios is not None:
+            return list(self.compress_ratios)
+        return [DEFAULT_COMPRESS_RATIO[t] for t in self.layer_types]
 
 
 class ModelSpec(_Section):
@@ -77,6 +123,7 @@ class ModelSpec(_Section):
     contraction: ContractionSpec = Field(default_factory=ContractionSpec)
     mtp: MtpSpec = Field(default_factory=MtpSpec)
     moe: Optional[MoeSpec] = None
+    attention: Optional[AttentionSpec] = None
 
 
 class ParallelSpec(_Section):

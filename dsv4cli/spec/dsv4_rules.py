@@ -1,0 +1,91 @@
+"""Cross-field rules of DeepSeek-V4's own blocks ([model.attention], sqrtsoftplus / hash-routed MoE).
+
+Called by `dsv4cli.spec.rules.check_rules` with its findings collector `f` (`f.err`, `f.warn`,
+`f.pick`); every message carries the numbers it compares.
+"""
+
+from __future__ import annotations
+
+from dsv4cli.spec.layout import parse_pp_layout
+from dsv4cli.spec.schema import Spec
+
+
+def dsv4_rules(spec: Spec, f) -> None:
+    """Rules of [model.attention] and of hash-routed MoE layers."""
+    if spec.model.attention is not None:
+        _attention_rules(spec, f)
+    if spec.model.moe is not None and spec.model.moe.hash_layers:
+        _hash_layer_rules(spec, f)
+
+
+def _attention_rules(spec: Spec, f) -> None:
+    m, p, a = spec.model, spec.parallel, spec.model.attention
+    layers = m.num_layers + m.mtp.depth
+    where = f"model.num_layers + model.mtp.depth = {m.num_layers} + {m.mtp.depth} = {layers}"
+    if len(a.layer_types) != layers:
+        f.err("model.attention.layer_types",
+              f"model.attention.layer_types has {len(a.layer_types)} entries; it needs one per layer ({where})")
+    if a.compress_ratios is not None:
+        _ratio_rules(a, layers, where, f)
+    ratios = a.ratios()
+    compressed = sorted({r for r, t in zip(ratios, a.layer_types) if t != "sliding" and r > 0})
+    for r in compressed:
+        if m.seq_length < r:
+            f.warn(f.pick("model.seq_length", "model.attention.compress_ratios"),
+                   f"model.seq_length ({m.seq_length}) is shorter than the compression ratio {r}: "
+                   "those layers never see a compressed entry")
+    csa = [r for r, t in zip(ratios, a.layer_types) if t == "csa" and r > 0]
+    if csa and a.index_topk >= m.seq_length // min(csa):
+        f.warn(f.pick("model.attention.index_topk", "model.seq_length"),
+               f"model.attention.index_topk ({a.index_topk}) selects every compressed entry "
+               f"(model.seq_length {m.seq_length} / ratio {min(csa)} = {m.seq_length // min(csa)} at most): "
+               "the indexer chooses nothing")
+    if a.rope_head_dim > a.head_dim or a.rope_head_dim % 2:
+        f.err("model.attention.rope_head_dim",
+              f"model.attention.rope_head_dim ({a.rope_head_dim}) must be even and at most head_dim ({a.head_dim})")
+    if m.num_attention_heads % a.o_groups:
+        f.err(f.pick("model.attention.o_groups", "model.num_attention_heads"),
+              f"model.attention.o_groups ({a.o_groups}) does not divide model.num_attention_heads "
+              f"({m.num_attention_heads})")
+    for key in ("num_query_groups", "kv_channels"):
+        if f"model.{key}" in (getattr(spec, "_origins", None) or {}):
+            f.warn(f"model.{key}", f"model.{key} is unused with [model.attention] (one shared KV head of "
+                                   f"head_dim {a.head_dim})")
+    if p.tp > 1:
+        f.err(f.pick("parallel.tp", "model.attention.layer_types"),
+              f"parallel.tp ({p.tp}) > 1 with [model.attention] is not supported yet: DeepSeek-V4 attention "
+              "runs with tensor parallelism 1 for now (set parallel.tp = 1)")
+
+
+def _ratio_rules(a, layers: int, where: str, f) -> None:
+    if len(a.compress_ratios) != layers:
+        f.err("model.attention.compress_ratios",
+              f"model.attention.compress_ratios has {len(a.compress_ratios)} entries; it needs one per layer ({where})")
+    for i, (t, r) in enumerate(zip(a.layer_types, a.compress_ratios)):
+        if t == "sliding" and r != 0:
+            f.err("model.attention.compress_ratios",
+                  f"layer {i} is 'sliding' but model.attention.compress_ratios[{i}] = {r} (must be 0)")
+        elif t != "sliding" and r < 2:
+            f.err("model.attention.compress_ratios",
+                  f"layer {i} is '{t}' but model.attention.compress_ratios[{i}] = {r} (must be >= 2)")
+
+
+def first_stage_layers(spec: Spec) -> int:
+    """Decoder layers held by the first pipeline stage (its first virtual chunk): the ones that see token ids."""
+    m, p = spec.model, spec.parallel
+    if p.pp_layout:
+        try:
+            return parse_pp_layout(p.pp_layout)[0].count("t")
+        except ValueError:
+            return m.num_layers
+    return m.num_layers // (p.pp * p.vpp) if p.pp > 1 else m.num_layers
+
+
+def _hash_layer_rules(spec: Spec, f) -> None:
+    """Hash-routed layers look up token ids: they must sit on the first pipeline stage, which has them."""
+    moe, p = spec.model.moe, spec.parallel
+    held = first_stage_layers(spec)
+    if p.pp > 1 and moe.hash_layers > held:
+        f.err(f.pick("model.moe.hash_layers", "parallel.pp_layout", "parallel.pp"),
+              f"model.moe.hash_layers ({moe.hash_layers}) exceeds the decoder layers of the first pipeline stage "
+              f"({held}): hash routing needs the token ids, which only the first stage has")

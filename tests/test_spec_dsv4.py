@@ -1,0 +1,132 @@
+"""[model.attention] and the DeepSeek-V4 MoE keys: schema, per-layer lists and their rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsv4cli.spec.load import resolve_spec as load_spec
+from dsv4cli.spec.rules import check_rules, check_supported, UnsupportedSpecError
+from dsv4cli.spec.schema import AttentionSpec
+
+BASE = """\
+name = "t"
+[model]
+num_layers = 3
+hidden_size = 64
+num_attention_heads = 4
+ffn_hidden_size = 128
+vocab_size = 256
+seq_length = 64
+[model.mtp]
+depth = 1
+[model.attention]
+layer_types = ["sliding", "csa", "hca", "csa"]
+head_dim = 32
+rope_head_dim = 8
+q_lora_rank = 16
+o_groups = 2
+o_lora_rank = 16
+sliding_window = 8
+index_n_heads = 2
+index_head_dim = 8
+index_topk = 4
+compress_ratios = [0, 4, 16, 4]
+[train]
+global_batch_size = 1
+micro_batch_size = 1
+[data]
+source = "mock"
+"""
+
+
+def _problems(tmp_path: Path, text: str, *overrides: str) -> list:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    spec = load_spec(str(path), list(overrides))
+    return check_rules(spec)
+
+
+def _messages(problems, severity=None) -> list[str]:
+    return [p.message for p in problems if severity is None or p.severity == severity]
+
+
+def test_valid_attention_spec_has_only_the_not_built_warning(tmp_path):
+    problems = _problems(tmp_path, BASE)
+    assert [p.key for p in problems] == ["model.attention"], _messages(problems)
+    assert problems[0].severity == "warning"
+
+
+def test_layer_list_must_cover_decoder_layers_and_mtp(tmp_path):
+    errors = _messages(_problems(tmp_path, BASE, "model.mtp.depth=2"), "error")
+    assert any("has 4 entries" in e and "3 + 2 = 5" in e for e in errors), errors
+
+
+def test_ratio_must_match_the_kind(tmp_path):
+    text = BASE.replace("compress_ratios = [0, 4, 16, 4]", "compress_ratios = [4, 4, 1, 4]")
+    errors = _messages(_problems(tmp_path, text), "error")
+    assert any("layer 0 is 'sliding'" in e and "= 4" in e for e in errors), errors
+    assert any("layer 2 is 'hca'" in e and "= 1" in e for e in errors), errors
+
+
+def test_default_ratios_follow_the_release():
+    a = AttentionSpec(layer_types=["sliding", "csa", "hca"])
+    assert a.ratios() == [0, 4, 128]
+    assert AttentionSpec(layer_types=["csa"], compress_ratios=[8]).ratios() == [8]
+
+
+def test_topk_that_selects_everything_warns(tmp_path):
+    warnings = _messages(_problems(tmp_path, BASE, "model.attention.index_topk=16"), "warning")
+    assert any("index_topk (16) selects every compressed entry" in w for w in warnings), warnings
+
+
+def test_sequence_shorter_than_a_ratio_warns(tmp_path):
+    warnings = _messages(_problems(tmp_path, BASE, "model.seq_length=8", "model.attention.index_topk=1"), "warning")
+    assert any("shorter than the compression ratio 16" in w for w in warnings), warnings
+
+
+def test_tensor_parallel_attention_is_refused_with_the_reason(tmp_path):
+    errors = _messages(_problems(tmp_path, BASE, "parallel.tp=2", "launch.nproc_per_node=2"), "error")
+    assert any("parallel.tp (2) > 1 with [model.attention] is not supported yet" in e for e in errors), errors
+
+
+def test_o_groups_must_divide_heads(tmp_path):
+    errors = _messages(_problems(tmp_path, BASE, "model.attention.o_groups=3"), "error")
+    assert any("o_groups (3) does not divide model.num_attention_heads (4)" in e for e in errors), errors
+
+
+def test_unknown_layer_type_is_a_schema_error(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(BASE.replace('"hca", "csa"]', '"hca", "dense"]'))
+    with pytest.raises(Exception) as err:
+        load_spec(str(path), [])
+    assert "layer_types" in str(err.value)
+
+
+def test_builder_refuses_attention_until_built(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(BASE)
+    with pytest.raises(UnsupportedSpecError, match="model.attention"):
+        check_supported(load_spec(str(path), []))
+
+
+MOE = """
+[model.moe]
+num_experts = 4
+top_k = 2
+expert_ffn_hidden_size = 32
+hash_layers = 2
+"""
+
+
+def test_hash_layers_must_be_on_the_first_pipeline_stage(tmp_path):
+    text = BASE.replace("num_layers = 3", "num_layers = 4").replace(
+        '["sliding", "csa", "hca", "csa"]', '["sliding", "csa", "hca", "csa", "hca"]').replace(
+        "compress_ratios = [0, 4, 16, 4]", "") + MOE
+    problems = _problems(tmp_path, text, "parallel.pp=2", "launch.nproc_per_node=2", "model.mtp.depth=1")
+    assert not any("first pipeline stage" in m for m in _messages(problems, "error")), _messages(problems)
+    problems = _problems(tmp_path, text.replace("hash_layers = 2", "hash_layers = 3"),
+                         "parallel.pp=2", "launch.nproc_per_node=2")
+    assert any("hash_layers (3) exceeds the decoder layers of the first pipeline stage (2)" in m
+               for m in _messages(problems, "error")), _messages(problems)
