@@ -1,33 +1,15 @@
-"""Every CPU workaround megatron-core 0.16.1 needs, in one place; a no-op when CUDA is available.
+"""CUDA requests on a CPU: torch.cuda's device/stream/event calls and megatron's hard-coded `device="cuda"`.
 
-`apply()` is idempotent and must run once per process before models are built (the builder,
-the trainer and the session-scoped pytest fixture call it). Production GPU runs never go
-through this module. What each patch fixes (measured; docs/cpu.md says why each is needed):
+Installed by `dsv4cli.compat.activate()` on a machine without CUDA (never on a GPU machine); each
+`patch_*` function is one record of `dsv4cli.compat.megatron_patches.PATCHES`, which says why.
 
-- `torch.cuda.current_device()` -> the CPU device, `torch.cuda.synchronize()` -> no-op
-  (GlobalMemoryBuffer, p2p shapes, router, RoPE, dist-ckpt all ask for the current device).
-- Hard-coded CUDA in megatron (optimizer, clip_grads, grad scaler, schedules, dist-ckpt, MoE
-  tracker, ...), patched where it is, so the model's own ops pay nothing:
-  * the modules listed in `_CUDA_HARDCODED_MODULES` see a `torch` whose tensor factories map
-    `device="cuda"`/int devices to CPU (`torch.zeros([], device="cuda")` in the schedules);
-  * `Tensor.cuda()` is the identity (a CPU-only torch would raise there anyway);
-  * `clip_grad_by_total_norm_fp32` (asserts `grad.type() == 'torch.cuda.FloatTensor'`) runs inside
-    `cuda_as_cpu()`, a TorchFunctionMode that also maps `Tensor.type()` to the CUDA type name.
-  A process-wide TorchFunctionMode would intercept every op of every forward/backward
-  (~4,000 torch calls per tiny-spec step; measured +8-15% step time on 2 loaded cores), so it is
-  only entered around the functions that need it.
-- An RNG tracker with megatron's add/fork/get_states/set_states interface on the CPU generator,
-  and no-op CUDA RNG get/set for activation recompute.
-- `MTPLossLoggingHelper` creates its tracker on the loss' device (megatron allocates on CUDA).
-- MoE: null CUDA streams/events, `te_general_gemm = None` without TE, all-to-all split sizes
-  as numpy arrays.
-- `multi_latent_attention.HAVE_TE = False` when transformer_engine is not importable.
-- `CheckpointWithoutOutput()` (selective "layernorm" recompute) sets `fp8 = fp8 is not None`, i.e.
-  True for its default `fp8=False`, and then calls TE's FP8GlobalStateManager: without TE it is
-  forced off (megatron's own TransformerLayer crashes with a NameError otherwise).
-- torch_dist saving writes its buckets in-process (no forked writers, no spawn Manager).
-- The distributed optimizer: it sorts params by `Tensor.type()` (run inside `cuda_as_cpu()`), and
-  its checkpoints with torch's Adam need three fixes to resume exactly (`cpu_distopt`).
+A process-wide TorchFunctionMode mapping CUDA to CPU would intercept every op of every
+forward/backward (~4,000 torch calls per tiny-spec step; measured +8-15 % step time on 2 loaded
+cores), so the mapping is done where the CUDA requests are instead:
+- the modules of `CUDA_HARDCODED_MODULES` see a `torch` whose tensor factories map CUDA devices
+  to the CPU (`torch.zeros([], device="cuda")` in the schedules);
+- `cuda_as_cpu()`, the TorchFunctionMode, is entered only around the few megatron functions that
+  also compare `Tensor.type()` with the CUDA type name (`in_cuda_as_cpu(fn)`).
 """
 
 from __future__ import annotations
@@ -35,16 +17,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import queue
-import threading
 import types
 
-_APPLIED = False
-_LOCK = threading.Lock()
-
-# megatron-core 0.16.1 modules that create tensors with a literal device="cuda" on paths a CPU
-# run reaches (or may reach: dist-ckpt exchange, MoE aux-loss tracker, attention masks).
-_CUDA_HARDCODED_MODULES = (
+# megatron-core modules that create tensors with a literal device="cuda" on paths a CPU run
+# reaches (or may reach: dist-ckpt exchange, MoE aux-loss tracker, attention masks).
+CUDA_HARDCODED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
@@ -58,36 +35,6 @@ _CUDA_HARDCODED_MODULES = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.utils",
 )
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def apply() -> bool:
-    """Install all CPU workarounds (once). Returns True when they are active, False on CUDA."""
-    global _APPLIED
-    if cuda_available():
-        return False
-    with _LOCK:
-        if _APPLIED:
-            return True
-        _patch_torch_cuda()
-        _patch_rng()
-        _patch_mtp_tracker()
-        _patch_moe()
-        _patch_mla()
-        _patch_checkpoint_without_output()
-        _patch_dist_checkpointing()
-        _patch_hardcoded_cuda()
-        _APPLIED = True
-    return True
-
-
-def is_applied() -> bool:
-    return _APPLIED
 
 
 # --------------------------------------------------------------------------- torch.cuda
@@ -133,7 +80,8 @@ class _NullStream:
 _NULL_STREAM = _NullStream()
 
 
-def _patch_torch_cuda() -> None:
+def patch_torch_cuda() -> None:
+    """torch.cuda.current_device() -> the CPU device; synchronize, streams and events -> no-ops."""
     import torch
 
     torch.cuda.current_device = lambda: torch.device("cpu")
@@ -144,6 +92,9 @@ def _patch_torch_cuda() -> None:
     torch.cuda.default_stream = lambda *a, **k: _NULL_STREAM
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.Tensor.record_stream = lambda self, *a, **k: None
+
+
+# --------------------------------------------------------------------------- CUDA devices -> CPU
 
 
 def _is_cuda_device(dev) -> bool:
@@ -213,7 +164,7 @@ def cuda_as_cpu():
         yield
 
 
-def _in_cuda_as_cpu(fn):
+def in_cuda_as_cpu(fn):
     """fn wrapped to run inside `cuda_as_cpu()` (idempotent)."""
     if getattr(fn, "_dsv4_cuda_as_cpu", False):
         return fn
@@ -260,186 +211,22 @@ def _cpu_torch_module():
     return proxy
 
 
-def _patch_hardcoded_cuda() -> None:
+def patch_hardcoded_cuda() -> None:
+    """`torch` in CUDA_HARDCODED_MODULES -> a CPU-mapping stand-in; `Tensor.cuda()` -> the identity."""
     import torch
 
     proxy = _cpu_torch_module()
-    for name in _CUDA_HARDCODED_MODULES:
+    for name in CUDA_HARDCODED_MODULES:
         mod = importlib.import_module(name)
         if getattr(getattr(mod, "torch", None), "_dsv4_cpu_torch", False):
             continue
         mod.torch = proxy
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
+
+def patch_clip_grads() -> None:
+    """clip_grad_by_total_norm_fp32 (it asserts `grad.type() == 'torch.cuda.FloatTensor'`) runs in cuda_as_cpu()."""
     from megatron.core.optimizer import clip_grads, optimizer
 
     for mod in (clip_grads, optimizer):
-        mod.clip_grad_by_total_norm_fp32 = _in_cuda_as_cpu(clip_grads.clip_grad_by_total_norm_fp32)
-
-    from dsv4cli.model.cpu_distopt import patch_distributed_optimizer
-
-    patch_distributed_optimizer(_in_cuda_as_cpu)
-
-
-# --------------------------------------------------------------------------- RNG
-
-
-def _make_cpu_tracker_class():
-    import torch
-    from megatron.core.tensor_parallel import random as mrandom
-
-    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
-        """megatron's RNG tracker interface on the CPU generator (named CPU RNG states)."""
-
-        def add(self, name, seed):
-            self._is_initialized = True
-            if seed in self.seeds_:
-                raise Exception(f"seed {seed} already exists")
-            self.seeds_.add(seed)
-            if name in self.states_:
-                raise Exception(f"rng state {name} already exists")
-            orig = torch.get_rng_state()
-            torch.manual_seed(seed)
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(orig)
-
-        @contextlib.contextmanager
-        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
-            if name not in self.states_:
-                raise Exception(f"rng state {name} is not added")
-            orig = torch.get_rng_state()
-            orig_name = self._current_state_name
-            if orig_name != "default-rng":
-                self.states_[orig_name] = orig
-            torch.set_rng_state(self.states_[name])
-            self._current_state_name = name
-            try:
-                yield
-            finally:
-                self.states_[name] = torch.get_rng_state()
-                if orig_name != "default-rng":
-                    orig = self.states_[orig_name]
-                torch.set_rng_state(orig)
-                self._current_state_name = orig_name
-
-    return CpuRNGStatesTracker
-
-
-def _patch_rng() -> None:
-    import torch
-    from megatron.core.tensor_parallel import random as mrandom
-
-    tracker_cls = _make_cpu_tracker_class()
-    mrandom._CUDA_RNG_STATE_TRACKER = tracker_cls()
-    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-
-    def initialize_rng_tracker(*args, force_reset: bool = False, **kwargs):
-        if force_reset or not mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED:
-            mrandom._CUDA_RNG_STATE_TRACKER = tracker_cls()
-            mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-
-    def _force_reset_kw(args, kwargs):
-        if len(args) >= 4:
-            return bool(args[3])
-        return bool(kwargs.get("force_reset", False))
-
-    mrandom.initialize_rng_tracker = lambda *a, **k: initialize_rng_tracker(force_reset=_force_reset_kw(a, k))
-    mrandom._get_cuda_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)
-    mrandom._set_cuda_rng_state = lambda *a, **k: None
-    torch.cuda.manual_seed = lambda *a, **k: None
-    torch.cuda.manual_seed_all = lambda *a, **k: None
-    torch.cuda.get_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)
-    torch.cuda.set_rng_state = lambda *a, **k: None
-
-
-# --------------------------------------------------------------------------- MTP / MoE / MLA
-
-
-def _patch_mtp_tracker() -> None:
-    import torch
-    from megatron.core.transformer import multi_token_prediction as mtp
-
-    original = mtp.MTPLossLoggingHelper.save_loss_to_tracker
-
-    def save_loss_to_tracker(loss, layer_number, num_layers, reduce_group=None, avg_group=None):
-        tracker = mtp.MTPLossLoggingHelper.tracker
-        if layer_number is not None and "values" not in tracker:
-            tracker["values"] = torch.zeros(num_layers, device=loss.device)
-        return original(loss, layer_number, num_layers, reduce_group, avg_group)
-
-    mtp.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(save_loss_to_tracker)
-
-
-def _patch_moe() -> None:
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-    original = moe_utils.maybe_move_tensor_to_cpu
-
-    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
-        import torch
-
-        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
-            return tensor.detach().numpy()
-        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
-
-    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
-        token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-
-
-def _patch_mla() -> None:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        from megatron.core.transformer import multi_latent_attention
-
-        multi_latent_attention.HAVE_TE = False
-
-
-def _patch_checkpoint_without_output() -> None:
-    """Without TE there is no fp8: make CheckpointWithoutOutput skip its FP8GlobalStateManager calls."""
-    from megatron.core.tensor_parallel import random as mrandom
-
-    if mrandom.HAVE_TE:
-        return
-
-    original_init = mrandom.CheckpointWithoutOutput.__init__
-
-    def __init__(self, fp8=False):
-        original_init(self, fp8)
-        self.fp8 = False
-
-    mrandom.CheckpointWithoutOutput.__init__ = __init__
-
-
-# --------------------------------------------------------------------------- dist_checkpointing
-
-
-def _patch_dist_checkpointing() -> None:
-    """torch_dist save: write every bucket in this process (no fork, no spawn Manager)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
-
-    results = queue.Queue()
-    fsa._get_write_results_queue = lambda: results
-
-    def write_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
-        local_results: queue.Queue = queue.Queue()
-        count: queue.Queue = queue.Queue()
-        collected: dict | Exception = {}
-        for i, bucket in enumerate(write_buckets):
-            count.put(i)
-            fsa.FileSystemWriterAsync.write_preloaded_data(
-                transform_list, i, bucket, local_results, count, True
-            )
-        for _ in write_buckets:
-            idx, res = local_results.get_nowait()
-            if isinstance(res, Exception):
-                collected = res
-                break
-            collected[idx] = res
-        global_results_queue.put(collected)
-
-    fsa.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_process)
+        mod.clip_grad_by_total_norm_fp32 = in_cuda_as_cpu(clip_grads.clip_grad_by_total_norm_fp32)
