@@ -96,9 +96,9 @@ def expert_key_rows(log) -> list[dict]:
     from dsv4cli.build import single_process, transformer_config
     from dsv4cli.build.gpu_settings import expert_checkpoint_key, gpu_settings, probe
     from dsv4cli.build.model import build_model_from_config
-    from dsv4cli.model import cpu_compat
+    from dsv4cli.compat import activate
 
-    cpu_compat.apply()
+    activate()
     spec = _moe_spec()
     rows = []
     with single_process(spec, seed=0):

@@ -1,7 +1,8 @@
 """Shared pytest configuration.
 
 Fixtures here import torch/megatron only when a test requests them, so spec/CLI tests stay fast.
-- `cpu_compat` (session): the CPU workarounds of dsv4cli.model.cpu_compat (no-op with CUDA).
+- `cpu_compat` (session): the CPU workarounds installed (`dsv4cli.compat.activate()`, a no-op with
+  CUDA); returns the `dsv4cli.compat` package.
 - `megatron_1proc` (module): a 1-process gloo group with megatron model-parallel groups of size 1;
   torn down at the end of the module so other test modules can create their own.
 - `_fresh_megatron_loss_scales` (every test): megatron's class-level MTP / MoE aux-loss backward scales
@@ -35,9 +36,9 @@ def _fresh_megatron_loss_scales():
 
 @pytest.fixture(scope="session")
 def cpu_compat():
-    from dsv4cli.model import cpu_compat as compat
+    import dsv4cli.compat as compat
 
-    compat.apply()
+    compat.activate()
     return compat
 
 

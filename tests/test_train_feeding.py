@@ -90,10 +90,10 @@ def worker(args: dict) -> dict:
     from megatron.core import parallel_state as ps
 
     from dsv4cli.build.parallel import init_process_group
-    from dsv4cli.model import cpu_compat
+    from dsv4cli.compat import activate
     from dsv4cli.train.feeding import BatchFeeder
 
-    cpu_compat.apply()
+    activate()
     init_process_group("gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
     src = CountingSource()

@@ -152,9 +152,9 @@ def probe() -> Availability:
     """This machine's Availability (imports torch; TE only with CUDA). Cached."""
     import importlib.util
 
-    import torch
+    from dsv4cli.compat import device
 
-    if not torch.cuda.is_available():
+    if device.on_cpu():
         return Availability()
     te_version = None
     try:

@@ -18,9 +18,7 @@ def build_model(spec: Spec, pre_process: bool = True, post_process: bool = True,
     yet, this does it (torchrun's environment, or a one-process group).
     """
     from dsv4cli.build.config import transformer_config
-    from dsv4cli.model import cpu_compat
 
-    cpu_compat.apply()
     _ensure_parallel(spec)
     return build_model_from_config(spec, transformer_config(spec), pre_process, post_process, vp_stage)
 

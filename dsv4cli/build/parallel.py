@@ -47,9 +47,9 @@ def initialize_parallel(spec: Spec, seed: Optional[int] = None, backend: Optiona
     from megatron.core import parallel_state, tensor_parallel
 
     from dsv4cli.build.config import virtual_stages
-    from dsv4cli.model import cpu_compat
+    from dsv4cli.compat import activate
 
-    cpu_compat.apply()
+    activate()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     init_process_group(backend)

@@ -3,6 +3,8 @@ restored on resume under the same parallel layout."""
 
 from __future__ import annotations
 
+from dsv4cli.compat import device
+
 
 def rng_state() -> dict:
     """This rank's generator states (a ShardedObject payload)."""
@@ -16,7 +18,7 @@ def rng_state() -> dict:
         "random": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if device.cuda_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
@@ -32,6 +34,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and device.cuda_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dsv4cli.ckpt import atomic
 from dsv4cli.ckpt.layout import META_FILE, SPEC_FILE, iter_dir_name
+from dsv4cli.compat import device
 
 
 @dataclass
@@ -46,7 +47,6 @@ def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress:
 
     `chunks` are the unwrapped model chunks (no DDP wrapper); `optimizer`/`scheduler` may be None.
     """
-    import torch
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -89,6 +89,5 @@ def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress:
         final = atomic.publish(tmp, run_dir, progress.iteration)
         atomic.prune(run_dir, keep_last)
     dist.barrier()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    device.synchronize()
     return final

@@ -36,3 +36,11 @@ def current_device():
     import torch
 
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+
+
+def synchronize() -> None:
+    """Wait for the work queued on this process's GPU (timings, before a save returns); nothing on CPU."""
+    import torch
+
+    if cuda_available():
+        torch.cuda.synchronize()

@@ -1,6 +1,7 @@
 """Per-rank entry point: `python -m dsv4cli.train.entry SPEC [--set K=V]... [--eval --load DIR]`.
 
 torchrun runs this module in every rank; a one-process `dsv4 train` calls `run()` in-process.
+`run()` is where a worker starts using megatron: it activates the CPU workarounds (dsv4cli.compat).
 Bad input (spec, data, checkpoint) -> exit 2 with one line on stderr (rank 0 only);
 runtime failure -> exit 1. Under `dsv4 train`/`dsv4 eval` (DSV4_ERROR_DIR set) every rank writes its
 `error:` lines to DSV4_ERROR_DIR/rank{R}.txt instead and the launcher prints them once.
@@ -40,6 +41,7 @@ def run(spec_path: str, overrides: Sequence[str] = (), *, mode: str = "train", l
     from dsv4cli.spec.load import load_spec
     from dsv4cli.spec.problems import SpecError
     from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.compat import activate
     from dsv4cli.train.data import DataError, check_data
 
     quiet_known_noise(verbose)
@@ -49,6 +51,7 @@ def run(spec_path: str, overrides: Sequence[str] = (), *, mode: str = "train", l
     try:
         spec = load_spec(spec_path, list(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
         check_data(spec)  # before any process group: a bad data set is exit 2 in seconds, on every rank
+        activate()  # the CPU workarounds (no-op with CUDA), before megatron builds anything
         if mode == "train":
             code = train(spec)
         else:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dsv4cli.compat.device import cuda_available, current_device
 from dsv4cli.train.data import microbatches
 
 _EMPTY = {"tokens": None, "labels": None, "loss_mask": None, "position_ids": None}
@@ -50,7 +51,7 @@ def feed_plan(rt) -> FeedPlan:
 
     needs = ps.is_pipeline_first_stage(ignore_virtual=True) or ps.is_pipeline_last_stage(ignore_virtual=True)
     tp_size = ps.get_tensor_model_parallel_world_size()
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available()
     settings = rt.settings
     return FeedPlan(
         needs=needs,
@@ -60,7 +61,7 @@ def feed_plan(rt) -> FeedPlan:
         tp_size=tp_size,
         dp_rank=ps.get_data_parallel_rank(),
         dp=rt.layout.dp,
-        device=torch.device("cuda", torch.cuda.current_device()) if cuda else None,
+        device=current_device() if cuda else None,
         pin=bool(settings and settings.pin_memory and cuda),
         prefetch=bool(settings and settings.prefetch and cuda),
     )

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from dsv4cli.compat import device
+
 
 @dataclass
 class LaunchPlan:
@@ -121,9 +123,9 @@ def device_memory() -> tuple[int, str]:
     import psutil
 
     try:
-        import torch
+        if device.cuda_available():
+            import torch
 
-        if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             return int(props.total_memory), f"{props.name} memory"
     except Exception:
@@ -135,11 +137,9 @@ def preflight_memory(spec, world_size: int) -> tuple[bool, str]:
     """Compare the spec's per-rank memory estimate with the device's memory. -> (fits, message)."""
     from dsv4cli.spec.estimate import memory_per_rank
 
-    import torch
-
     need = memory_per_rank(spec, world_size).total
     have, what = device_memory()
-    per_node = 1 if torch.cuda.is_available() else spec.launch.nproc_per_node  # CPU ranks share RAM
+    per_node = 1 if device.cuda_available() else spec.launch.nproc_per_node  # CPU ranks share RAM
     total_need = need * per_node
     gib = 2**30
     msg = (f"memory estimate {need / gib:.2f} GiB per rank x {per_node} rank(s) = {total_need / gib:.2f} GiB, "
@@ -153,9 +153,7 @@ def preflight_device(spec) -> Optional[str]:
     bf16 training goes through Megatron-Core's mixed-precision optimizer, whose gradient clipping
     is CUDA-only; on CPU the run would die in the first step, so say so before starting.
     """
-    import torch
-
-    if spec.train.precision == "bf16" and not torch.cuda.is_available():
+    if spec.train.precision == "bf16" and device.on_cpu():
         return ('train.precision: "bf16" needs CUDA GPUs (no CUDA device here); '
                 "on CPU run with --set train.precision=fp32")
     return None

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
+
+from dsv4cli.compat import device
 
 
 class TrainingStopped(RuntimeError):
@@ -133,8 +134,7 @@ def train(spec, log=print) -> int:
             if ok:
                 rt.scheduler.step(increment=1)
             loss, mtp, stop_now = reduce_step_values(rt, losses, len(batches), stop.signum is not None)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            device.synchronize()
             dt = time.perf_counter() - t0
             grad_norm = float(grad_norm) if grad_norm is not None else None
             if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
@@ -214,7 +214,7 @@ def train(spec, log=print) -> int:
 
 
 def _flops_per_token(spec) -> Optional[float]:
-    if not torch.cuda.is_available():
+    if device.on_cpu():
         return None
     try:
         from dsv4cli.spec.estimate import flops_per_token

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dsv4cli.compat import device
+
 # Dense bf16 peak FLOP/s per device, for MFU (H100/H200 SXM, A100, B200).
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "GH200": 989e12}
 
@@ -24,7 +26,7 @@ def peak_memory_gb() -> float:
     """Peak accelerator memory (CUDA) or peak resident set size of this process (CPU), in GiB."""
     import torch
 
-    if torch.cuda.is_available():
+    if device.cuda_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -32,7 +34,7 @@ def peak_memory_gb() -> float:
 def device_peak_flops() -> Optional[float]:
     import torch
 
-    if not torch.cuda.is_available():
+    if device.on_cpu():
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)

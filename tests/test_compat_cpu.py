@@ -1,16 +1,18 @@
-"""The CPU workarounds: CUDA device requests land on CPU, the RNG tracker works on the CPU generator,
-the MTP loss tracker lives on CPU, and apply() is idempotent."""
+"""The CPU workarounds (dsv4cli.compat): CUDA device requests land on CPU, the RNG tracker works on the
+CPU generator, the MTP loss tracker lives on CPU, and activate() is idempotent."""
 
 from __future__ import annotations
 
 import torch
 
+from dsv4cli.compat.cpu import cuda_as_cpu
 
-def test_apply_is_idempotent_and_maps_cuda_to_cpu(cpu_compat):
+
+def test_activate_is_idempotent_and_maps_cuda_to_cpu(cpu_compat):
     from megatron.core.optimizer import clip_grads
     from megatron.core.pipeline_parallel import schedules
 
-    assert cpu_compat.apply() is True and cpu_compat.apply() is True
+    assert cpu_compat.activate() is True and cpu_compat.activate() is True and cpu_compat.is_active()
     # megatron's hard-coded device="cuda" tensors land on CPU (schedules, clip_grads, ...)
     assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
     assert clip_grads.torch.tensor([1.0], device="cuda").device.type == "cpu"
@@ -18,7 +20,7 @@ def test_apply_is_idempotent_and_maps_cuda_to_cpu(cpu_compat):
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
     t = torch.ones(2)
     assert t.cuda() is t
-    with cpu_compat.cuda_as_cpu():
+    with cuda_as_cpu():
         assert torch.zeros(3, device="cuda").device.type == "cpu"
         assert t.to("cuda").device.type == "cpu"
         assert t.type() == "torch.cuda.FloatTensor"
@@ -32,7 +34,7 @@ def test_no_process_wide_torch_function_mode(cpu_compat):
     """The CUDA->CPU mapping must not intercept the model's own ops (it cost ~50% of a step)."""
     from torch.overrides import _get_current_function_mode_stack
 
-    cpu_compat.apply()
+    cpu_compat.activate()
     assert _get_current_function_mode_stack() == []
     assert torch.ones(2).type() == "torch.FloatTensor"
 

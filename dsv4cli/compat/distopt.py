@@ -1,8 +1,13 @@
-"""megatron-core 0.16.1's DistributedOptimizer without CUDA, TE or apex (part of cpu_compat).
+"""megatron-core's DistributedOptimizer without CUDA, TE or apex.
 
+Installed by `dsv4cli.compat.activate()` without CUDA; each `patch_*` function is one record of
+`dsv4cli.compat.megatron_patches.PATCHES`.
+
+It sorts model params by `Tensor.type()` == 'torch.cuda.FloatTensor' (-> `patch_distopt_param_groups`).
 Without TE/apex FusedAdam megatron uses torch's Adam, which creates its per-parameter state
 (exp_avg, exp_avg_sq and a 0-dim "step" tensor) lazily at the first step. The distributed
-optimizer's checkpoint code assumes FusedAdam (step in the param groups), so on CPU:
+optimizer's checkpoint code assumes FusedAdam (step in the param groups), so on CPU
+(-> `patch_distopt_torch_adam`):
 - a fresh optimizer asked for its sharded state (before a load) failed: `state_dict()` asserts
   exactly one step over the (empty) per-parameter state -> the state is created first;
 - `_set_main_param_and_optimizer_states` copied every state key from the checkpoint, which has
@@ -15,20 +20,22 @@ optimizer's checkpoint code assumes FusedAdam (step in the param groups), so on 
 from __future__ import annotations
 
 
-def patch_distributed_optimizer(in_cuda_as_cpu) -> None:
-    """Install the patches (once, from cpu_compat.apply); `in_cuda_as_cpu(fn)` wraps fn in cuda_as_cpu()."""
+def patch_distopt_param_groups() -> None:
+    """DistributedOptimizer._build_model_and_main_param_groups (param sort by CUDA type name) runs in cuda_as_cpu()."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
 
-    # It sorts model params by `Tensor.type()` == 'torch.cuda.FloatTensor'.
+    from dsv4cli.compat.cpu import in_cuda_as_cpu
+
     build = DO.__dict__["_build_model_and_main_param_groups"].__func__
     DO._build_model_and_main_param_groups = classmethod(in_cuda_as_cpu(build))
-    _patch_torch_adam_state(DO)
 
 
-def _patch_torch_adam_state(DO) -> None:
-    """The distributed optimizer with torch's Adam (no TE/apex FusedAdam): state Adam creates lazily."""
+def patch_distopt_torch_adam() -> None:
+    """The distributed optimizer's checkpoints with torch's Adam (no TE/apex FusedAdam): the state Adam
+    creates lazily, its per-parameter "step", one step tensor per parameter after a load."""
     import torch
     from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return
