@@ -143,7 +143,7 @@ def test_tensor_parallel_splits_the_weights():
     assert 0.4 * one.params < two.params < 0.6 * one.params
 
 
-def test_parallel_sizes_of_the_single_node_spec():
+def test_parallel_dims_of_the_single_node_spec():
     sizes = ParallelDims.of(load_spec(REPO / "specs" / "model.toml"))
     assert (sizes.world, sizes.tp, sizes.dp, sizes.ep, sizes.edp) == (8, 2, 4, 4, 2)
     assert sizes.num_microbatches == 256 // (2 * 4)

@@ -1,4 +1,5 @@
-"""Per-process runtime: process group, megatron parallel state, model chunks, DDP, optimizer, scheduler.
+"""Per-process runtime: this rank's model chunks under DDP, optimizer, scheduler and the schedules
+(the process group, parallel state and chunks come from dsv4cli.build.parallel).
 
 Everything here is megatron-core's own machinery (parallel_state, DistributedDataParallel,
 get_megatron_optimizer, OptimizerParamScheduler, get_forward_backward_func); this module only
