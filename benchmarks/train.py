@@ -31,7 +31,8 @@ def measure(spec_path: str, overrides: list[str], warmup: int, steps: int) -> di
 
     from dsv4cli.spec.load import load_spec
     from dsv4cli.train.data import build_sources, microbatches
-    from dsv4cli.train.runtime import build_runtime, reduce_step_values, run_microbatches, teardown
+    from dsv4cli.build.parallel import destroy_parallel
+    from dsv4cli.train.runtime import build_runtime, reduce_step_values, run_microbatches
 
     spec = load_spec(spec_path, overrides + ["data.source=\"mock\"", f"train.steps={warmup + steps}"], world_size=1)
     rt = build_runtime(spec)
@@ -63,7 +64,7 @@ def measure(spec_path: str, overrides: list[str], warmup: int, steps: int) -> di
             "final_loss": loss,
         }
     finally:
-        teardown()
+        destroy_parallel()
 
 
 def main(argv=None) -> int:

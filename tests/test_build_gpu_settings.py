@@ -137,11 +137,12 @@ def test_cpu_transformer_config_is_unchanged(tiny_spec):
 def test_settings_reach_ddp_and_optimizer_configs(monkeypatch, megatron_1proc, tiny_spec):
     """build_runtime passes the overlap flags to megatron's DDP and optimizer configs and sets the
     schedule's grad-sync hook (here CUDA + TE with dp = 2 simulated on one CPU process)."""
+    from dsv4cli.spec.layout import ParallelDims
     from dsv4cli.train import runtime
 
     simulated = gpu_settings(tiny_spec(), CUDA_TE, dp=2)
     monkeypatch.setattr(runtime, "run_settings", lambda spec, layout: simulated)
-    monkeypatch.setattr(runtime, "init_parallel", lambda spec: runtime.Layout(1, 1, 1, 1, 1, 1, 1, 1))
+    monkeypatch.setattr(runtime, "initialize_parallel", lambda spec: ParallelDims.of(spec, 1))
     rt = runtime.build_runtime(tiny_spec(**{"model.mhc.streams": 1, "model.mtp.depth": 0}))
     ddp = rt.model[0].ddp_config
     assert ddp.overlap_grad_reduce and ddp.overlap_param_gather and ddp.use_distributed_optimizer

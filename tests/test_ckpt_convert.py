@@ -304,8 +304,8 @@ def test_verify_fails_with_exit_1_when_the_contraction_is_wrong(legacy, tmp_path
 
 
 def test_model_check_spec_keeps_the_padded_vocabulary_of_a_tensor_parallel_run(tiny_spec):
-    from dsv4cli.ckpt.verify import single_process_spec
     from dsv4cli.spec.estimate import padded_vocab_size
+    from dsv4cli.spec.layout import single_process_spec
 
     spec = tiny_spec(**{"parallel.tp": 2, "parallel.sequence_parallel": True, "model.vocab_size": 300})
     flat = single_process_spec(spec)

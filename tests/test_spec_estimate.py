@@ -15,7 +15,7 @@ from dsv4cli.spec.estimate import (
     param_inventory,
 )
 from dsv4cli.spec.launch_cmd import torchrun_command
-from dsv4cli.spec.layout import parallel_sizes, parse_pp_layout
+from dsv4cli.spec.layout import ParallelDims, parse_pp_layout
 from dsv4cli.spec.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,8 +143,8 @@ def test_tensor_parallel_splits_the_weights():
     assert 0.4 * one.params < two.params < 0.6 * one.params
 
 
-def test_parallel_sizes_of_the_single_node_spec():
-    sizes = parallel_sizes(load_spec(REPO / "specs" / "model.toml"))
+def test_parallel_dims_of_the_single_node_spec():
+    sizes = ParallelDims.of(load_spec(REPO / "specs" / "model.toml"))
     assert (sizes.world, sizes.tp, sizes.dp, sizes.ep, sizes.edp) == (8, 2, 4, 4, 2)
     assert sizes.num_microbatches == 256 // (2 * 4)
 

@@ -127,7 +127,8 @@ def test_save_load_roundtrip_writes_provenance(tmp_path, tiny_spec, cpu_compat):
     from dsv4cli.ckpt.metadata import stored_tensors
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
     from dsv4cli.spec.load import spec_to_toml
-    from dsv4cli.train.runtime import build_runtime, run_microbatches, teardown
+    from dsv4cli.build.parallel import destroy_parallel
+    from dsv4cli.train.runtime import build_runtime, run_microbatches
 
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
@@ -145,7 +146,7 @@ def test_save_load_roundtrip_writes_provenance(tmp_path, tiny_spec, cpu_compat):
         assert rt.optimizer.step()[0], "one optimizer step so that Adam has state"
         prog = TrainProgress(iteration=3, consumed_samples=6, tokens_seen=96)
         path = save_checkpoint(tmp_path, rt.chunks, rt.optimizer, rt.scheduler, prog, spec_to_toml(spec),
-                               rt.layout.as_dict())
+                               rt.layout.checkpoint_layout())
         assert path == tmp_path / "iter_0000003" and latest_iteration(tmp_path) == 3
         meta = json.loads((path / "dsv4_meta.json").read_text())
         for key in ("dsv4_version", "torch_version", "megatron_core_version", "git_commit", "spec_hash",
@@ -159,7 +160,7 @@ def test_save_load_roundtrip_writes_provenance(tmp_path, tiny_spec, cpu_compat):
         saved = {k: v.detach().clone() for k, v in rt.chunks[0].state_dict().items() if torch.is_tensor(v)}
         for p in rt.chunks[0].parameters():
             p.data.zero_()
-        progress, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.layout.as_dict())
+        progress, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.layout.checkpoint_layout())
         assert progress == prog and notes == []
         for k, v in rt.chunks[0].state_dict().items():
             if torch.is_tensor(v) and k in saved:
@@ -174,4 +175,4 @@ def test_save_load_roundtrip_writes_provenance(tmp_path, tiny_spec, cpu_compat):
         assert any(p.startswith("missing: extra.weight") for p in probs)
         assert any(p.startswith("mis-shaped: decoder.final_layernorm.weight") for p in probs)
     finally:
-        teardown()
+        destroy_parallel()

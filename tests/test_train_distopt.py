@@ -70,7 +70,8 @@ def test_one_process_reload_continues_exactly(tmp_path, tiny_spec, cpu_compat, s
     from dsv4cli.ckpt.adam_state import is_distributed
     from dsv4cli.ckpt.load import load_checkpoint
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
-    from dsv4cli.train.runtime import build_runtime, teardown
+    from dsv4cli.build.parallel import destroy_parallel
+    from dsv4cli.train.runtime import build_runtime
 
     def spec(mode):
         return tiny_spec(**{"train.distributed_optimizer": mode, "checkpoint.dir": str(tmp_path)})
@@ -81,14 +82,14 @@ def test_one_process_reload_continues_exactly(tmp_path, tiny_spec, cpu_compat, s
         _one_step(rt, 0)
         _one_step(rt, 1)
         path = save_checkpoint(tmp_path, rt.chunks, rt.optimizer, rt.scheduler, TrainProgress(iteration=2),
-                               spec_to_toml(spec(saved_with)), rt.layout.as_dict())
+                               spec_to_toml(spec(saved_with)), rt.layout.checkpoint_layout())
         _one_step(rt, 2)
         expected = [p.detach().clone() for p in rt.chunks[0].parameters()]
     finally:
-        teardown()
+        destroy_parallel()
     rt = build_runtime(spec(loaded_with))
     try:
-        _, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.layout.as_dict())
+        _, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.layout.checkpoint_layout())
         assert (saved_with != loaded_with) == any("taken over" in n for n in notes), notes
         steps = [st["step"] for st in _adam_states(rt)]
         assert len({id(t) for t in steps}) == len(steps) > 1, "every parameter has its own Adam step"
@@ -97,7 +98,7 @@ def test_one_process_reload_continues_exactly(tmp_path, tiny_spec, cpu_compat, s
         for a, b in zip(expected, rt.chunks[0].parameters()):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
     finally:
-        teardown()
+        destroy_parallel()
 
 
 @pytest.fixture(scope="module")

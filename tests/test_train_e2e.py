@@ -80,15 +80,16 @@ def save_model_only_checkpoint(spec_path: Path, run_dir: Path) -> Path:
     """A model-only checkpoint at iteration 0 (fresh weights of the spec, no optimizer state)."""
     from dsv4cli.spec.load import load_spec, spec_to_toml
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
-    from dsv4cli.train.runtime import build_runtime, teardown
+    from dsv4cli.build.parallel import destroy_parallel
+    from dsv4cli.train.runtime import build_runtime
 
     spec = load_spec(spec_path)
     rt = build_runtime(spec, with_optimizer=False)
     try:
         return save_checkpoint(run_dir, rt.chunks, None, None, TrainProgress(), spec_to_toml(spec),
-                               rt.layout.as_dict())
+                               rt.layout.checkpoint_layout())
     finally:
-        teardown()
+        destroy_parallel()
 
 
 def _env():

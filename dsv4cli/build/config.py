@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from dsv4cli.spec.estimate import padded_vocab_size  # noqa: F401 (re-exported by dsv4cli.build)
+from dsv4cli.spec.layout import ParallelDims
 from dsv4cli.spec.rules import UnsupportedSpecError, check_supported  # noqa: F401 (the one list: spec/rules.py)
 from dsv4cli.spec.schema import Spec
 
@@ -35,8 +36,8 @@ def recompute_settings(spec: Spec) -> tuple[dict, bool]:
 def transformer_config(spec: Spec, world_size: Optional[int] = None):
     """Spec -> megatron.core TransformerConfig (the decoder-layer config; hidden_size is h).
 
-    world_size, when given, is checked against tp * pp * cp (and ep) so a bad layout fails here
-    with the numbers rather than deep inside megatron.
+    world_size, when given, is checked against the process grids (ParallelDims.check) so a bad
+    layout fails here with the numbers rather than deep inside megatron.
     """
     import torch
     import torch.nn.functional as F
@@ -47,11 +48,7 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
     check_supported(spec)
     m, par, tr = spec.model, spec.parallel, spec.train
     if world_size is not None:
-        mp = par.tp * par.pp * par.cp
-        if world_size % mp:
-            raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp = {par.tp}*{par.pp}*{par.cp} = {mp}")
-        if (world_size // (par.pp)) % (par.ep * par.etp):
-            raise ValueError(f"world size {world_size} / pp {par.pp} is not a multiple of ep*etp = {par.ep * par.etp}")
+        ParallelDims.of(spec, world_size).check()
     on_cpu = not torch.cuda.is_available()  # CPU initialisation (the fast paths come from gpu_settings)
     bf16 = tr.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32

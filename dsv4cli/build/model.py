@@ -72,22 +72,3 @@ def _new_model(spec: Spec, config, pre_process, post_process, vp_stage, backend)
         streams=m.mhc.streams,
     )
 
-
-def build_model_chunks(spec: Spec) -> list:
-    """All model chunks of this rank: one per virtual pipeline stage (one chunk without VPP), with
-    pre_process/post_process set from megatron's parallel_state (call after initialize_parallel)."""
-    from megatron.core import parallel_state
-
-    _ensure_parallel(spec)
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    if vpp is None or vpp <= 1:
-        return [build_model(spec, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())]
-    return [
-        build_model(
-            spec,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            vp_stage=vp,
-        )
-        for vp in range(vpp)
-    ]

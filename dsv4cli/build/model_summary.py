@@ -96,16 +96,11 @@ def inspect_model(spec: Spec) -> ModelReport:
     from dsv4cli.model.inventory import module_tree, param_inventory
     from dsv4cli.model.norms import SPNorm
     from dsv4cli.model.sdpa_attention import SDPACoreAttention
+    from dsv4cli.spec.layout import single_process_spec
 
     spec, notes = parameter_equivalent_spec(spec)
     with single_process(spec):
-        # One process holds everything; the vocabulary keeps the padding of the spec's tp.
-        flat = spec.model_copy(update={
-            "parallel": spec.parallel.model_copy(update=dict(
-                tp=1, pp=1, vpp=1, cp=1, ep=1, etp=1, sequence_parallel=False, pp_layout=None)),
-            "model": spec.model.model_copy(update=dict(
-                vocab_pad_multiple=spec.model.vocab_pad_multiple * spec.parallel.tp)),
-        })
+        flat = single_process_spec(spec)  # one process holds everything, vocabulary padded as under tp
         config = transformer_config(flat)
         config.use_cpu_initialization = True  # allocate with the default device: meta below
         config.perform_initialization = False

@@ -1,4 +1,5 @@
-"""Process groups and RNG for a spec's parallel layout (megatron parallel_state), plus a 1-process group."""
+"""Process groups, RNG and model chunks for a spec's parallel layout (megatron parallel_state), its
+teardown, and a 1-process group: the one parallel init / teardown of inspection, tools and training."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import socket
 from typing import Iterator, Optional
 
+from dsv4cli.spec.layout import ParallelDims, single_process_spec
 from dsv4cli.spec.schema import Spec
 
 
@@ -17,10 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_backend() -> str:
-    import torch
+def backend_for(spec: Optional[Spec] = None) -> str:
+    """torch.distributed backend: the spec's launch.backend; for "auto" (or no spec) nccl with CUDA, gloo on CPU."""
+    from dsv4cli.compat.device import cuda_available
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    chosen = spec.launch.backend if spec is not None else "auto"
+    if chosen != "auto":
+        return chosen
+    return "nccl" if cuda_available() else "gloo"
 
 
 def init_process_group(backend: Optional[str] = None) -> None:
@@ -30,17 +36,19 @@ def init_process_group(backend: Optional[str] = None) -> None:
     if dist.is_initialized():
         return
     if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-        dist.init_process_group(backend=backend or default_backend())
+        dist.init_process_group(backend=backend or backend_for())
     else:
         dist.init_process_group(
-            backend=backend or default_backend(), init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+            backend=backend or backend_for(), init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
         )
 
 
-def initialize_parallel(spec: Spec, seed: Optional[int] = None, backend: Optional[str] = None) -> None:
+def initialize_parallel(spec: Spec, seed: Optional[int] = None, backend: Optional[str] = None) -> ParallelDims:
     """Init torch.distributed if needed, megatron model-parallel groups (tp/pp/vpp/cp/ep/etp) and the RNG tracker.
 
     Applies the CPU workarounds first (no-op on CUDA). Seeds: train.seed unless `seed` is given.
+    Backend: `backend`, else backend_for(spec). -> this run's ParallelDims (ValueError, with the
+    sizes, when the world does not divide into the spec's process grids).
     """
     import torch
     import torch.distributed as dist
@@ -48,19 +56,16 @@ def initialize_parallel(spec: Spec, seed: Optional[int] = None, backend: Optiona
 
     from dsv4cli.build.config import virtual_stages
     from dsv4cli.compat import activate
+    from dsv4cli.compat.device import cuda_available, local_device
 
     activate()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    init_process_group(backend)
+    if cuda_available():
+        torch.cuda.set_device(local_device())
+    init_process_group(backend or backend_for(spec))
     par = spec.parallel
     vpp = virtual_stages(spec)
-    world = dist.get_world_size()
-    mp = par.tp * par.pp * par.cp
-    if world % mp:
-        raise ValueError(f"world size {world} is not a multiple of tp*pp*cp = {par.tp}*{par.pp}*{par.cp} = {mp}")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    dims = ParallelDims.of(spec, dist.get_world_size()).check()
+    _forget_run_state()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
@@ -70,29 +75,66 @@ def initialize_parallel(spec: Spec, seed: Optional[int] = None, backend: Optiona
         expert_tensor_parallel_size=par.etp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(spec.train.seed if seed is None else seed)
+    return dims
+
+
+def _forget_run_state() -> None:
+    """Drop megatron's process-wide state of an earlier run: its model-parallel groups and the
+    MTP losses tracked at class level (MTPLossLoggingHelper)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.tracker.clear()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron groups and the default process group (if any)."""
+    """Tear down megatron's groups (and tracked MTP losses) and the default process group (if any)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    _forget_run_state()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
+def build_model_chunks(spec: Spec) -> list:
+    """This rank's unwrapped model chunks, one per virtual pipeline stage (one without VPP):
+    pre/post_process from megatron's parallel_state, on this process's device, every parameter
+    with megatron's tensor-parallel attributes (what DDP and the optimizer read).
+    Initialises the parallel state first when that has not happened yet."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from dsv4cli.build.model import build_model
+    from dsv4cli.compat.device import cuda_available, current_device
+
+    if not ps.model_parallel_is_initialized():
+        initialize_parallel(spec)
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    chunks = []
+    for i in range(vpp):
+        vp_stage = i if vpp > 1 else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunk = build_model(spec, pre_process=pre, post_process=post, vp_stage=vp_stage)
+        if cuda_available():
+            chunk.cuda(current_device())
+        for param in chunk.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        chunks.append(chunk)
+    return chunks
+
+
 @contextlib.contextmanager
 def single_process(spec: Spec, seed: Optional[int] = None) -> Iterator[None]:
-    """A 1-process gloo world with the spec's model-parallel sizes forced to 1 (CPU inspection, tests)."""
+    """A 1-process gloo world for the spec's single-process copy (spec.layout.single_process_spec:
+    CPU inspection, checkpoint verification, tests)."""
     import torch.distributed as dist
 
     owns = not dist.is_initialized()
-    flat = spec.model_copy(update={"parallel": spec.parallel.model_copy(update=dict(
-        tp=1, pp=1, vpp=1, cp=1, ep=1, etp=1, sequence_parallel=False, pp_layout=None))})
     try:
-        initialize_parallel(flat, seed=seed, backend="gloo")
+        initialize_parallel(single_process_spec(spec), seed=seed, backend="gloo")
         yield
     finally:
         if owns:

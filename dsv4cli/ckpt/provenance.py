@@ -26,7 +26,7 @@ def spec_hash(spec_toml: str) -> str:
 
 
 def build_meta(spec_toml: str, layout: dict, iteration: int, tokens_seen: int, consumed_samples: int) -> dict:
-    """The dsv4_meta.json document of a save (`layout`: the run's parallel sizes, Layout.as_dict())."""
+    """The dsv4_meta.json document of a save (`layout`: the run's parallel sizes, ParallelDims.checkpoint_layout())."""
     import torch
 
     from dsv4cli import __version__

@@ -17,6 +17,7 @@ from dsv4cli.ckpt.keys import contraction_blocks, hc_head_keys
 from dsv4cli.ckpt.layout import resolve_checkpoint
 from dsv4cli.ckpt.metadata import CheckpointInfo, read_checkpoint_info
 from dsv4cli.ckpt.tensors import TensorReader
+from dsv4cli.spec.layout import single_process_spec
 
 CONTRACTION_RTOL = 1e-5
 LOGIT_RTOL = 1e-5  # of max |logit|: fp32 rounding of pre = 1/n is ~1e-7 relative
@@ -64,15 +65,6 @@ def _load_model(spec, iter_dir: Path):
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, str(iter_dir))
     model.load_state_dict(loaded["model"], strict=True)
     return model.eval()
-
-
-def single_process_spec(spec):
-    """The spec's model for one CPU process: parallel sizes 1, same padded vocabulary as the checkpoint."""
-    tp = spec.parallel.tp
-    model = spec.model.model_copy(update={"vocab_pad_multiple": spec.model.vocab_pad_multiple * tp})
-    parallel = spec.parallel.model_copy(update=dict(
-        tp=1, pp=1, vpp=1, cp=1, ep=1, etp=1, sequence_parallel=False, pp_layout=None))
-    return spec.model_copy(update={"model": model, "parallel": parallel})
 
 
 def verify_model_outputs(legacy_dir: Path, converted_dir: Path, legacy_spec, converted_spec, seed: int = 0) -> dict:

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from dsv4cli.spec.layout import ParallelSizes, parallel_sizes, parse_pp_layout
+from dsv4cli.spec.layout import ParallelDims, parse_pp_layout
 from dsv4cli.spec.schema import Spec
 
 Shape = tuple[int, ...]
@@ -327,7 +327,7 @@ def memory_per_rank(spec: Spec, world_size: Optional[int] = None,
     logits (1 + MTP depth heads) on the last rank.
     """
     m, p, t = spec.model, spec.parallel, spec.train
-    sizes = parallel_sizes(spec, world_size)
+    sizes = ParallelDims.of(spec, world_size)
     bf16 = t.precision == "bf16"
     if distributed_optimizer is None:
         distributed_optimizer = t.distributed_optimizer == "on" or (t.distributed_optimizer == "auto" and sizes.dp > 1)
@@ -381,7 +381,7 @@ class Estimate:
     params: ParamCounts
     flops_per_token: int
     memory: MemoryEstimate
-    parallel: ParallelSizes
+    parallel: ParallelDims
 
     def to_json(self) -> dict:
         return {
@@ -398,5 +398,5 @@ def estimate(spec: Spec, world_size: Optional[int] = None) -> Estimate:
         params=param_counts(spec),
         flops_per_token=flops_per_token(spec),
         memory=memory_per_rank(spec, world_size),
-        parallel=parallel_sizes(spec, world_size),
+        parallel=ParallelDims.of(spec, world_size),
     )

@@ -1,4 +1,5 @@
-"""Parallel layout arithmetic: world size, derived dp / expert grid, and Megatron's pp_layout strings."""
+"""Parallel arithmetic (torch-free): world size, the run's ParallelDims, the single-process copy of a
+spec, and Megatron's pp_layout strings."""
 
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ def default_world_size(spec: Spec) -> int:
 
 
 @dataclass(frozen=True)
-class ParallelSizes:
-    """Every process-group size of one run (Megatron-Core's dense and expert grids).
+class ParallelDims:
+    """Every process-group size of one run (Megatron-Core's dense and expert grids), the one type
+    that the spec estimates, the builder and the training runtime share.
 
     dense grid:  world = tp * cp * dp * pp
     expert grid: world = etp * ep * edp * pp
+    `of(spec, world)` derives dp / edp / micro-batches by integer division (an estimate for any
+    world); the invariants live here: `grid_problems()` / `batch_problems()` say what does not
+    divide, `check()` raises ValueError with the sizes (before megatron builds its groups).
     """
 
     world: int
@@ -37,21 +42,73 @@ class ParallelSizes:
     global_batch_size: int
     num_microbatches: int
 
+    @classmethod
+    def of(cls, spec: Spec, world_size: Optional[int] = None) -> "ParallelDims":
+        """The sizes of `spec` on `world_size` processes (None: launch.nproc_per_node * launch.nnodes)."""
+        p, t = spec.parallel, spec.train
+        world = world_size or default_world_size(spec)
+        dp = max(1, world // (p.tp * p.pp * p.cp))
+        edp = max(1, world // (p.etp * p.ep * p.pp))
+        micro = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+        return cls(
+            world=world, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, dp=dp, ep=p.ep, etp=p.etp, edp=edp,
+            micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size, num_microbatches=micro,
+        )
+
+    def grid_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """(spec keys to blame, message) for each process grid that does not divide the world."""
+        out = []
+        dense, expert = self.tp * self.pp * self.cp, self.etp * self.ep * self.pp
+        if self.world % dense:
+            out.append((("parallel.tp", "parallel.pp", "parallel.cp", "launch.nproc_per_node"),
+                        f"world size {self.world} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {dense}"))
+        if self.world % expert:  # reported too when the dense grid fails: all problems at once
+            out.append((("parallel.ep", "parallel.etp", "parallel.pp", "launch.nproc_per_node"),
+                        f"world size {self.world} is not divisible by the expert grid etp*ep*pp = "
+                        f"{self.etp}*{self.ep}*{self.pp} = {expert}"))
+        return out
+
+    def batch_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """(keys, message) when the global batch does not split into micro-batches over dp (and,
+        interleaved, into a multiple of pp micro-batches); none while a grid does not divide."""
+        if self.grid_problems():
+            return []
+        per_step = self.micro_batch_size * self.dp
+        if self.global_batch_size % per_step:
+            return [(("train.global_batch_size", "train.micro_batch_size"),
+                     f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
+                     f"micro_batch_size*dp = {self.micro_batch_size}*{self.dp} = {per_step}")]
+        if self.vpp > 1 and (self.global_batch_size // per_step) % self.pp:
+            return [(("train.global_batch_size", "parallel.vpp"),
+                     f"interleaved pipeline (vpp = {self.vpp}) needs the number of micro-batches "
+                     f"({self.global_batch_size // per_step}) to be a multiple of parallel.pp ({self.pp})")]
+        return []
+
+    def check(self) -> "ParallelDims":
+        """self, or ValueError naming the sizes when a process grid does not divide the world."""
+        problems = self.grid_problems()
+        if problems:
+            raise ValueError("; ".join(message for _, message in problems))
+        return self
+
     def to_json(self) -> dict:
+        """Every size (`dsv4 validate --json`, key `parallel`)."""
         return asdict(self)
 
+    def checkpoint_layout(self) -> dict:
+        """The sizes a checkpoint records (dsv4_meta.json `parallel`), compared on resume."""
+        return {k: getattr(self, k) for k in ("world", "tp", "pp", "vpp", "cp", "ep", "etp", "dp")}
 
-def parallel_sizes(spec: Spec, world_size: Optional[int] = None) -> ParallelSizes:
-    """Derived sizes (integer division; `dsv4cli.spec.rules` reports when they do not divide)."""
-    p, t = spec.parallel, spec.train
-    world = world_size or default_world_size(spec)
-    dp = max(1, world // (p.tp * p.pp * p.cp))
-    edp = max(1, world // (p.etp * p.ep * p.pp))
-    micro = max(1, t.global_batch_size // (t.micro_batch_size * dp))
-    return ParallelSizes(
-        world=world, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, dp=dp, ep=p.ep, etp=p.etp, edp=edp,
-        micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size, num_microbatches=micro,
-    )
+
+def single_process_spec(spec: Spec) -> Spec:
+    """The spec for one process: every parallel size 1, no sequence parallelism or pp_layout, and
+    the same padded vocabulary as under the spec's tp (a checkpoint's embedding rows still fit)."""
+    p, m = spec.parallel, spec.model
+    return spec.model_copy(update={
+        "parallel": p.model_copy(update=dict(
+            tp=1, pp=1, vpp=1, cp=1, ep=1, etp=1, sequence_parallel=False, pp_layout=None)),
+        "model": m.model_copy(update={"vocab_pad_multiple": m.vocab_pad_multiple * p.tp}),
+    })
 
 
 def parse_pp_layout(layout: str) -> list[str]:

@@ -13,7 +13,7 @@ import os
 from typing import Callable, Optional
 
 from dsv4cli.spec.dsv4_rules import dsv4_rules
-from dsv4cli.spec.layout import LAYOUT_CHARS, default_world_size, parse_pp_layout
+from dsv4cli.spec.layout import LAYOUT_CHARS, ParallelDims, default_world_size, parse_pp_layout
 from dsv4cli.spec.load import locate
 from dsv4cli.spec.problems import Problem, Severity
 from dsv4cli.spec.schema import Spec
@@ -217,26 +217,10 @@ def _moe_rules(spec: Spec, f: _Findings) -> None:
 
 def _world_rules(spec: Spec, world: int, f: _Findings) -> None:
     """world = tp*pp*cp*dp = etp*ep*pp*edp; global batch = micro batch * dp * micro-batches."""
-    p, t, launch = spec.parallel, spec.train, spec.launch
-    dense = p.tp * p.pp * p.cp
-    expert = p.etp * p.ep * p.pp
-    if world % dense:
-        f.err(f.pick("parallel.tp", "parallel.pp", "parallel.cp", "launch.nproc_per_node"),
-              f"world size {world} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {dense}")
-    if world % expert:  # reported too when the dense grid fails: all problems at once
-        f.err(f.pick("parallel.ep", "parallel.etp", "parallel.pp", "launch.nproc_per_node"),
-              f"world size {world} is not divisible by the expert grid etp*ep*pp = {p.etp}*{p.ep}*{p.pp} = {expert}")
-    if not world % dense and not world % expert:
-        dp = world // dense
-        per_step = t.micro_batch_size * dp
-        if t.global_batch_size % per_step:
-            f.err(f.pick("train.global_batch_size", "train.micro_batch_size"),
-                  f"train.global_batch_size ({t.global_batch_size}) is not divisible by "
-                  f"micro_batch_size*dp = {t.micro_batch_size}*{dp} = {per_step}")
-        elif p.vpp > 1 and (t.global_batch_size // per_step) % p.pp:
-            f.err(f.pick("train.global_batch_size", "parallel.vpp"),
-                  f"interleaved pipeline (vpp = {p.vpp}) needs the number of micro-batches "
-                  f"({t.global_batch_size // per_step}) to be a multiple of parallel.pp ({p.pp})")
+    launch = spec.launch
+    dims = ParallelDims.of(spec, world)
+    for keys, message in dims.grid_problems() + dims.batch_problems():
+        f.err(f.pick(*keys), message)
     if launch.node_rank >= launch.nnodes:
         f.err("launch.node_rank", f"launch.node_rank ({launch.node_rank}) must be < launch.nnodes ({launch.nnodes})")
 

@@ -79,9 +79,9 @@ def run(spec_path: str, overrides: Sequence[str] = (), *, mode: str = "train", l
         _err(str(e))
         code = 1
     finally:
-        from dsv4cli.train.runtime import teardown
+        from dsv4cli.build.parallel import destroy_parallel
 
-        teardown()
+        destroy_parallel()
     return code
 
 

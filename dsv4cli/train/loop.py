@@ -79,7 +79,7 @@ def train(spec, log=print) -> int:
     rt = build_runtime(spec)
     rank = dist.get_rank()
     is_logger = rank == 0
-    layout = rt.layout.as_dict()
+    layout = rt.layout.checkpoint_layout()
     spec_toml = spec_to_toml(spec)
     say = log if is_logger else (lambda *_: None)
 

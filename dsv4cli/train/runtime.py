@@ -1,4 +1,5 @@
-"""Per-process runtime: process group, megatron parallel state, model chunks, DDP, optimizer, scheduler.
+"""Per-process runtime: this rank's model chunks under DDP, optimizer, scheduler and the schedules
+(the process group, parallel state and chunks come from dsv4cli.build.parallel).
 
 Everything here is megatron-core's own machinery (parallel_state, DistributedDataParallel,
 get_megatron_optimizer, OptimizerParamScheduler, get_forward_backward_func); this module only
@@ -17,41 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class Layout:
-    """Parallel sizes of this run; `as_dict()` is what checkpoints record."""
-
-    world: int
-    tp: int
-    pp: int
-    vpp: int
-    cp: int
-    ep: int
-    etp: int
-    dp: int
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def backend_for(spec) -> str:
-    b = spec.launch.backend
-    if b == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    return b
-
-
-def init_parallel(spec) -> Layout:
-    """Process group + megatron parallel_state from [parallel] (dsv4cli.build.initialize_parallel);
-    DP = world / (tp*pp*cp)."""
-    from dsv4cli.build import initialize_parallel
-
-    initialize_parallel(spec, backend=backend_for(spec))
-    p = spec.parallel
-    world = dist.get_world_size()
-    return Layout(world=world, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
-                  dp=world // (p.tp * p.pp * p.cp))
+from dsv4cli.build.parallel import build_model_chunks, initialize_parallel
+from dsv4cli.compat.device import cuda_available, current_device
+from dsv4cli.spec.layout import ParallelDims
 
 
 def set_seed(seed: int) -> None:
@@ -65,17 +34,17 @@ def set_seed(seed: int) -> None:
 
 
 def use_bf16(spec) -> bool:
-    return spec.train.precision == "bf16" and torch.cuda.is_available()
+    return spec.train.precision == "bf16" and cuda_available()
 
 
-def run_settings(spec, layout: Layout):
+def run_settings(spec, layout: ParallelDims):
     """This run's GpuSettings (dsv4cli.build.gpu_settings): fusions, overlap, data feeding."""
     from dsv4cli.build.gpu_settings import gpu_settings, probe
 
     return gpu_settings(spec, probe(), dp=layout.dp, virtual_stages=layout.vpp)
 
 
-def use_distributed_optimizer(spec, layout: Layout) -> bool:
+def use_distributed_optimizer(spec, layout: ParallelDims) -> bool:
     """'on' = on (GPU and CPU); 'auto' = on with CUDA and dp > 1, off on CPU."""
     return run_settings(spec, layout).distributed_optimizer
 
@@ -89,32 +58,10 @@ def _announce(settings) -> None:
             print(f"warning: {w}", file=sys.stderr, flush=True)
 
 
-def build_chunks(spec) -> list:
-    """Unwrapped model chunks of this pipeline rank (one per virtual stage)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    from dsv4cli.build import build_model
-
-    vpp = spec.parallel.vpp
-    chunks = []
-    for i in range(vpp):
-        vp_stage = i if vpp > 1 else None
-        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        chunk = build_model(spec, pre_process=pre, post_process=post, vp_stage=vp_stage)
-        if torch.cuda.is_available():
-            chunk.cuda(torch.cuda.current_device())
-        for param in chunk.parameters():
-            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        chunks.append(chunk)
-    return chunks
-
-
 @dataclass
 class Runtime:
     spec: object
-    layout: Layout
+    layout: ParallelDims  # its checkpoint_layout() is what checkpoints record
     chunks: list  # unwrapped modules (checkpointing, eval)
     model: list  # DDP-wrapped modules (training)
     config: object
@@ -127,14 +74,14 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
     """Parallel state, seeded model chunks, DDP wrappers and (optionally) optimizer + scheduler."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.utils import get_model_config
 
-    layout = init_parallel(spec)
-    clear_mtp_tracker()
+    from dsv4cli.build.optimizer import optimizer_config, param_scheduler
+
+    layout = initialize_parallel(spec)
     set_seed(spec.train.seed)
-    chunks = build_chunks(spec)
+    chunks = build_model_chunks(spec)
     bf16 = use_bf16(spec)
     wrapped = chunks
     if bf16:
@@ -152,37 +99,8 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
     rt = Runtime(spec=spec, layout=layout, chunks=chunks, model=model, config=config, settings=settings)
     if not with_optimizer:
         return rt
-    t = spec.train
-    opt_config = OptimizerConfig(
-        optimizer="adam",
-        lr=t.lr,
-        min_lr=t.min_lr,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        **settings.optimizer,
-    )
-    rt.optimizer = get_megatron_optimizer(opt_config, model)
-    warmup = min(t.warmup_steps, max(t.steps - 1, 0))
-    rt.scheduler = OptimizerParamScheduler(
-        rt.optimizer,
-        init_lr=0.0,
-        max_lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=warmup,
-        lr_decay_steps=max(t.steps, warmup + 1),
-        lr_decay_style="cosine",
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=max(t.steps, 1),
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
-    )
+    rt.optimizer = get_megatron_optimizer(optimizer_config(spec, bf16, settings.optimizer), model)
+    rt.scheduler = param_scheduler(spec, rt.optimizer)
     config.grad_scale_func = rt.optimizer.scale_loss
     set_sync_funcs(config, model, settings)
     config.finalize_model_grads_func = finalize_model_grads
@@ -232,7 +150,7 @@ def _to_device(a):
     if a is None:
         return None
     t = a if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a))
-    return t.cuda(non_blocking=True) if torch.cuda.is_available() and not t.is_cuda else t
+    return t.cuda(non_blocking=True) if cuda_available() and not t.is_cuda else t
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -273,13 +191,6 @@ def run_microbatches(rt: Runtime, batches: list[dict], forward_only: bool) -> li
     )
 
 
-def clear_mtp_tracker() -> None:
-    """Forget MTP losses tracked by an earlier run in this process (the tracker is class-level)."""
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
-    MTPLossLoggingHelper.tracker.clear()
-
-
 def take_mtp_losses(depth: int, num_microbatches: int) -> torch.Tensor:
     """This rank's per-depth MTP losses (mean over micro-batches, unscaled); clears the tracker."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
@@ -313,8 +224,7 @@ def reduce_step_values(rt: Runtime, losses: list[dict], num_microbatches: int, s
         vec[2 : 2 + depth] = mtp
     vec[-1] = 1.0 if stop else 0.0
     if dist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        v = vec.to(dev) if dev is not None else vec
+        v = vec.to(current_device())
         dist.all_reduce(v)
         vec = v.cpu()
     n = max(vec[0].item(), 1.0)
@@ -348,12 +258,3 @@ def heldout_loss(rt: Runtime, valid, batches: int) -> tuple[float, list[float], 
     mtp_mean = [x / batches for x in (total_mtp or [])] if dropout == 0.0 else []
     return total / batches, mtp_mean, batches * t.global_batch_size * rt.spec.model.seq_length
 
-
-def teardown() -> None:
-    from megatron.core import parallel_state as ps
-
-    clear_mtp_tracker()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
