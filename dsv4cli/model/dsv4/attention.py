@@ -79,11 +79,11 @@ def attention_with_sinks(q: Tensor, kv: Tensor, allowed: Tensor, sinks: Tensor, 
     """softmax([q.k * scale, sink]) minus the sink column, times v; K and V are the same tensor.
 
     q [s, b, H, D], kv [m, b, D], allowed [s, m] or [s, b, m] bool, sinks [H] -> [s, b, H, D]."""
-    logits = torch.einsum("sbhd,mbd->bhsm", q, kv) * scale
+    logits = (torch.einsum("sbhd,mbd->bhsm", q, kv) * scale).float()  # softmax with the fp32 sinks in fp32
     mask = allowed[None, None] if allowed.dim() == 2 else allowed.permute(1, 0, 2)[:, None]
     logits = logits.masked_fill(~mask, float("-inf"))
     b, heads, s, _ = logits.shape
-    sink = sinks.to(logits.dtype).view(1, heads, 1, 1).expand(b, heads, s, 1)
+    sink = sinks.float().view(1, heads, 1, 1).expand(b, heads, s, 1)
     probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
     return torch.einsum("bhsm,mbd->sbhd", probs.to(kv.dtype), kv)
 
