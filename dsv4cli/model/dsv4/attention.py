@@ -33,6 +33,7 @@ from dsv4cli.model.dsv4.compressor import (
     Dsv4Compressor,
     compressed_causal_mask,
     linear_weight,
+    prefix_names,
 )
 from dsv4cli.model.dsv4.indexer import INDEXER_TENSOR_NAMES, Dsv4Indexer, selected_entries
 from dsv4cli.model.dsv4.norm import RMSNorm, rms_normalize
@@ -51,12 +52,8 @@ ATTENTION_TENSOR_NAMES = {
     "linear_o_up.weight": ("wo_b.weight", "o_b_proj.weight"),
     "sinks": ("attn_sink", "sinks"),
 }
-COMPRESSED_TENSOR_NAMES = {
-    f"compressor.{ours}": (f"compressor.{ds}", f"compressor.{hf}") for ours, (ds, hf) in COMPRESSOR_TENSOR_NAMES.items()
-}
-SPARSE_TENSOR_NAMES = {
-    f"indexer.{ours}": (f"indexer.{ds}", f"compressor.indexer.{hf}") for ours, (ds, hf) in INDEXER_TENSOR_NAMES.items()
-}
+COMPRESSED_TENSOR_NAMES = prefix_names(COMPRESSOR_TENSOR_NAMES, "compressor.", "compressor.", "compressor.")
+SPARSE_TENSOR_NAMES = prefix_names(INDEXER_TENSOR_NAMES, "indexer.", "indexer.", "compressor.indexer.")
 
 
 def tensor_names(settings: Dsv4AttentionSettings) -> dict[str, tuple[str, str]]:

@@ -37,6 +37,13 @@ COMPRESSOR_TENSOR_NAMES = {
 }
 
 
+def prefix_names(
+    names: dict[str, tuple[str, str]], ours: str, deepseek: str, hf: str
+) -> dict[str, tuple[str, str]]:
+    """A child module's tensor-name map seen from its parent: each side's prefix put in front."""
+    return {ours + k: (deepseek + ds, hf + hf_name) for k, (ds, hf_name) in names.items()}
+
+
 def compressed_causal_mask(seq_len: int, n_entries: int, ratio: int, device=None) -> Tensor:
     """[s, n] bool: query t may see compressed entry w (w < (t + 1) // ratio, its window is complete)."""
     ready = (torch.arange(seq_len, device=device) + 1) // ratio

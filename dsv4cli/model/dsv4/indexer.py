@@ -26,6 +26,7 @@ from dsv4cli.model.dsv4.compressor import (
     Dsv4Compressor,
     compressed_causal_mask,
     linear_weight,
+    prefix_names,
 )
 from dsv4cli.model.dsv4.rope import Rotation
 
@@ -33,7 +34,7 @@ from dsv4cli.model.dsv4.rope import Rotation
 INDEXER_TENSOR_NAMES = {
     "linear_q_up.weight": ("wq_b.weight", "q_b_proj.weight"),
     "linear_weights.weight": ("weights_proj.weight", "scorer.weights_proj.weight"),
-    **{f"compressor.{ours}": (f"compressor.{ds}", hf) for ours, (ds, hf) in COMPRESSOR_TENSOR_NAMES.items()},
+    **prefix_names(COMPRESSOR_TENSOR_NAMES, "compressor.", "compressor.", ""),
 }
 
 
