@@ -319,3 +319,34 @@ def test_settings_refuse_inconsistent_values():
         settings("heavily_compressed", 0)
     with pytest.raises(ValueError, match="rope_head_dim"):
         Dsv4AttentionSettings(rope_head_dim=7)
+
+
+def test_attention_replaces_megatrons_self_attention_in_a_transformer_layer(megatron_1proc):
+    """Built from a ModuleSpec inside megatron's TransformerLayer and called with its arguments."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from dsv4cli.model.norms import SPNorm
+
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        layernorm_epsilon=1e-6,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    attention = ModuleSpec(module=Dsv4Attention, params={"settings": settings("compressed_sparse", 4)})
+    submodules = TransformerLayerSubmodules(
+        input_layernorm=SPNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add
+    )
+    layer = build_module(ModuleSpec(module=TransformerLayer, submodules=submodules), config=config, layer_number=1)
+    assert isinstance(layer.self_attention, Dsv4Attention)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(6))
+    out, _ = layer(hidden_states=x, attention_mask=None)
+    expected = x + layer.self_attention.attend(layer.input_layernorm(x))
+    assert_close(out, expected, "TransformerLayer with DeepSeek-V4 attention")
+    assert (out - x).abs().max() > 1e-3
