@@ -15,6 +15,7 @@
 
 RoPE: the main setting on sliding-window layers, the compress setting (YaRN) on compressed layers.
 Positions are 0..s-1 (one sequence per sample; no padding mask, no packed sequences, no KV cache).
+No attention dropout (DeepSeek-V4 has none): `config.attention_dropout` is not used.
 """
 
 from __future__ import annotations
