@@ -1,0 +1,81 @@
+"""Lightning indexer of compressed sparse attention: which `index_topk` compressed entries each query reads.
+
+    q_residual [s, b, q_lora] --linear_q_up--> q [s, b, H_I, d_I] -> RoPE (compress setting, query positions)
+    x [s, b, h] --overlapping compressor (d_I)--> k [n, b, d_I]
+    x [s, b, h] --linear_weights--> w [s, b, H_I] * H_I^-1/2
+    score[t, w] = sum_heads w[t, head] * ReLU(q[t, head] . k[w]) * d_I^-1/2         [s, b, n]
+    top-k over the entries query t may see (w < (t + 1) // ratio); picks beyond those are -1.
+
+The choice is discrete (no gradient reaches the indexer through attention); `IndexerOutput.scores`
+keeps the differentiable scores for an indexer loss.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from dsv4cli.model.dsv4.attention_settings import Dsv4AttentionSettings
+from dsv4cli.model.dsv4.compressor import (
+    COMPRESSOR_TENSOR_NAMES,
+    Dsv4Compressor,
+    compressed_causal_mask,
+    linear_weight,
+    prefix_names,
+)
+from dsv4cli.model.dsv4.rope import Rotation
+
+# ours -> (DeepSeek's / the safetensors file's name, HF transformers' module name, relative to the indexer)
+INDEXER_TENSOR_NAMES = {
+    "linear_q_up.weight": ("wq_b.weight", "q_b_proj.weight"),
+    "linear_weights.weight": ("weights_proj.weight", "scorer.weights_proj.weight"),
+    **prefix_names(COMPRESSOR_TENSOR_NAMES, "compressor.", "compressor.", ""),
+}
+
+
+class IndexerOutput(NamedTuple):
+    topk: Tensor  # [s, b, k] long, entry indices, -1 where fewer than k entries are visible; k = min(topk, n)
+    scores: Tensor  # [s, b, n] fp32 raw index scores (before the causal mask)
+    visible: Tensor  # [s, n] bool, the causal mask the top-k respected
+
+
+def selected_entries(topk: Tensor, n_entries: int) -> Tensor:
+    """topk [s, b, k] (-1 = none) -> [s, b, n] bool: the entries each query reads."""
+    chosen = torch.zeros(*topk.shape[:-1], n_entries + 1, dtype=torch.bool, device=topk.device)
+    chosen.scatter_(-1, torch.where(topk < 0, n_entries, topk), True)
+    return chosen[..., :n_entries]
+
+
+class Dsv4Indexer(MegatronModule):
+    """(x [s, b, h], q_residual [s, b, q_lora]) -> IndexerOutput (see the module docstring)."""
+
+    def __init__(self, config: TransformerConfig, settings: Dsv4AttentionSettings):
+        super().__init__(config=config)
+        self.n_heads, self.head_dim = settings.index_n_heads, settings.index_head_dim
+        self.topk, self.ratio = settings.index_topk, settings.compress_ratio
+        self.rope, self.rope_dim = settings.compress_rope, settings.rope_head_dim
+        self.linear_q_up = linear_weight(config, self.n_heads * self.head_dim, settings.q_lora_rank)
+        self.linear_weights = linear_weight(config, self.n_heads, config.hidden_size)
+        self.compressor = Dsv4Compressor(
+            config, self.head_dim, self.ratio, overlap=True, rope=self.rope, rope_dim=self.rope_dim
+        )
+
+    def forward(self, hidden_states: Tensor, q_residual: Tensor) -> IndexerOutput:
+        s, b, _ = hidden_states.shape
+        keys = self.compressor(hidden_states)  # [n, b, d_I]
+        q = self.linear_q_up(q_residual).view(s, b, self.n_heads, self.head_dim)
+        q = Rotation(self.rope, self.rope_dim, torch.arange(s, device=q.device)).rotate(q)
+        logits = torch.einsum("sbhd,nbd->sbhn", q.float(), keys.float()).relu() * self.head_dim**-0.5
+        head_weights = self.linear_weights(hidden_states).float() * self.n_heads**-0.5  # [s, b, H_I]
+        scores = (logits * head_weights[..., None]).sum(dim=2)  # [s, b, n]
+        n = keys.shape[0]
+        visible = compressed_causal_mask(s, n, self.ratio, device=scores.device)
+        masked = scores.detach().masked_fill(~visible[:, None, :], float("-inf"))
+        topk = masked.topk(min(self.topk, n), dim=-1).indices
+        topk = torch.where(visible[:, None, :].expand(s, b, n).gather(-1, topk), topk, -1)
+        return IndexerOutput(topk=topk, scores=scores, visible=visible)
