@@ -264,22 +264,27 @@ def load_hf_block(ours, theirs, hash_routed: bool) -> None:
     ours.load_state_dict({k: v.detach() for k, v in sd.items()})
 
 
-@pytest.mark.parametrize("hash_routed", [False, True])
-def test_moe_block_matches_hf(hash_routed):
+def build_block(hash_routed: bool):
+    """Dsv4MoELayer from megatron's local MoE spec (SequentialMLP experts, alltoall dispatcher)."""
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
     from megatron.core.transformer.spec_utils import build_module
 
     from dsv4cli.model.dsv4.moe import dsv4_moe_spec
 
+    spec = dsv4_moe_spec(get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=E),
+                         hash_routed=hash_routed, vocab_size=VOCAB)
+    return build_module(spec, config=mcore_config(), layer_number=1)
+
+
+@pytest.mark.parametrize("hash_routed", [False, True])
+def test_moe_block_matches_hf(hash_routed):
     theirs = hf.DeepseekV4SparseMoeBlock(hf_config(), layer_idx=0 if hash_routed else 1)
     assert theirs.is_hash == hash_routed
     randomize(theirs)
     if hash_routed:
         theirs.gate.tid2eid.copy_(random_table())
-    spec = dsv4_moe_spec(get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=E),
-                         hash_routed=hash_routed, vocab_size=VOCAB)
-    ours = build_module(spec, config=mcore_config(), layer_number=1)
+    ours = build_block(hash_routed)
     load_hf_block(ours, theirs, hash_routed)
 
     x = big_inputs(B, S, H)
@@ -304,3 +309,25 @@ def test_moe_block_matches_hf(hash_routed):
     assert set(ours_params) == set(theirs_grads)
     for name, grad in theirs_grads.items():
         assert max_diff(ours_params[name].grad, grad) <= TOL, name
+
+
+def test_router_buffers_round_trip_through_torch_dist(tmp_path):
+    """The expert bias and the hash table are saved and loaded with the model (torch_dist)."""
+    from megatron.core import dist_checkpointing
+
+    blocks = {"topk": build_block(False), "hash": build_block(True)}
+    randomize(blocks["topk"].router)
+    blocks["hash"].router.tid2eid.copy_(random_table())
+    def sharded(bs):
+        return {name: t for k, b in bs.items() for name, t in b.sharded_state_dict(prefix=f"{k}.").items()}
+
+    dist_checkpointing.save(sharded(blocks), str(tmp_path))
+    fresh = {"topk": build_block(False), "hash": build_block(True)}
+    assert not torch.equal(fresh["hash"].router.tid2eid, blocks["hash"].router.tid2eid)
+    loaded = dist_checkpointing.load(sharded(fresh), str(tmp_path))
+    for k, block in fresh.items():
+        block.load_state_dict({n.removeprefix(f"{k}."): t for n, t in loaded.items() if n.startswith(f"{k}.")})
+    assert torch.equal(fresh["hash"].router.tid2eid, blocks["hash"].router.tid2eid)
+    assert fresh["hash"].router.tid2eid.dtype == torch.int64
+    assert torch.equal(fresh["topk"].router.expert_bias, blocks["topk"].router.expert_bias)
+    assert torch.equal(fresh["topk"].router.weight, blocks["topk"].router.weight)
