@@ -103,3 +103,12 @@ def test_compression_ratio_and_kind_change_the_count():
         layer_params(s, "hca", 0)
     with pytest.raises(ValueError, match="not one of"):
         layer_params(s, "dense", 0)
+
+
+def test_counting_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, dsv4cli.spec.dsv4_params; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
