@@ -31,7 +31,7 @@ def hf_config(**overrides) -> DeepseekV4Config:
     return DeepseekV4Config(**{**sizes, **overrides})
 
 
-def mcore_config(limit=LIMIT):
+def mcore_config(limit=LIMIT, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from dsv4cli.model.dsv4.experts import clamped_swiglu_config
@@ -40,7 +40,7 @@ def mcore_config(limit=LIMIT):
         num_layers=1, hidden_size=H, num_attention_heads=2, num_moe_experts=E, moe_router_topk=K,
         moe_ffn_hidden_size=FFN, moe_shared_expert_intermediate_size=FFN, moe_router_topk_scaling_factor=SCALE,
         moe_token_dispatcher_type="alltoall", add_bias_linear=False, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0, **clamped_swiglu_config(limit),
+        hidden_dropout=0.0, attention_dropout=0.0, **clamped_swiglu_config(limit), **overrides,
     )
 
 
@@ -264,7 +264,7 @@ def load_hf_block(ours, theirs, hash_routed: bool) -> None:
     ours.load_state_dict({k: v.detach() for k, v in sd.items()})
 
 
-def build_block(hash_routed: bool):
+def build_block(hash_routed: bool, **config_overrides):
     """Dsv4MoELayer from megatron's local MoE spec (SequentialMLP experts, alltoall dispatcher)."""
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
@@ -274,7 +274,7 @@ def build_block(hash_routed: bool):
 
     spec = dsv4_moe_spec(get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=E),
                          hash_routed=hash_routed, vocab_size=VOCAB)
-    return build_module(spec, config=mcore_config(), layer_number=1)
+    return build_module(spec, config=mcore_config(**config_overrides), layer_number=1)
 
 
 @pytest.mark.parametrize("hash_routed", [False, True])
@@ -309,6 +309,14 @@ def test_moe_block_matches_hf(hash_routed):
     assert set(ours_params) == set(theirs_grads)
     for name, grad in theirs_grads.items():
         assert max_diff(ours_params[name].grad, grad) <= TOL, name
+
+
+def test_moe_recompute_is_refused_on_hash_layers_only():
+    """megatron's selective 'moe' recompute re-runs the router in backward, without the token ids."""
+    recompute = dict(recompute_granularity="selective", recompute_modules=["moe"])
+    assert build_block(False, **recompute).moe_layer_recompute
+    with pytest.raises(ValueError, match="recompute"):
+        build_block(True, **recompute)
 
 
 def test_router_buffers_round_trip_through_torch_dist(tmp_path):
