@@ -1,0 +1,50 @@
+"""DeepSeek-V4's MoE block as megatron-core's MoELayer: a DeepSeek-V4 router, clamped-SwiGLU routed
+experts and shared experts, with the token ids that hash routing needs.
+
+    hidden [s, b, h] --router--> probs, routing_map [s*b, E] --dispatch--> routed experts (SwiGLU, clamp)
+          |                                                                  | combine (weighted sum)
+          +----------------------> shared experts (SwiGLU, clamp) ----------(+)--> out [s, b, h]
+
+`dsv4_moe_spec` turns megatron's MoE ModuleSpec (any backend's experts and shared experts) into
+this block; the clamp itself is a TransformerConfig setting (`experts.clamped_swiglu_config`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import replace
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from dsv4cli.model.dsv4.experts import check_clamped_swiglu
+from dsv4cli.model.dsv4.router import HashRouter, SqrtSoftplusTopKRouter
+
+
+class Dsv4MoELayer(MoELayer):
+    """megatron's MoELayer whose forward also takes `token_ids` [s, b] for a hash router (ignored
+    by the top-k router); the router sees them for exactly this call (router.py says why)."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        check_clamped_swiglu(config)
+        super().__init__(config, submodules, layer_number, pg_collection)
+        if self.moe_layer_recompute and isinstance(self.router, HashRouter):
+            # megatron re-runs its inner forward in backward, outside the call that carried the ids
+            raise ValueError("selective 'moe' recompute is not supported on hash-routed layers")
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
+                padding_mask: Optional[torch.Tensor] = None, token_ids: Optional[torch.Tensor] = None):
+        """hidden_states [s, b, h], token_ids [s, b] -> (output [s, b, h], None)."""
+        scope = self.router.token_ids_scope(token_ids) if isinstance(self.router, HashRouter) else contextlib.nullcontext()
+        with scope:
+            return super().forward(hidden_states, intermediate_tensors, padding_mask)
+
+
+def dsv4_moe_spec(moe_spec: ModuleSpec, *, hash_routed: bool, vocab_size: int) -> ModuleSpec:
+    """megatron's MoE ModuleSpec -> the same experts under Dsv4MoELayer with a hash router
+    (a [vocab_size, k] table) or the sqrt(softplus) top-k router."""
+    router = functools.partial(HashRouter, vocab_size=vocab_size) if hash_routed else SqrtSoftplusTopKRouter
+    return replace(moe_spec, module=Dsv4MoELayer, submodules=replace(moe_spec.submodules, router=router))
