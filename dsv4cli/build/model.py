@@ -58,15 +58,13 @@ def build_model_from_config(spec: Spec, config, pre_process: bool = True, post_p
 
 @contextlib.contextmanager
 def _rng_preserved():
-    """torch's CPU generator, this process's CUDA generator (when there is one) and megatron's RNG
-    tracker are restored on exit."""
+    """torch's CPU generator, the CUDA generators (torch.manual_seed reseeds them all; none on a CPU
+    machine) and megatron's RNG tracker are restored on exit."""
     import torch
 
-    from dsv4cli.compat import device
     from dsv4cli.model.init_seed import tracker_preserved
 
-    here = device.current_device()
-    with torch.random.fork_rng(devices=[here] if here.type == "cuda" else []), tracker_preserved():
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())), tracker_preserved():
         yield
 
 

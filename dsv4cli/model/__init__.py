@@ -1,6 +1,8 @@
 """dsv4cli.model: Megatron-Core modules for DSv4-style models (imports nothing at package import).
 
-cpu_compat (all CPU workarounds), sdpa_attention, norms, hyper_connection (mHC per sub-layer),
+config (Dsv4TransformerConfig: the DSv4 settings every module reads), cpu_compat (all CPU
+workarounds), sdpa_attention, norms, hyper_connection (mHC per sub-layer),
 contraction (learned/average), multi_stream_layer, multi_stream_block, mtp (MTP depth with mHC),
-gpt (Dsv4GPTModel), fp32_params, inventory (parameter list, folded module tree). docs/model.md.
+gpt (Dsv4GPTModel), init_seed (per-unit initialisation), fp32_params, inventory (parameter list,
+folded module tree). docs/model.md.
 """

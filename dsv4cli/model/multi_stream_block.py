@@ -5,8 +5,9 @@
     last stage:   y = contract(x) [s, b, h] -> final_layernorm(y)
 
 With MTP the last stage returns the multi-stream state instead (MTP depth 1 consumes it) and the
-GPT model applies `head()` itself. The block is built explicitly by Dsv4GPTModel (model/gpt.py). The contraction parameters `hc_head_*` are bare parameters of
+GPT model applies `head()` itself. The contraction parameters `hc_head_*` are bare parameters of
 this block (keys `decoder.hc_head_*`) and are added to `sharded_state_dict` explicitly.
+Dsv4GPTModel (model/gpt.py) builds the block explicitly.
 """
 
 from __future__ import annotations
