@@ -57,14 +57,15 @@ def test_multi_stream_block_is_built_explicitly_and_forward_changes_no_module(ti
     assert dict(model.decoder.named_children())["final_layernorm"] is model.decoder.head_norm
     before = {m: dict(vars(m)) for m in model.modules()}
     registered_during_forward = []
-    model.decoder.layers[-1].register_forward_hook(
-        lambda *_: registered_during_forward.append(model.decoder._modules["final_layernorm"] is model.decoder.head_norm))
+    decoder = model.decoder
+    decoder.layers[-1].register_forward_hook(
+        lambda *_: registered_during_forward.append(decoder._modules["final_layernorm"] is decoder.head_norm))
     ids = torch.randint(0, 256, (B, S))
     logits = model(ids, torch.arange(S).expand(B, S), None)
     assert logits.shape == (B, S, 256) and registered_during_forward == [True]
     for module, attrs in before.items():
         after = vars(module)
-        changed = [k for k in attrs.keys() | after.keys() if k not in ("training",) and attrs.get(k) is not after.get(k)]
+        changed = [k for k in attrs.keys() | after.keys() if k != "training" and attrs.get(k) is not after.get(k)]
         assert not changed, (type(module).__name__, changed)
 
 

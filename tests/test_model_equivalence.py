@@ -183,9 +183,9 @@ def _mtp_reference(model, ids, pos, labels, loss_mask, n: int, h: int, eps: floa
         logits, _ = model.output_layer(hidden)
         return F.cross_entropy(logits.transpose(0, 1).flatten(0, 1), target.flatten(), reduction="none").view(B, S)
 
-    def head(owner, x):  # the child registered as final_layernorm (the decoder reads None there in forward)
-        return dict(owner.named_children())["final_layernorm"](_learned_contraction(x, owner.hc_head_fn, owner.hc_head_base,
-                                                          owner.hc_head_scale, n, eps))
+    def head(owner, x):  # the child registered as final_layernorm (the decoder's attribute reads None)
+        norm = dict(owner.named_children())["final_layernorm"]
+        return norm(_learned_contraction(x, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, n, eps))
 
     x = embed(ids).repeat(1, 1, n)  # n identical streams
     for layer in model.decoder.layers:

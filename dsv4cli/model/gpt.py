@@ -28,7 +28,9 @@ from dsv4cli.model.multi_stream_block import MultiStreamTransformerBlock
 
 
 class Dsv4GPTModel(GPTModel):
-    """GPTModel with mHC streams (n = config.mhc_streams). forward as GPTModel: per-token loss [b, s] or logits [b, s, V]."""
+    """GPTModel with mHC streams (n = config.mhc_streams).
+
+    forward as GPTModel: per-token loss [b, s] or logits [b, s, V]."""
 
     def __init__(self, config, transformer_layer_spec, *args, **kwargs):
         streams = getattr(config, "mhc_streams", 1)
