@@ -89,10 +89,9 @@ def test_cuda_without_te_warns_with_the_install_command(tiny_spec, capsys):
 
 
 def _recorded_transformer_config(monkeypatch, spec, avail):
-    """transformer_config(spec) with probe() -> avail; -> the kwargs that reached TransformerConfig."""
-    import megatron.core.transformer.transformer_config as tc
-
+    """transformer_config(spec) with probe() -> avail; -> the kwargs that reached the config class."""
     from dsv4cli.build import config, gpu_settings as gs
+    from dsv4cli.model import config as model_config
 
     seen = {}
 
@@ -101,7 +100,7 @@ def _recorded_transformer_config(monkeypatch, spec, avail):
             seen.update(kwargs)
 
     monkeypatch.setattr(gs, "probe", lambda: avail)
-    monkeypatch.setattr(tc, "TransformerConfig", Recorder)
+    monkeypatch.setattr(model_config, "Dsv4TransformerConfig", Recorder)
     config.transformer_config(spec)
     return seen
 

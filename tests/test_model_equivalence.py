@@ -112,13 +112,16 @@ def test_mhc_layer_and_contraction_equal_hf_deepseek_v4(tiny_spec):
 @pytest.mark.parametrize("n", [2, 4])
 def test_average_contraction_is_stream_mean_and_converted_learned_equals_it(n):
     from dsv4cli.ckpt.convert import contraction_base
-    from dsv4cli.model.contraction import ContractionSettings, add_contraction_params, contract
+    from dsv4cli.model.config import Dsv4TransformerConfig
+    from dsv4cli.model.contraction import add_contraction_params, contract
 
     h, eps = 32, 1e-6
     x = torch.randn(S, B, n * h)
     avg, learned = torch.nn.Module(), torch.nn.Module()
-    add_contraction_params(avg, h, ContractionSettings(n, "average", eps), False)
-    add_contraction_params(learned, h, ContractionSettings(n, "learned", eps), False)
+    for owner, mode in ((avg, "average"), (learned, "learned")):
+        owner.config = Dsv4TransformerConfig(num_layers=1, hidden_size=h, num_attention_heads=1, mhc_streams=n,
+                                             contraction_mode=mode, contraction_eps=eps)
+        add_contraction_params(owner, owner.config)
     with torch.no_grad():
         learned.hc_head_fn.zero_()
         learned.hc_head_scale.fill_(1.0)
@@ -180,9 +183,9 @@ def _mtp_reference(model, ids, pos, labels, loss_mask, n: int, h: int, eps: floa
         logits, _ = model.output_layer(hidden)
         return F.cross_entropy(logits.transpose(0, 1).flatten(0, 1), target.flatten(), reduction="none").view(B, S)
 
-    def head(owner, x):
-        return owner.final_layernorm(_learned_contraction(x, owner.hc_head_fn, owner.hc_head_base,
-                                                          owner.hc_head_scale, n, eps))
+    def head(owner, x):  # the child registered as final_layernorm (the decoder's attribute reads None)
+        norm = dict(owner.named_children())["final_layernorm"]
+        return norm(_learned_contraction(x, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, n, eps))
 
     x = embed(ids).repeat(1, 1, n)  # n identical streams
     for layer in model.decoder.layers:

@@ -153,15 +153,22 @@ def _saved_nn_tensors(hc, x, n: int) -> tuple[int, int]:
     return sum(1 for s, _ in shapes if s[-2:] == (n, n)), sum(b for _, b in shapes)
 
 
+def _dsv4_config(h: int, **dsv4):
+    """A one-layer Dsv4TransformerConfig of width h with the given mhc_* / contraction_* fields."""
+    from dsv4cli.model.config import Dsv4TransformerConfig
+
+    return Dsv4TransformerConfig(num_layers=1, hidden_size=h, num_attention_heads=1, **dsv4)
+
+
 def test_mhc_recompute_stores_no_sinkhorn_intermediates():
     """No Sinkhorn iterates are kept either way: the mappings' hand-written backward recomputes them
     (only the final H_res, used by the residual mix, is an [n, n] tensor kept). train.recompute "mhc"
     also drops the projection [T, n*n+2n] and rsqrt [T, 1] (recomputed in backward)."""
-    from dsv4cli.model.hyper_connection import HyperConnection, MhcSettings
+    from dsv4cli.model.hyper_connection import HyperConnection
 
     n, h = 4, 32
-    plain = HyperConnection(h, MhcSettings(n, sinkhorn_iterations=20))
-    recomputed = HyperConnection(h, MhcSettings(n, sinkhorn_iterations=20, recompute=True))
+    plain = HyperConnection(_dsv4_config(h, mhc_streams=n, mhc_sinkhorn_iterations=20))
+    recomputed = HyperConnection(_dsv4_config(h, mhc_streams=n, mhc_sinkhorn_iterations=20, mhc_recompute=True))
     recomputed.load_state_dict(plain.state_dict())
     x = torch.randn(S, B, n * h, requires_grad=True)
     stored, stored_bytes = _saved_nn_tensors(plain, x, n)
@@ -211,13 +218,15 @@ def test_bf16_model_keeps_mhc_math_fp32_and_activations_bf16(tiny_spec):
 
 def test_mhc_parameters_follow_the_requested_device():
     """Created fp32 on the default device (same init on every TP rank), then moved, still tagged."""
-    from dsv4cli.model.contraction import ContractionSettings, add_contraction_params
-    from dsv4cli.model.hyper_connection import HyperConnection, MhcSettings
+    from dsv4cli.model.contraction import add_contraction_params
+    from dsv4cli.model.hyper_connection import HyperConnection
 
     meta = torch.device("meta")
-    hc = HyperConnection(32, MhcSettings(2), sequence_parallel=True, device=meta)
+    config = _dsv4_config(32, mhc_streams=2, param_device="meta")
+    config.sequence_parallel = True  # megatron refuses it at tp = 1 in __post_init__; the modules only read it
+    hc = HyperConnection(config)
     owner = torch.nn.Module()
-    add_contraction_params(owner, 32, ContractionSettings(2), True, device=meta)
+    add_contraction_params(owner, config)
     params = list(hc.parameters()) + list(owner.parameters())
     assert len(params) == 8
     assert all(p.device == meta and p.dtype == torch.float32 and p.sequence_parallel for p in params)

@@ -1,4 +1,5 @@
-"""Spec -> megatron-core TransformerConfig (the one place that maps spec fields to megatron knobs)."""
+"""Spec -> Dsv4TransformerConfig (the one place that maps spec fields to megatron knobs and to the
+DSv4 settings the model's modules read: mHC, contraction, parameter placement)."""
 
 from __future__ import annotations
 
@@ -34,25 +35,27 @@ def recompute_settings(spec: Spec) -> tuple[dict, bool]:
 
 
 def transformer_config(spec: Spec, world_size: Optional[int] = None):
-    """Spec -> megatron.core TransformerConfig (the decoder-layer config; hidden_size is h).
+    """Spec -> Dsv4TransformerConfig, a megatron TransformerConfig (the decoder-layer config;
+    hidden_size is h) that also carries model.mhc / model.contraction (dsv4cli/model/config.py).
 
     world_size, when given, is checked against the process grids (ParallelDims.check) so a bad
     layout fails here with the numbers rather than deep inside megatron.
     """
     import torch
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from dsv4cli.build.gpu_settings import gpu_settings, probe
+    from dsv4cli.compat import device
+    from dsv4cli.model.config import Dsv4TransformerConfig
 
     check_supported(spec)
     m, par, tr = spec.model, spec.parallel, spec.train
     if world_size is not None:
         ParallelDims.of(spec, world_size).check()
-    on_cpu = not torch.cuda.is_available()  # CPU initialisation (the fast paths come from gpu_settings)
+    on_cpu = device.on_cpu()  # CPU initialisation (the fast paths come from gpu_settings)
     bf16 = tr.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    recompute_kwargs, _ = recompute_settings(spec)
+    recompute_kwargs, recompute_mhc = recompute_settings(spec)
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -84,6 +87,15 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
         mtp_loss_scaling_factor=m.mtp.loss_scale,
         use_cpu_initialization=on_cpu,
         **recompute_kwargs,
+        mhc_streams=m.mhc.streams,
+        mhc_sinkhorn_iterations=m.mhc.sinkhorn_iterations,
+        mhc_gating_init=m.mhc.gating_init,
+        mhc_eps=m.mhc.eps,
+        mhc_recompute=recompute_mhc,
+        contraction_mode=m.contraction.mode,
+        contraction_eps=m.contraction.eps,
+        # megatron allocates its parameters on the current GPU unless use_cpu_initialization; ours follow
+        param_device=None if on_cpu else "cuda",
     )
     if m.moe is not None:
         moe = m.moe
@@ -104,4 +116,4 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
         )
     # Fusions, grouped-GEMM experts and CPU workarounds: what this machine has installed.
     kwargs.update(gpu_settings(spec, probe(), virtual_stages=virtual_stages(spec)).config)
-    return TransformerConfig(**kwargs)
+    return Dsv4TransformerConfig(**kwargs)

@@ -48,22 +48,6 @@ def select_backend() -> Backend:
     return Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
 
 
-def mhc_settings(spec: Spec):
-    from dsv4cli.build.config import recompute_settings
-    from dsv4cli.model.hyper_connection import MhcSettings
-
-    mhc = spec.model.mhc
-    _, recompute_mhc = recompute_settings(spec)
-    return MhcSettings(mhc.streams, mhc.sinkhorn_iterations, mhc.gating_init, mhc.eps, recompute_mhc)
-
-
-def contraction_settings(spec: Spec):
-    from dsv4cli.model.contraction import ContractionSettings
-
-    c = spec.model.contraction
-    return ContractionSettings(spec.model.mhc.streams, c.mode, c.eps)
-
-
 def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None, grouped_gemm: Optional[bool] = None):
     """One decoder layer: megatron TransformerLayer (n = 1) or MultiStreamTransformerLayer (n > 1).
 
@@ -123,22 +107,18 @@ def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None, grouped_ge
             ),
         )
     if spec.model.mhc.streams > 1:
-        layer = replace(layer, module=MultiStreamTransformerLayer, params={**layer.params, "mhc": mhc_settings(spec)})
+        layer = replace(layer, module=MultiStreamTransformerLayer)  # mHC settings: from the config
     return layer
 
 
 def decoder_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: Optional[Backend] = None):
-    """This pipeline stage's layers (pp_layout aware) + the final norm (+ contraction settings when n > 1)."""
+    """This pipeline stage's layers (pp_layout aware) + the final norm (the block class, and with it
+    the contraction, follows config.mhc_streams: Dsv4GPTModel)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
-    from dsv4cli.model.multi_stream_block import MultiStreamBlockSubmodules
 
     backend = backend or select_backend()
     layer = decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False))
     layers = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
-    if spec.model.mhc.streams > 1:
-        return MultiStreamBlockSubmodules(layer_specs=layers, layer_norm=backend.norm,
-                                          contraction=contraction_settings(spec))
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=backend.norm)
 
 
@@ -165,8 +145,7 @@ def mtp_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: 
         layer_norm=backend.norm,
     )
     if spec.model.mhc.streams > 1:
-        layer = ModuleSpec(module=MultiStreamMTPLayer, params={"contraction": contraction_settings(spec)},
-                           submodules=submodules)
+        layer = ModuleSpec(module=MultiStreamMTPLayer, submodules=submodules)
     else:
         layer = ModuleSpec(module=MultiTokenPredictionLayer, submodules=submodules)
     return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * spec.model.mtp.depth)

@@ -1,10 +1,13 @@
 """The dsv4 GPT model: megatron's GPTModel, with n mHC streams in the decoder and MTP when n > 1.
 
+n = config.mhc_streams (a Dsv4TransformerConfig, dsv4cli/model/config.py).
 streams = 1: exactly megatron's GPTModel (plain residuals, plain MTP with eh_proj).
-streams > 1: the decoder is a MultiStreamTransformerBlock; MTP depths are MultiStreamMTPLayers fed by
-the decoder's un-contracted streams; every depth's head (contraction + final norm) feeds the shared
-output layer, and megatron's own MTP loss code (MTPLossAutoScaler, MTPLossLoggingHelper, per-depth
-scale loss_scale / D) computes the losses.
+streams > 1: the decoder is a MultiStreamTransformerBlock, built here explicitly (megatron's
+GPTModel.__init__ builds its own TransformerBlock by name; it gets an empty one, which is replaced
+in place, so parameters keep megatron's order: embedding, decoder, mtp, output_layer). MTP depths are
+MultiStreamMTPLayers fed by the decoder's un-contracted streams; every depth's head (contraction +
+final norm) feeds the shared output layer, and megatron's own MTP loss code (MTPLossAutoScaler,
+MTPLossLoggingHelper, per-depth scale loss_scale / D) computes the losses.
 
 Pipeline stages exchange [s, b, n*h]: megatron's schedules size p2p buffers from
 `get_model_config(model).hidden_size`, so for n > 1 `model.config` is a shallow copy of the layer
@@ -13,44 +16,45 @@ config with hidden_size = n*h (layers keep the real config; `model.hidden_size` 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 
-from megatron.core.models.gpt import gpt_model as _gpt_model_module
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.quantization.utils import get_quant_config_or_none
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from dsv4cli.model.multi_stream_block import MultiStreamBlockSubmodules, MultiStreamTransformerBlock
-
-
-@contextlib.contextmanager
-def _decoder_block_class(cls):
-    """GPTModel.__init__ builds `TransformerBlock(...)` by name; build our subclass instead."""
-    original = _gpt_model_module.TransformerBlock
-    _gpt_model_module.TransformerBlock = cls
-    try:
-        yield
-    finally:
-        _gpt_model_module.TransformerBlock = original
+from dsv4cli.model.multi_stream_block import MultiStreamTransformerBlock
 
 
 class Dsv4GPTModel(GPTModel):
-    """GPTModel with mHC streams (n = `streams`). forward as GPTModel: per-token loss [b, s] or logits [b, s, V]."""
+    """GPTModel with mHC streams (n = config.mhc_streams).
 
-    def __init__(self, config, transformer_layer_spec, *args, streams: int = 1, **kwargs):
-        multi = isinstance(transformer_layer_spec, MultiStreamBlockSubmodules)
-        if multi != (streams > 1):
-            raise ValueError(f"streams={streams} needs {'MultiStreamBlockSubmodules' if streams > 1 else 'plain'} specs")
-        block_cls = MultiStreamTransformerBlock if multi else _gpt_model_module.TransformerBlock
-        with _decoder_block_class(block_cls):
+    forward as GPTModel: per-token loss [b, s] or logits [b, s, V]."""
+
+    def __init__(self, config, transformer_layer_spec, *args, **kwargs):
+        streams = getattr(config, "mhc_streams", 1)
+        if streams == 1:
             super().__init__(config, transformer_layer_spec, *args, **kwargs)
+        else:
+            super().__init__(config, TransformerBlockSubmodules(layer_specs=[], layer_norm=None), *args, **kwargs)
+            self.transformer_layer_spec = transformer_layer_spec
+            self.decoder = MultiStreamTransformerBlock(
+                config=self.config, spec=transformer_layer_spec, pre_process=self.pre_process,
+                post_process=self.post_process, pg_collection=self.pg_collection, vp_stage=self.vp_stage,
+            )
+            for name, module in self.decoder.named_modules(prefix="decoder"):  # as GPTModel.__init__ ends
+                if hasattr(module, "finish_init"):
+                    module.finish_init(get_quant_config_or_none(name, self.config.quant_recipe))
+            # PATCH (stays; megatron-core 0.16.1): the pipeline schedules size their p2p buffers as
+            # [s, b, get_model_config(model).hidden_size] and offer no per-model shape; stages here
+            # exchange [s, b, n*h]. So the model's own `config` is a copy with hidden_size = n*h;
+            # every submodule keeps the real config (built above with hidden_size = h).
+            p2p_config = copy.copy(config)
+            p2p_config.hidden_size = config.stream_width
+            self.config = p2p_config
         self.streams = streams
         self.hidden_size = config.hidden_size
-        if streams > 1:
-            p2p_config = copy.copy(config)
-            p2p_config.hidden_size = config.hidden_size * streams
-            self.config = p2p_config
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
                      rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, **kwargs):

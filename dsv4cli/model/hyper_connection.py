@@ -13,7 +13,6 @@ the params are tagged `sequence_parallel` and megatron all-reduces their grads o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,23 +22,11 @@ from dsv4cli import kernels
 from dsv4cli.model.fp32_params import KeepFp32Params
 
 
-@dataclass(frozen=True)
-class MhcSettings:
-    """What an mHC sub-layer needs from the spec (model.mhc)."""
-
-    streams: int
-    sinkhorn_iterations: int = 20
-    gating_init: float = 0.01
-    eps: float = 1e-6
-    recompute: bool = False
-
-
 def param_device(config) -> Optional[torch.device]:
-    """Where megatron allocates this config's parameters: the current CUDA device, unless
-    `use_cpu_initialization` (then None: torch's default device, CPU or `meta` under inspection)."""
-    if getattr(config, "use_cpu_initialization", True) or not torch.cuda.is_available():
-        return None
-    return torch.device("cuda", torch.cuda.current_device())
+    """Where this config's dsv4 parameters go after initialisation: `config.param_device` (set by the
+    builder), or None for torch's default device (CPU, or `meta` under inspection)."""
+    where = getattr(config, "param_device", None)
+    return torch.device(where) if where else None
 
 
 def mark_replicated(param: torch.nn.Parameter, sequence_parallel: bool) -> torch.nn.Parameter:
@@ -51,30 +38,32 @@ def mark_replicated(param: torch.nn.Parameter, sequence_parallel: bool) -> torch
 class HyperConnection(KeepFp32Params, torch.nn.Module):
     """One sub-layer's mHC: mappings from x [.., n*h]; aggregate to [.., h]; merge back to [.., n*h]."""
 
-    def __init__(self, hidden_size: int, settings: MhcSettings, sequence_parallel: bool = False,
-                 device: Optional[torch.device] = None):
+    def __init__(self, config):
+        """config: a Dsv4TransformerConfig (hidden_size h, mhc_* fields, sequence_parallel, param_device)."""
         super().__init__()
-        n = settings.streams
+        n = config.mhc_streams
         self.n = n
-        self.settings = settings
+        self.config = config
         width = n * n + 2 * n
-        self.mapping_proj = torch.nn.Linear(n * hidden_size, width, bias=False, dtype=torch.float32)
-        self.alpha_pre = torch.nn.Parameter(torch.full((1,), settings.gating_init, dtype=torch.float32))
-        self.alpha_post = torch.nn.Parameter(torch.full((1,), settings.gating_init, dtype=torch.float32))
-        self.alpha_res = torch.nn.Parameter(torch.full((1,), settings.gating_init, dtype=torch.float32))
+        gating = config.mhc_gating_init
+        self.mapping_proj = torch.nn.Linear(n * config.hidden_size, width, bias=False, dtype=torch.float32)
+        self.alpha_pre = torch.nn.Parameter(torch.full((1,), gating, dtype=torch.float32))
+        self.alpha_post = torch.nn.Parameter(torch.full((1,), gating, dtype=torch.float32))
+        self.alpha_res = torch.nn.Parameter(torch.full((1,), gating, dtype=torch.float32))
         self.bias = torch.nn.Parameter(torch.zeros(width, dtype=torch.float32))
         # Initialised on the default device (the CPU generator, identical on every TP rank), then moved.
         self.reset_parameters()
+        device = param_device(config)
         if device is not None:
             self.to(device)
         for p in self.parameters():
-            mark_replicated(p, sequence_parallel)
+            mark_replicated(p, config.sequence_parallel)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             torch.nn.init.xavier_uniform_(self.mapping_proj.weight)
             for a in (self.alpha_pre, self.alpha_post, self.alpha_res):
-                a.fill_(self.settings.gating_init)
+                a.fill_(self.config.mhc_gating_init)
             self.bias.zero_()
 
     def alpha(self) -> Tensor:
@@ -82,8 +71,9 @@ class HyperConnection(KeepFp32Params, torch.nn.Module):
         return torch.cat([self.alpha_pre, self.alpha_post, self.alpha_res])
 
     def _pre(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        s = self.settings
-        return kernels.mhc_pre(x, self.mapping_proj.weight, self.alpha(), self.bias, self.n, s.sinkhorn_iterations, s.eps)
+        c = self.config
+        return kernels.mhc_pre(x, self.mapping_proj.weight, self.alpha(), self.bias, self.n,
+                               c.mhc_sinkhorn_iterations, c.mhc_eps)
 
     def pre(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [s, b, n*h] -> (u [s, b, h], H_post [s,b,n], H_res [s,b,n,n]): the mappings (fp32) and the
@@ -92,7 +82,7 @@ class HyperConnection(KeepFp32Params, torch.nn.Module):
         With `recompute`, only x is kept for backward and the mappings (Sinkhorn included) and u are
         recomputed there.
         """
-        if self.settings.recompute and torch.is_grad_enabled():
+        if self.config.mhc_recompute and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._pre, x, use_reentrant=False)
         return self._pre(x)
 

@@ -1,42 +1,38 @@
 """Layout-independent initialisation: one seed gives the same fresh model under any PP/VPP layout.
 
 Megatron builds a stage's modules in order, all drawing from one RNG stream, so with PP=2 the
-second stage's first layer would draw what layer 1 draws with PP=1. Inside `seeded_units(seed)`
-every unit reseeds the RNGs (torch's default generator and megatron's RNG tracker) from
-(seed, unit) before it is built:
+second stage's first layer would draw what layer 1 draws with PP=1. Instead every unit draws from
+its own stream, reseeded (torch's default generator and megatron's RNG tracker) from (seed, unit):
 
-    embedding                 unit 0
-    decoder layer L (global)  unit L (1-based)
-    MTP depth k (global)      unit MTP_UNIT + k (1-based)
-    decoder contraction head  unit DECODER_HEAD_UNIT (hc_head_*; the final norm is ones)
-    output layer              unit OUTPUT_UNIT (re-drawn after construction: reinit_output_layer)
+    embedding                 unit 0                  reseeded before the model is built
+    decoder layer L (global)  unit L (1-based)        reseeded as it is built (seeded_spec)
+    MTP depth k (global)      unit MTP_UNIT + k       reseeded as it is built (seeded_spec)
+    decoder contraction head  unit DECODER_HEAD_UNIT  re-drawn after construction (reinit_decoder_head)
+    output layer              unit OUTPUT_UNIT        re-drawn after construction (reinit_output_layer)
 
-TP: on CPU (`use_cpu_initialization`) megatron draws
-each full master weight from the default generator and slices it, so shards agree with TP=1;
-on GPU it draws shards from the tracker's per-TP-rank state (megatron's behaviour, kept).
+Layers and MTP depths are seeded through their ModuleSpecs: `seeded_spec` wraps a spec in one
+whose module (`SeededUnit`) reseeds from the unit megatron builds (its layer_number and offset)
+and then builds the wrapped spec with megatron's `build_module`, so megatron's blocks build them as
+usual and no megatron function is replaced. The seed travels in the spec; nothing is global.
+
+TP: on CPU (`use_cpu_initialization`) megatron draws each full master weight from the default
+generator and slices it, so shards agree with TP=1; on GPU it draws shards from the tracker's
+per-TP-rank state (megatron's behaviour, kept).
 Not covered: EP>1 (each rank builds only its local experts from the layer's stream).
 
-On exit all RNG states are restored to what they were on entry, so the build consumes nothing
-from the caller's streams.
+The builder (dsv4cli/build/model.py) restores all RNG states after the build, so it consumes
+nothing from the caller's streams.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import Optional
+from dataclasses import replace
 
 EMBEDDING_UNIT = 0
 MTP_UNIT = 1 << 20
 OUTPUT_UNIT = 1 << 21
 DECODER_HEAD_UNIT = OUTPUT_UNIT + 1
-
-_state = {"seed": None, "depth": 0}
-
-
-def active_seed() -> Optional[int]:
-    """The base seed of the enclosing `seeded_units`, or None outside one."""
-    return _state["seed"]
 
 
 def unit_seed(seed: int, unit: int) -> int:
@@ -44,116 +40,96 @@ def unit_seed(seed: int, unit: int) -> int:
     return (int(seed) * 1_000_003 + int(unit) * 7_919 + 104_729) % (2**31 - 1)
 
 
-def reseed(unit: int) -> None:
-    """Reseed torch's default generator and megatron's RNG tracker for `unit` (inside seeded_units)."""
+def reseed(seed: int, unit: int) -> None:
+    """Reseed torch's default generator and megatron's RNG tracker for (seed, unit)."""
     import torch
     from megatron.core import tensor_parallel
 
-    seed = _state["seed"]
-    if seed is None:
-        return
     s = unit_seed(seed, unit)
     torch.manual_seed(s)
     tensor_parallel.model_parallel_cuda_manual_seed(s)
 
 
-def _save_rng():
-    import torch
+@contextlib.contextmanager
+def tracker_preserved():
+    """megatron's RNG tracker (its states, seeds, initialised flag) restored on exit."""
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
-    saved = {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "tracker": tracker,
-        "states": dict(getattr(tracker, "states_", {})),
-        "seeds": set(getattr(tracker, "seeds_", set())),
-        "initialized": getattr(tracker, "_is_initialized", False),
-    }
-    return saved
-
-
-def _restore_rng(saved) -> None:
-    import torch
-
-    torch.set_rng_state(saved["cpu"])
-    if saved["cuda"] is not None:
-        torch.cuda.set_rng_state_all(saved["cuda"])
-    tracker = saved["tracker"]
-    if hasattr(tracker, "states_"):
-        tracker.states_ = saved["states"]
-        tracker.seeds_ = saved["seeds"]
-        tracker._is_initialized = saved["initialized"]
-
-
-def _seeding_build_module(original, unit_of):
-    """megatron's build_module, reseeding from `unit_of(kwargs)` for top-level layer builds."""
-
-    @functools.wraps(original)
-    def build_module(spec_or_module, *args, **kwargs):
-        unit = unit_of(kwargs) if _state["depth"] == 0 and "layer_number" in kwargs else None
-        if unit is None:
-            return original(spec_or_module, *args, **kwargs)
-        reseed(unit)
-        _state["depth"] += 1
-        try:
-            return original(spec_or_module, *args, **kwargs)
-        finally:
-            _state["depth"] -= 1
-
-    return build_module
-
-
-def _decoder_unit(kwargs) -> Optional[int]:
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    config = kwargs.get("config")
-    pg = kwargs.get("pg_collection")
-    pp_rank = pg.pp.rank() if pg is not None and getattr(pg, "pp", None) is not None else None
-    return kwargs["layer_number"] + get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
-
-
-def _mtp_unit(kwargs) -> Optional[int]:
-    from megatron.core.transformer.multi_token_prediction import get_mtp_layer_offset
-
-    return MTP_UNIT + kwargs["layer_number"] + get_mtp_layer_offset(kwargs.get("config"), kwargs.get("vp_stage"))
-
-
-@contextlib.contextmanager
-def seeded_units(seed: Optional[int]):
-    """Build a model inside: units draw from (seed, unit) streams; RNG states restored on exit.
-
-    seed None: a no-op (megatron's sequential stream). Starts with the embedding's stream.
-    """
-    if seed is None or _state["seed"] is not None:
-        yield
-        return
-    from megatron.core.transformer import multi_token_prediction, transformer_block
-
-    saved = _save_rng()
-    originals = (transformer_block.build_module, multi_token_prediction.build_module)
-    transformer_block.build_module = _seeding_build_module(originals[0], _decoder_unit)
-    multi_token_prediction.build_module = _seeding_build_module(originals[1], _mtp_unit)
-    _state["seed"] = int(seed)
+    saved = (dict(getattr(tracker, "states_", {})), set(getattr(tracker, "seeds_", set())),
+             getattr(tracker, "_is_initialized", False))
     try:
-        reseed(EMBEDDING_UNIT)
         yield
     finally:
-        _state["seed"] = None
-        _state["depth"] = 0
-        transformer_block.build_module, multi_token_prediction.build_module = originals
-        _restore_rng(saved)
+        if hasattr(tracker, "states_"):
+            tracker.states_, tracker.seeds_, tracker._is_initialized = saved
 
 
-def reinit_output_layer(model) -> None:
+def decoder_unit(kwargs: dict) -> int:
+    """build_module kwargs of a decoder layer -> its unit: the global 1-based layer number."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    pg = kwargs.get("pg_collection")
+    pp_rank = pg.pp.rank() if pg is not None and getattr(pg, "pp", None) is not None else None
+    return kwargs["layer_number"] + get_transformer_layer_offset(kwargs["config"], kwargs.get("vp_stage"), pp_rank)
+
+
+def mtp_unit(kwargs: dict) -> int:
+    """build_module kwargs of an MTP layer -> its unit: MTP_UNIT + the global 1-based depth."""
+    from megatron.core.transformer.multi_token_prediction import get_mtp_layer_offset
+
+    return MTP_UNIT + kwargs["layer_number"] + get_mtp_layer_offset(kwargs["config"], kwargs.get("vp_stage"))
+
+
+class SeededUnit:
+    """ModuleSpec module: reseed from (seed, unit_of(kwargs)), then build `unit_spec` with the same
+    arguments (a factory: the built object is the wrapped spec's module, not a SeededUnit)."""
+
+    def __new__(cls, *args, unit_spec, seed: int, unit_of, **kwargs):
+        from megatron.core.transformer.spec_utils import build_module
+
+        reseed(seed, unit_of(kwargs))
+        return build_module(unit_spec, *args, **kwargs)
+
+
+def seeded_spec(spec, seed: int, unit_of):
+    """A ModuleSpec that builds `spec` after reseeding from (seed, unit_of(build kwargs))."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    return ModuleSpec(module=SeededUnit, params=dict(unit_spec=spec, seed=seed, unit_of=unit_of))
+
+
+def seeded_layers(block_spec, seed: int, unit_of):
+    """A block's submodules (TransformerBlockSubmodules or MultiTokenPredictionBlockSubmodules) with
+    every layer spec seeded; None stays None."""
+    if block_spec is None:
+        return None
+    return replace(block_spec, layer_specs=[seeded_spec(s, seed, unit_of) for s in block_spec.layer_specs])
+
+
+def reinit_decoder_head(model, seed: int) -> None:
+    """Redraw the decoder's learned contraction hc_head_fn [n, n*h] (xavier, fp32, on the default
+    device, then copied to the parameter's device) from DECODER_HEAD_UNIT's stream: the same head
+    whichever layers this stage built before it. hc_head_base / hc_head_scale are constants."""
+    import torch
+
+    fn = getattr(getattr(model, "decoder", None), "hc_head_fn", None)
+    if fn is None or fn.device.type == "meta":
+        return
+    reseed(seed, DECODER_HEAD_UNIT)
+    drawn = torch.empty(fn.shape, dtype=torch.float32)
+    with torch.no_grad():
+        torch.nn.init.xavier_uniform_(drawn)
+        fn.copy_(drawn)
+
+
+def reinit_output_layer(model, seed: int) -> None:
     """Redraw the untied output layer's weight [V/tp, h] from OUTPUT_UNIT's stream, the way megatron
     initialises a ColumnParallelLinear (full master weight on CPU, sliced; tracker-forked on GPU)."""
     import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
-    if _state["seed"] is None:
-        return
     layer = getattr(model, "output_layer", None)
     weight = getattr(layer, "weight", None)
     config = model.config
@@ -161,7 +137,7 @@ def reinit_output_layer(model) -> None:
         return
     if weight.device.type == "meta":
         return
-    reseed(OUTPUT_UNIT)
+    reseed(seed, OUTPUT_UNIT)
     tp_group = getattr(layer, "tp_group", None)
     rank = tp_group.rank() if tp_group is not None else 0
     world = tp_group.size() if tp_group is not None else 1

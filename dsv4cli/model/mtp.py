@@ -22,39 +22,40 @@ from megatron.core.tensor_parallel import (
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.multi_token_prediction import (
-    MultiTokenPredictionLayer,
-    get_mtp_layer_offset,
-)
+from megatron.core.transformer.multi_token_prediction import get_mtp_layer_offset, roll_tensor
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import make_viewless_tensor
 
 from dsv4cli.model.contraction import (
     HC_HEAD_NAMES,
-    ContractionSettings,
     add_contraction_params,
     contract,
     contraction_sharded_state_dict,
 )
 from dsv4cli.model.fp32_params import KeepFp32Params
-from dsv4cli.model.hyper_connection import param_device
 
 
-class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
-    """MTP depth on n mHC streams; reuses megatron's token/position rolling (`_get_embeddings`)."""
+class MultiStreamMTPLayer(KeepFp32Params, MegatronModule):
+    """MTP depth on n mHC streams (n = config.mhc_streams; contraction from `config`).
 
-    def __init__(self, config, submodules, layer_number: int = 1, vp_stage=None, pg_collection=None,
-                 contraction: Optional[ContractionSettings] = None):
-        MegatronModule.__init__(self, config=config)
-        if contraction is None or contraction.streams < 2:
-            raise ValueError("MultiStreamMTPLayer needs contraction settings with streams >= 2")
+    Built by megatron's MultiTokenPredictionBlock like its own MultiTokenPredictionLayer (same
+    constructor and forward signatures), but not a subclass of it: that __init__ would build
+    eh_proj [h, 2h] and draw its weights before the transformer layer (other parameters, another
+    init), and its private `_get_embeddings` changes between megatron versions. The token/position
+    shift uses megatron's public `roll_tensor` (context parallel aware) instead.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, vp_stage=None, pg_collection=None):
+        super().__init__(config=config)
+        if getattr(config, "mhc_streams", 1) < 2:
+            raise ValueError("MultiStreamMTPLayer needs a Dsv4TransformerConfig with mhc_streams >= 2")
         self.sequence_parallel = config.sequence_parallel
         self.submodules = submodules
         self.layer_number = layer_number + get_mtp_layer_offset(config, vp_stage)
         self.vp_stage = vp_stage
         self.cp_group = pg_collection.cp
-        self.streams = contraction.streams
+        self.streams = config.mhc_streams
         h = config.hidden_size
         norm_kwargs = dict(config=config, hidden_size=h, eps=config.layernorm_epsilon)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -70,7 +71,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
             layer_number=self.layer_number + decoder_offset,
         )
         self.final_layernorm = build_module(submodules.layer_norm, **norm_kwargs)
-        add_contraction_params(self, h, contraction, config.sequence_parallel, device=param_device(config))
+        add_contraction_params(self, config)
         self.offload_context = nullcontext()
 
     def fp32_param_names(self) -> list[str]:
@@ -100,6 +101,14 @@ class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
         y = self.final_layernorm(contract(self, x))
         return make_viewless_tensor(inp=y, requires_grad=True, keep_graph=True)
 
+    def _shifted_embeddings(self, input_ids, position_ids, embedding, packed_seq_params=None):
+        """Tokens and positions shifted left by one (per depth) -> (input_ids, position_ids, e [s, b, h])."""
+        input_ids, _ = roll_tensor(input_ids, shifts=-1, dims=-1, cp_group=self.cp_group,
+                                   packed_seq_params=packed_seq_params)
+        position_ids, _ = roll_tensor(position_ids, shifts=-1, dims=-1, cp_group=self.cp_group,
+                                      packed_seq_params=packed_seq_params)
+        return input_ids, position_ids, embedding(input_ids=input_ids, position_ids=position_ids)
+
     def _combine_and_layer(self, hidden_states, decoder_input, attention_mask=None, rotary_pos_emb=None,
                            rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
                            inference_params=None, packed_seq_params=None, sequence_len_offset=None):
@@ -120,10 +129,9 @@ class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
         """streams [s, b, n*h] of depth k-1 -> (streams of depth k, rolled input_ids, rolled position_ids)."""
         if context is not None:
             raise NotImplementedError("MTP with cross attention is not supported")
-        input_ids, position_ids, decoder_input, hidden_states = self._get_embeddings(
-            input_ids=input_ids, position_ids=position_ids, embedding=embedding,
-            hidden_states=hidden_states, packed_seq_params=packed_seq_params,
-        )
+        input_ids, position_ids, decoder_input = self._shifted_embeddings(
+            input_ids, position_ids, embedding, packed_seq_params)
+        hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
                       rotary_pos_sin=rotary_pos_sin, attention_bias=attention_bias,
                       inference_params=inference_params, packed_seq_params=packed_seq_params,

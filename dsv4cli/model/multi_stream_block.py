@@ -7,35 +7,23 @@
 With MTP the last stage returns the multi-stream state instead (MTP depth 1 consumes it) and the
 GPT model applies `head()` itself. The contraction parameters `hc_head_*` are bare parameters of
 this block (keys `decoder.hc_head_*`) and are added to `sharded_state_dict` explicitly.
+Dsv4GPTModel (model/gpt.py) builds the block explicitly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 from torch import Tensor
 
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
 from dsv4cli.model.contraction import (
     HC_HEAD_NAMES,
-    ContractionSettings,
     add_contraction_params,
     contract,
     contraction_sharded_state_dict,
 )
 from dsv4cli.model.fp32_params import KeepFp32Params
-from dsv4cli.model.hyper_connection import param_device
-from dsv4cli.model.init_seed import DECODER_HEAD_UNIT, reseed
-
-
-@dataclass
-class MultiStreamBlockSubmodules(TransformerBlockSubmodules):
-    """Block submodules plus the contraction settings (streams, mode, eps)."""
-
-    contraction: Optional[ContractionSettings] = None
 
 
 def expand_streams(e: Tensor, n: int) -> Tensor:
@@ -45,23 +33,29 @@ def expand_streams(e: Tensor, n: int) -> Tensor:
 
 
 class MultiStreamTransformerBlock(KeepFp32Params, TransformerBlock):
-    """megatron TransformerBlock on [s, b, n*h] with the output contraction before the final norm."""
+    """megatron TransformerBlock on [s, b, n*h] with the output contraction before the final norm.
 
-    def __init__(self, config, spec: MultiStreamBlockSubmodules, post_layer_norm: bool = True,
-                 pre_process: bool = True, post_process: bool = True, pg_collection=None, vp_stage=None):
-        if not isinstance(spec, MultiStreamBlockSubmodules) or spec.contraction is None:
-            raise TypeError("MultiStreamTransformerBlock needs MultiStreamBlockSubmodules with contraction settings")
+    n = config.mhc_streams and the contraction come from `config` (a Dsv4TransformerConfig).
+    """
+
+    def __init__(self, config, spec, post_layer_norm: bool = True, pre_process: bool = True,
+                 post_process: bool = True, pg_collection=None, vp_stage=None):
+        if getattr(config, "mhc_streams", 1) < 2:
+            raise ValueError("MultiStreamTransformerBlock needs a Dsv4TransformerConfig with mhc_streams >= 2")
         super().__init__(config, spec, post_layer_norm=post_layer_norm, pre_process=pre_process,
                          post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
-        self.streams = spec.contraction.streams
+        self.streams = config.mhc_streams
         # With MTP the GPT model needs the un-contracted streams of the last layer.
         self.return_streams = config.mtp_num_layers is not None
-        if self.final_layernorm is not None:
-            reseed(DECODER_HEAD_UNIT)  # same hc_head_* whichever layers this stage built before
-            add_contraction_params(self, config.hidden_size, spec.contraction, config.sequence_parallel,
-                                   device=param_device(config))
-        else:
-            self.contraction = spec.contraction
+        # megatron's forward applies `self.final_layernorm` to the last layer's output; ours must
+        # contract first (head()). The norm stays registered as the child `final_layernorm` (its
+        # checkpoint key) and is used through `head_norm`; the instance attribute below makes
+        # `self.final_layernorm` read None, set once here instead of around every forward.
+        # Checked against megatron-core 0.16.1 (TransformerBlock.forward reads the attribute only).
+        self.__dict__["head_norm"] = self._modules.get("final_layernorm")
+        self.__dict__["final_layernorm"] = None
+        if self.head_norm is not None:
+            add_contraction_params(self, config)
 
     def fp32_param_names(self) -> list[str]:
         return [n for n in HC_HEAD_NAMES if hasattr(self, n)]
@@ -72,7 +66,7 @@ class MultiStreamTransformerBlock(KeepFp32Params, TransformerBlock):
 
     def head(self, x: Tensor) -> Tensor:
         """[s, b, n*h] -> final_layernorm(contract(x)) [s, b, h]."""
-        y = self.final_layernorm(contract(self, x))
+        y = self.head_norm(contract(self, x))
         return make_viewless_tensor(inp=y, requires_grad=True, keep_graph=True)
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -81,13 +75,8 @@ class MultiStreamTransformerBlock(KeepFp32Params, TransformerBlock):
             hidden_states = hidden_states.unwrap()
         if self.pre_process and hidden_states is not None:
             hidden_states = expand_streams(hidden_states, self.streams)
-        final_norm = self.final_layernorm
-        self.final_layernorm = None  # megatron applies it inside forward; we contract first
-        try:
-            x = super().forward(hidden_states, *args, **kwargs)
-        finally:
-            self.final_layernorm = final_norm
-        if final_norm is not None and not self.return_streams:
+        x = super().forward(hidden_states, *args, **kwargs)  # no final norm: final_layernorm reads None
+        if self.head_norm is not None and not self.return_streams:
             return self.head(x)
         return x
 

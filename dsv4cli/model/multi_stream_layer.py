@@ -19,22 +19,21 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
-from dsv4cli.model.hyper_connection import HyperConnection, MhcSettings, param_device
+from dsv4cli.model.hyper_connection import HyperConnection
 
 
 class MultiStreamTransformerLayer(TransformerLayer):
-    """TransformerLayer with mHC residual streams; `mhc` comes from the ModuleSpec params."""
+    """TransformerLayer with mHC residual streams; the mHC settings come from `config` (mhc_*)."""
 
     def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
-                 vp_stage=None, mhc: Optional[MhcSettings] = None):
+                 vp_stage=None):
+        if getattr(config, "mhc_streams", 1) < 2:
+            raise ValueError("MultiStreamTransformerLayer needs a Dsv4TransformerConfig with mhc_streams >= 2")
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
                          pg_collection=pg_collection, vp_stage=vp_stage)
-        if mhc is None or mhc.streams < 2:
-            raise ValueError("MultiStreamTransformerLayer needs mhc settings with streams >= 2")
-        self.streams = mhc.streams
-        kwargs = dict(sequence_parallel=config.sequence_parallel, device=param_device(config))
-        self.self_attention_hyper_connection = HyperConnection(config.hidden_size, mhc, **kwargs)
-        self.mlp_hyper_connection = HyperConnection(config.hidden_size, mhc, **kwargs)
+        self.streams = config.mhc_streams
+        self.self_attention_hyper_connection = HyperConnection(config)
+        self.mlp_hyper_connection = HyperConnection(config)
 
     def _norm(self, norm, u: Tensor, recompute: bool):
         """norm(u) [s, b, h]; with `recompute` (train.recompute "layernorm") the output is released
