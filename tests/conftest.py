@@ -11,9 +11,15 @@ Fixtures here import torch/megatron only when a test requests them, so spec/CLI 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+
+# Triton decides interpreter mode when a function is decorated, including triton.language's own
+# helpers: a test module that imports triton early (transformers, megatron) would leave the kernel
+# tests with compiled-mode helpers. The kernel tests run in the interpreter; set it before anything.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
