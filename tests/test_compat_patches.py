@@ -27,7 +27,7 @@ def test_every_patch_function_is_listed_once_and_every_record_names_one():
     assert defined == {p.function for p in mp.PATCHES if p.function.startswith("dsv4cli.compat.")}
     for p in mp.PATCHES:
         assert callable(p.installer()), p.name
-        assert p.patches and p.why and p.checked and p.when in ("cpu",), p.name
+        assert p.patches and p.why and p.checked and p.when in ("cpu", "model"), p.name
 
 
 def test_every_patch_was_checked_against_the_installed_megatron_core():
@@ -68,3 +68,11 @@ def test_importing_the_package_imports_neither_torch_nor_megatron():
             "print(any(m == 'torch' or m.startswith('megatron') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_model_records_point_at_a_marked_code_site():
+    """A "model" record names the class that carries the workaround, and its module marks the site."""
+    for p in (p for p in mp.PATCHES if p.when == "model"):
+        cls = p.installer()
+        source = inspect.getsource(importlib.import_module(cls.__module__))
+        assert inspect.isclass(cls) and f"PATCH (stays; dsv4cli/compat/megatron_patches.py `{p.name}`)" in source, p.name

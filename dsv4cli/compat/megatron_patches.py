@@ -7,7 +7,10 @@ configures instead (own core attention, own norms, config flags) and nothing is 
 Each record says what it replaces, why, and the megatron-core versions it was checked against
 (`checked`: the patch was read against that version's source and the tests pass with it).
 `when` says who installs it:
-- "cpu": `dsv4cli.compat.activate()` on a machine without CUDA, in this order (never on a GPU).
+- "cpu": `dsv4cli.compat.activate()` on a machine without CUDA, in this order (never on a GPU);
+- "model": part of the model's own construction on every device (`function` names the class that
+  does it; its code site carries a `PATCH (stays)` comment). Everything else that once patched
+  megatron inside the model is now explicit construction (docs/model.md).
 
 tests/test_compat_patches.py holds the table to the code: every `patch_*` function of the compat
 package is a record here, every record names a function that exists, and every record was
@@ -42,6 +45,7 @@ _CPU = "dsv4cli.compat.cpu"
 _RNG = "dsv4cli.compat.cpu_rng"
 _MEG = "dsv4cli.compat.cpu_megatron"
 _DISTOPT = "dsv4cli.compat.distopt"
+_MODEL = "dsv4cli.model"
 
 PATCHES: tuple[MegatronPatch, ...] = (
     MegatronPatch(
@@ -110,6 +114,23 @@ PATCHES: tuple[MegatronPatch, ...] = (
         "its checkpoints assume TE/apex FusedAdam; with torch's Adam a fresh optimizer's sharded state "
         "failed, the load copied a 'step' the checkpoint lacks, and all params shared ONE step tensor "
         "(a resume was not exact)",
+    ),
+    MegatronPatch(
+        "p2p_hidden_size", f"{_MODEL}.gpt:Dsv4GPTModel",
+        "Dsv4GPTModel.config: a shallow copy of the layer config with hidden_size = n*h (streams > 1)",
+        "the pipeline schedules size their p2p buffers as [s, b, get_model_config(model).hidden_size] and "
+        "take no per-model shape, while stages exchange the n streams [s, b, n*h]; `variable_seq_lengths` "
+        "would instead send shapes with every micro-batch. Every submodule keeps the real config",
+        when="model",
+    ),
+    MegatronPatch(
+        "block_final_norm", f"{_MODEL}.multi_stream_block:MultiStreamTransformerBlock",
+        "MultiStreamTransformerBlock.final_layernorm reads None (instance attribute set once in __init__; "
+        "the norm stays registered under the same checkpoint key and runs in head())",
+        "TransformerBlock.forward applies final_layernorm to the last layer's output whenever it is not "
+        "None, with no hook to contract the n streams first; copying megatron's forward or renaming the "
+        "checkpoint key were the alternatives",
+        when="model",
     ),
 )
 

@@ -46,7 +46,7 @@ class Dsv4GPTModel(GPTModel):
             for name, module in self.decoder.named_modules(prefix="decoder"):  # as GPTModel.__init__ ends
                 if hasattr(module, "finish_init"):
                     module.finish_init(get_quant_config_or_none(name, self.config.quant_recipe))
-            # PATCH (stays; megatron-core 0.16.1): the pipeline schedules size their p2p buffers as
+            # PATCH (stays; dsv4cli/compat/megatron_patches.py `p2p_hidden_size`): the pipeline schedules size their p2p buffers as
             # [s, b, get_model_config(model).hidden_size] and offer no per-model shape; stages here
             # exchange [s, b, n*h]. So the model's own `config` is a copy with hidden_size = n*h;
             # every submodule keeps the real config (built above with hidden_size = h).

@@ -47,7 +47,8 @@ class MultiStreamTransformerBlock(KeepFp32Params, TransformerBlock):
         self.streams = config.mhc_streams
         # With MTP the GPT model needs the un-contracted streams of the last layer.
         self.return_streams = config.mtp_num_layers is not None
-        # megatron's forward applies `self.final_layernorm` to the last layer's output; ours must
+        # PATCH (stays; dsv4cli/compat/megatron_patches.py `block_final_norm`): megatron's forward
+        # applies `self.final_layernorm` to the last layer's output; ours must
         # contract first (head()). The norm stays registered as the child `final_layernorm` (its
         # checkpoint key) and is used through `head_norm`; the instance attribute below makes
         # `self.final_layernorm` read None, set once here instead of around every forward.
