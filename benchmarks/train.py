@@ -42,7 +42,7 @@ def measure(spec_path: str, overrides: list[str], warmup: int, steps: int) -> di
         times, loss = [], float("nan")
         for i in range(warmup + steps):
             batches = microbatches(data.train, i * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
-                                   ps.get_data_parallel_rank(), rt.layout.dp)
+                                   ps.get_data_parallel_rank(), rt.dims.dp)
             t0 = time.perf_counter()
             for m in rt.model:
                 m.zero_grad_buffer()

@@ -146,7 +146,7 @@ def test_save_load_roundtrip_writes_provenance(tmp_path, tiny_spec, cpu_compat):
         assert rt.optimizer.step()[0], "one optimizer step so that Adam has state"
         prog = TrainProgress(iteration=3, consumed_samples=6, tokens_seen=96)
         path = save_checkpoint(tmp_path, rt.chunks, rt.optimizer, rt.scheduler, prog, spec_to_toml(spec),
-                               rt.layout.checkpoint_layout())
+                               rt.dims.checkpoint_layout())
         assert path == tmp_path / "iter_0000003" and latest_iteration(tmp_path) == 3
         meta = json.loads((path / "dsv4_meta.json").read_text())
         for key in ("dsv4_version", "torch_version", "megatron_core_version", "git_commit", "spec_hash",
@@ -160,7 +160,7 @@ def test_save_load_roundtrip_writes_provenance(tmp_path, tiny_spec, cpu_compat):
         saved = {k: v.detach().clone() for k, v in rt.chunks[0].state_dict().items() if torch.is_tensor(v)}
         for p in rt.chunks[0].parameters():
             p.data.zero_()
-        progress, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.layout.checkpoint_layout())
+        progress, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.dims.checkpoint_layout())
         assert progress == prog and notes == []
         for k, v in rt.chunks[0].state_dict().items():
             if torch.is_tensor(v) and k in saved:

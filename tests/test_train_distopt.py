@@ -82,14 +82,14 @@ def test_one_process_reload_continues_exactly(tmp_path, tiny_spec, cpu_compat, s
         _one_step(rt, 0)
         _one_step(rt, 1)
         path = save_checkpoint(tmp_path, rt.chunks, rt.optimizer, rt.scheduler, TrainProgress(iteration=2),
-                               spec_to_toml(spec(saved_with)), rt.layout.checkpoint_layout())
+                               spec_to_toml(spec(saved_with)), rt.dims.checkpoint_layout())
         _one_step(rt, 2)
         expected = [p.detach().clone() for p in rt.chunks[0].parameters()]
     finally:
         destroy_parallel()
     rt = build_runtime(spec(loaded_with))
     try:
-        _, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.layout.checkpoint_layout())
+        _, notes = load_checkpoint(path, rt.chunks, rt.optimizer, rt.scheduler, rt.dims.checkpoint_layout())
         assert (saved_with != loaded_with) == any("taken over" in n for n in notes), notes
         steps = [st["step"] for st in _adam_states(rt)]
         assert len({id(t) for t in steps}) == len(steps) > 1, "every parameter has its own Adam step"

@@ -87,7 +87,7 @@ def save_model_only_checkpoint(spec_path: Path, run_dir: Path) -> Path:
     rt = build_runtime(spec, with_optimizer=False)
     try:
         return save_checkpoint(run_dir, rt.chunks, None, None, TrainProgress(), spec_to_toml(spec),
-                               rt.layout.checkpoint_layout())
+                               rt.dims.checkpoint_layout())
     finally:
         destroy_parallel()
 

@@ -30,7 +30,7 @@ class CountingSource:
 def _rt(dp: int = 1, gbs: int = 4, mbs: int = 2, seq: int = 8):
     spec = SimpleNamespace(train=SimpleNamespace(global_batch_size=gbs, micro_batch_size=mbs),
                            model=SimpleNamespace(seq_length=seq))
-    return SimpleNamespace(spec=spec, layout=SimpleNamespace(dp=dp), settings=None)
+    return SimpleNamespace(spec=spec, dims=SimpleNamespace(dp=dp), settings=None)
 
 
 def _same(batches, expected):

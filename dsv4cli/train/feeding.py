@@ -60,7 +60,7 @@ def feed_plan(rt) -> FeedPlan:
         tp_src=ps.get_tensor_model_parallel_src_rank(),
         tp_size=tp_size,
         dp_rank=ps.get_data_parallel_rank(),
-        dp=rt.layout.dp,
+        dp=rt.dims.dp,
         device=current_device() if cuda else None,
         pin=bool(settings and settings.pin_memory and cuda),
         prefetch=bool(settings and settings.prefetch and cuda),

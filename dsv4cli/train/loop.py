@@ -79,7 +79,7 @@ def train(spec, log=print) -> int:
     rt = build_runtime(spec)
     rank = dist.get_rank()
     is_logger = rank == 0
-    layout = rt.layout.checkpoint_layout()
+    layout = rt.dims.checkpoint_layout()
     spec_toml = spec_to_toml(spec)
     say = log if is_logger else (lambda *_: None)
 
@@ -93,7 +93,7 @@ def train(spec, log=print) -> int:
         say(f"resumed from {shown(resume_dir)} at step {progress.iteration} ({progress.tokens_seen:,} tokens seen)")
 
     data = build_sources(spec)
-    dp = rt.layout.dp
+    dp = rt.dims.dp
     feeder = BatchFeeder(rt, data.train)  # first/last stages, TP rank 0 reads; GPU: pinned + read-ahead
     tokens_per_step = t.global_batch_size * spec.model.seq_length
     flops_per_token = _flops_per_token(spec)
@@ -102,7 +102,7 @@ def train(spec, log=print) -> int:
     params = sum(p.numel() for c in rt.chunks for p in c.parameters())
     say(
         f"dsv4 train: {spec.name or 'run'} | {params:,} parameters on rank 0 | "
-        f"world {rt.layout.world} (tp {rt.layout.tp}, pp {rt.layout.pp}, dp {dp}) | "
+        f"world {rt.dims.world} (tp {rt.dims.tp}, pp {rt.dims.pp}, dp {dp}) | "
         f"{tokens_per_step:,} tokens/step | run dir {shown(run_dir)}"
     )
     logger = MetricsLogger(run_dir, t.steps, progress.iteration) if is_logger else None
@@ -174,7 +174,7 @@ def train(spec, log=print) -> int:
                     "peak_mem_gb": peak_memory_gb(),
                     "tokens_seen": progress.tokens_seen,
                 }
-                util = mfu(flops_per_token, tps, rt.layout.world)
+                util = mfu(flops_per_token, tps, rt.dims.world)
                 if util is not None:
                     rec["mfu"] = util
                 if eval_loss is not None:

@@ -37,16 +37,16 @@ def use_bf16(spec) -> bool:
     return spec.train.precision == "bf16" and cuda_available()
 
 
-def run_settings(spec, layout: ParallelDims):
+def run_settings(spec, dims: ParallelDims):
     """This run's GpuSettings (dsv4cli.build.gpu_settings): fusions, overlap, data feeding."""
     from dsv4cli.build.gpu_settings import gpu_settings, probe
 
-    return gpu_settings(spec, probe(), dp=layout.dp, virtual_stages=layout.vpp)
+    return gpu_settings(spec, probe(), dp=dims.dp, virtual_stages=dims.vpp)
 
 
-def use_distributed_optimizer(spec, layout: ParallelDims) -> bool:
+def use_distributed_optimizer(spec, dims: ParallelDims) -> bool:
     """'on' = on (GPU and CPU); 'auto' = on with CUDA and dp > 1, off on CPU."""
-    return run_settings(spec, layout).distributed_optimizer
+    return run_settings(spec, dims).distributed_optimizer
 
 
 def _announce(settings) -> None:
@@ -61,7 +61,7 @@ def _announce(settings) -> None:
 @dataclass
 class Runtime:
     spec: object
-    layout: ParallelDims  # its checkpoint_layout() is what checkpoints record
+    dims: ParallelDims  # its checkpoint_layout() is what checkpoints record
     chunks: list  # unwrapped modules (checkpointing, eval)
     model: list  # DDP-wrapped modules (training)
     config: object
@@ -79,7 +79,7 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
 
     from dsv4cli.build.optimizer import optimizer_config, param_scheduler
 
-    layout = initialize_parallel(spec)
+    dims = initialize_parallel(spec)
     set_seed(spec.train.seed)
     chunks = build_model_chunks(spec)
     bf16 = use_bf16(spec)
@@ -88,7 +88,7 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
         from megatron.core.transformer.module import Float16Module
 
         wrapped = [Float16Module(c.config, c) for c in chunks]
-    settings = run_settings(spec, layout)
+    settings = run_settings(spec, dims)
     _announce(settings)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, check_for_nan_in_grad=False, **settings.ddp)
     model = [
@@ -96,7 +96,7 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
         for i, (c, w) in enumerate(zip(chunks, wrapped))
     ]
     config = get_model_config(model[0])  # overlap_p2p_comm on CPU with VPP: gpu_settings, via transformer_config
-    rt = Runtime(spec=spec, layout=layout, chunks=chunks, model=model, config=config, settings=settings)
+    rt = Runtime(spec=spec, dims=dims, chunks=chunks, model=model, config=config, settings=settings)
     if not with_optimizer:
         return rt
     rt.optimizer = get_megatron_optimizer(optimizer_config(spec, bf16, settings.optimizer), model)
