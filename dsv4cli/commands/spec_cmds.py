@@ -144,10 +144,11 @@ def _render_summary(report, info: dict, resolved: bool = False) -> None:
     table.add_column("part")
     table.add_column("count", justify="right")
     table.add_column("", justify="right")
-    rows = [("total", params["total"]), ("active per token", params["active"]),
+    apart = info["spec"]["model"].get("attention") is not None  # DeepSeek-V4: MTP counted apart, as HF counts
+    rows = [("total without MTP" if apart else "total", params["total"]), ("active per token", params["active"]),
             ("  embedding + output layer", params["embedding"]), ("  routed experts", params["routed_experts"]),
             ("  mHC (hyper-connections)", params["mhc"]), ("  contraction (hc_head_*)", params["contraction"]),
-            ("  MTP (all depths)", params["mtp"])]
+            ("MTP (all depths)" if apart else "  MTP (all depths)", params["mtp"])]
     for name, count in rows:
         table.add_row(name, f"{count:,}", human_count(count))
     table.add_row("FLOPs per token (train)", f"{info['flops_per_token']:,}", human_count(info["flops_per_token"], "FLOP"))

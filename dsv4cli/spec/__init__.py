@@ -11,6 +11,8 @@ rules       cross-field rules; UNSUPPORTED features (warn in validate, error in 
 check       check_spec: everything `dsv4 validate` reports for one spec
 layout      world size, derived dp / expert grid, pp_layout parsing
 estimate    param_inventory, parameter counts, FLOPs per token, memory per rank
+dsv4_estimate  DeepSeek-V4 attention ([model.attention]) terms of the estimates
+dsv4_params  DeepSeek-V4 parameter counts per component (equal to HF's DeepseekV4ForCausalLM)
 launch_cmd  the torchrun argv `dsv4 train` runs
 docs        docs/spec.md generated from the schema
 """

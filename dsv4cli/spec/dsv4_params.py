@@ -30,6 +30,7 @@ here the width is `num_shared_experts * expert_ffn_hidden_size` (equal for the r
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -112,22 +113,49 @@ def _contraction(n: int, h: int) -> int:
     return n * n * h + n + 1 if n > 1 else 0
 
 
-def layer_params(s: Dsv4Sizes, kind: str, ratio: int) -> Counter:
-    """Parameters of one decoder layer by component, for attention `kind` with compression `ratio`."""
+def attention_shapes(s: Dsv4Sizes, kind: str, ratio: int) -> list[tuple[str, tuple[int, ...], str]]:
+    """One layer's attention parameters: [(name under the attention module, shape, component)].
+
+    Names are those of `dsv4cli.model.dsv4` (Dsv4Attention, its compressor and indexer); the
+    grouped output projection is one [g*r, H*d/g] weight (HF: g blocks of [r, H*d/g])."""
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention kind {kind!r} is not one of {ATTENTION_KINDS}")
     if (kind == "sliding") != (ratio == 0):
         raise ValueError(f"attention kind {kind!r} with compression ratio {ratio}: 0 means sliding only, and only then")
     h, d, heads, q = s.hidden_size, s.head_dim, s.num_heads, s.q_lora_rank
-    c = Counter()
-    c["attention"] = h * q + q + q * heads * d + h * d + d + heads * d * s.o_lora_rank + s.o_groups * s.o_lora_rank * h
-    c["sinks"] = heads
-    if kind == "hca":
-        c["compressors"] = 2 * h * d + ratio * d + d
-    elif kind == "csa":
-        c["compressors"] = 2 * h * 2 * d + ratio * 2 * d + d
+    g, r = s.o_groups, s.o_lora_rank
+    out = [
+        ("linear_q_down.weight", (q, h), "attention"),
+        ("q_norm.weight", (q,), "attention"),
+        ("linear_q_up.weight", (heads * d, q), "attention"),
+        ("linear_kv.weight", (d, h), "attention"),
+        ("kv_norm.weight", (d,), "attention"),
+        ("linear_o_down.weight", (g * r, heads * d // g), "attention"),
+        ("linear_o_up.weight", (h, g * r), "attention"),
+        ("sinks", (heads,), "sinks"),
+    ]
+    if kind != "sliding":
+        out += _compressor_shapes("compressor.", h, d, ratio, 2 if kind == "csa" else 1, "compressors")
+    if kind == "csa":
         di, hi = s.index_head_dim, s.index_n_heads
-        c["indexers"] = 2 * h * 2 * di + ratio * 2 * di + di + q * hi * di + h * hi
+        out += [("indexer.linear_q_up.weight", (hi * di, q), "indexers"),
+                ("indexer.linear_weights.weight", (hi, h), "indexers")]
+        out += _compressor_shapes("indexer.compressor.", h, di, ratio, 2, "indexers")
+    return out
+
+
+def _compressor_shapes(prefix: str, h: int, d: int, ratio: int, k: int, component: str):
+    """A compressor of k series (1: non-overlapping, 2: overlapping) of width d over `ratio` tokens."""
+    return [(f"{prefix}linear_kv.weight", (k * d, h), component), (f"{prefix}linear_gate.weight", (k * d, h), component),
+            (f"{prefix}position_bias", (ratio, k * d), component), (f"{prefix}norm.weight", (d,), component)]
+
+
+def layer_params(s: Dsv4Sizes, kind: str, ratio: int) -> Counter:
+    """Parameters of one decoder layer by component, for attention `kind` with compression `ratio`."""
+    h = s.hidden_size
+    c = Counter()
+    for _, shape, component in attention_shapes(s, kind, ratio):
+        c[component] += math.prod(shape)
     c["norms"] = 2 * h
     c["router"] = s.num_experts * h
     c["routed_experts"] = s.num_experts * 3 * s.expert_ffn_hidden_size * h

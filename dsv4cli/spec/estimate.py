@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from dsv4cli.spec import dsv4_estimate
 from dsv4cli.spec.layout import ParallelDims, parse_pp_layout
 from dsv4cli.spec.schema import Spec
 
@@ -52,8 +53,10 @@ def _contraction(prefix: str, n: int, h: int) -> list[tuple[str, Shape]]:
     return [(f"{prefix}hc_head_fn", (n, n * h)), (f"{prefix}hc_head_base", (n,)), (f"{prefix}hc_head_scale", (1,))]
 
 
-def layer_inventory(spec: Spec, prefix: str) -> list[tuple[str, Shape]]:
-    """One decoder layer (attention + dense or MoE MLP + mHC when streams > 1) under `prefix.`.
+def layer_inventory(spec: Spec, prefix: str, index: int) -> list[tuple[str, Shape]]:
+    """Layer `index` (decoder layers, then MTP depths: attention + dense or MoE MLP + mHC when
+    streams > 1) under `prefix.`. With [model.attention] the attention is DeepSeek-V4's, of the
+    layer's kind (`dsv4cli.spec.dsv4_estimate`); else megatron's (fused QKV, output projection).
 
     Routed experts appear once per weight with EXPERT ("{e}") in the name; `param_inventory`
     expands them to num_experts entries (the estimates count them without expanding).
@@ -61,12 +64,15 @@ def layer_inventory(spec: Spec, prefix: str) -> list[tuple[str, Shape]]:
     m = spec.model
     h, heads, n = m.hidden_size, m.num_attention_heads, m.mhc.streams
     g, kv = m.num_query_groups or heads, kv_channels(spec)
-    out: list[tuple[str, Shape]] = [
-        (f"{prefix}.input_layernorm.weight", (h,)),
-        (f"{prefix}.self_attention.linear_qkv.weight", ((heads + 2 * g) * kv, h)),
-        (f"{prefix}.self_attention.linear_proj.weight", (h, heads * kv)),
-        (f"{prefix}.pre_mlp_layernorm.weight", (h,)),
-    ]
+    out: list[tuple[str, Shape]] = [(f"{prefix}.input_layernorm.weight", (h,))]
+    if m.attention is not None:
+        out += dsv4_estimate.attention_inventory(spec, f"{prefix}.self_attention", index)
+    else:
+        out += [
+            (f"{prefix}.self_attention.linear_qkv.weight", ((heads + 2 * g) * kv, h)),
+            (f"{prefix}.self_attention.linear_proj.weight", (h, heads * kv)),
+        ]
+    out.append((f"{prefix}.pre_mlp_layernorm.weight", (h,)))
     if m.moe is None:
         out += [
             (f"{prefix}.mlp.linear_fc1.weight", (2 * m.ffn_hidden_size, h)),
@@ -114,7 +120,7 @@ def compact_inventory(spec: Spec) -> list[tuple[str, Shape]]:
     learned = n > 1 and m.contraction.mode == "learned"
     out: list[tuple[str, Shape]] = [("embedding.word_embeddings.weight", (vocab, h))]
     for i in range(m.num_layers):
-        out += layer_inventory(spec, f"decoder.layers.{i}")
+        out += layer_inventory(spec, f"decoder.layers.{i}", i)
     out.append(("decoder.final_layernorm.weight", (h,)))
     if learned:
         out += _contraction("decoder.", n, h)
@@ -125,7 +131,7 @@ def compact_inventory(spec: Spec) -> list[tuple[str, Shape]]:
             out += [(f"{p}.e_proj.weight", (h, h)), (f"{p}.h_proj.weight", (h, h))]
         else:
             out.append((f"{p}.eh_proj.weight", (h, 2 * h)))
-        out += layer_inventory(spec, f"{p}.transformer_layer")
+        out += layer_inventory(spec, f"{p}.transformer_layer", m.num_layers + k)
         out.append((f"{p}.final_layernorm.weight", (h,)))
         if learned:
             out += _contraction(f"{p}.", n, h)
@@ -153,7 +159,11 @@ def is_routed_expert(name: str) -> bool:
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameter counts. `mhc`, `contraction`, `mtp`, `embedding` and `routed_experts` are parts of
-    `total` that may overlap (MTP layers carry mHC and contraction parameters too)."""
+    `total` that may overlap (MTP layers carry mHC and contraction parameters too).
+
+    With [model.attention] (DeepSeek-V4) `total` is the main model without MTP, the number HF's
+    `DeepseekV4ForCausalLM` has (it builds no MTP), and `mtp` is counted apart (not in `total`,
+    `active` or the other parts)."""
 
     total: int
     active: int
@@ -167,6 +177,9 @@ class ParamCounts:
 def param_counts(spec: Spec) -> ParamCounts:
     """Sum of `param_inventory`; active = total minus the routed experts a token does not use."""
     inv = [(name, numel(shape) * _copies(spec, name)) for name, shape in compact_inventory(spec)]
+    mtp = sum(c for name, c in inv if name.startswith("mtp."))
+    if spec.model.attention is not None:
+        inv = [(name, c) for name, c in inv if not name.startswith("mtp.")]
     routed = sum(c for name, c in inv if is_routed_expert(name))
     total = sum(c for _, c in inv)
     moe = spec.model.moe
@@ -177,7 +190,7 @@ def param_counts(spec: Spec) -> ParamCounts:
         embedding=sum(c for name, c in inv if name.startswith(("embedding.", "output_layer."))),
         mhc=sum(c for name, c in inv if is_mhc(name)),
         contraction=sum(c for name, c in inv if is_contraction(name)),
-        mtp=sum(c for name, c in inv if name.startswith("mtp.")),
+        mtp=mtp,
         routed_experts=routed,
     )
 
@@ -196,17 +209,24 @@ def flops_per_token(spec: Spec) -> int:
     and each MTP depth share it; also when tied). The second term is causal attention
     (QK^T and AV, 2 * 2 * s * heads * kv per token and layer, halved by the causal mask)
     over L decoder layers and D MTP layers. Element-wise work (norms, Sinkhorn, softmax) is ignored.
+    With [model.attention] the second term is DeepSeek-V4's: each query reads its sliding window
+    and its compressed entries (every complete one, or the indexer's top-k), and the indexer scores
+    every complete entry (`dsv4_estimate.attention_flops_per_token`); the compressors' position
+    biases are added, not multiplied (not in W_active).
     """
     m = spec.model
     moe = m.moe
     w = 0.0
     for name, shape in compact_inventory(spec):
-        if len(shape) != 2 or name.startswith(("embedding.", "output_layer.")):
+        if len(shape) != 2 or name.startswith(("embedding.", "output_layer.")) or name.endswith(".position_bias"):
             continue
         c = numel(shape) * _copies(spec, name)
         w += c * moe.top_k / moe.num_experts if (moe and is_routed_expert(name)) else c
     w += (1 + m.mtp.depth) * padded_vocab_size(spec) * m.hidden_size
-    attention = 6 * (m.num_layers + m.mtp.depth) * m.seq_length * m.num_attention_heads * kv_channels(spec)
+    if m.attention is not None:
+        attention = dsv4_estimate.attention_flops_per_token(spec)
+    else:
+        attention = 6 * (m.num_layers + m.mtp.depth) * m.seq_length * m.num_attention_heads * kv_channels(spec)
     return int(6 * w + attention)
 
 
@@ -275,8 +295,8 @@ def _param_rank_and_shard(spec: Spec, name: str, layer_rank: list[int], mtp_rank
     return ranks, shard
 
 
-def _activation_elements_per_token(spec: Spec) -> tuple[float, float]:
-    """(elements stored per token for one decoder layer, of which the n-stream residual), per rank.
+def _activation_elements_per_token(spec: Spec, index: int = 0, act_bytes: int = 2) -> tuple[float, float]:
+    """(elements stored per token for decoder layer `index`, of which the n-stream residual), per rank.
 
     Stored tensors per layer (h hidden, n streams, a = heads*kv, q = (heads+2g)*kv):
       attention: input h, norm output h, qkv output q, core-attention output a
@@ -289,7 +309,8 @@ def _activation_elements_per_token(spec: Spec) -> tuple[float, float]:
     layer instead of the mHC tensors of both sub-layers; "mlp"/"moe" drop their MLP internals;
     "layernorm" drops norm outputs; "core_attn" saves nothing here (flash-style attention keeps
     no s x s scores). Tensor-parallel parts are divided by tp, the rest only under sequence
-    parallelism; experts by etp.
+    parallelism; experts by etp. With [model.attention] the attention part is DeepSeek-V4's of the
+    layer's kind (`dsv4_estimate.attention_activation_elements`; tp is 1 there).
     """
     m, p, t = spec.model, spec.parallel, spec.train
     h, n = m.hidden_size, m.mhc.streams
@@ -301,7 +322,10 @@ def _activation_elements_per_token(spec: Spec) -> tuple[float, float]:
     recompute = set(t.recompute)
 
     norm_out = 0 if "layernorm" in recompute else 2 * h / rep
-    attention = h / rep + ((heads + 2 * g) * kv + heads * kv) / tp
+    if m.attention is not None:
+        attention = dsv4_estimate.attention_activation_elements(spec, index, act_bytes)
+    else:
+        attention = h / rep + ((heads + 2 * g) * kv + heads * kv) / tp
     if m.moe is None:
         mlp = h / rep + (0 if "mlp" in recompute else 3 * m.ffn_hidden_size / tp)
     else:
@@ -318,7 +342,8 @@ def memory_per_rank(spec: Spec, world_size: Optional[int] = None,
                     distributed_optimizer: Optional[bool] = None) -> MemoryEstimate:
     """Peak bytes per rank (the busiest pipeline rank) for training `spec`.
 
-    weights: 2 bytes/param under bf16 (4 under fp32; mHC/contraction always 4).
+    weights: 2 bytes/param under bf16 (4 under fp32; mHC, contraction, attention sinks and compressor
+    position biases always 4).
     grads: 4 bytes/param (fp32 main grads). optimizer: Adam moments 8 bytes/param, plus a
     4-byte fp32 master copy of each bf16 param; split over dp (experts over the expert dp)
     with the distributed optimizer (train.distributed_optimizer; `auto` = on when dp > 1, as
@@ -338,7 +363,7 @@ def memory_per_rank(spec: Spec, world_size: Optional[int] = None,
     for name, shape in compact_inventory(spec):
         ranks, shard = _param_rank_and_shard(spec, name, layer_rank, mtp_rank)
         count = numel(shape) * _copies(spec, name) / shard
-        fp32 = is_mhc(name) or is_contraction(name) or not bf16
+        fp32 = is_mhc(name) or is_contraction(name) or name.endswith(dsv4_estimate.FP32_PARAMS) or not bf16
         opt = 8 + (0 if fp32 else 4)
         if distributed_optimizer:
             opt /= sizes.edp if is_routed_expert(name) else sizes.dp
@@ -350,15 +375,23 @@ def memory_per_rank(spec: Spec, world_size: Optional[int] = None,
             acc["optimizer"] += count * opt
 
     per_token, residual_per_token = _activation_elements_per_token(spec)
+    if m.attention is not None:  # layers differ by attention kind
+        per_layer = [_activation_elements_per_token(spec, i, act_bytes) for i in range(m.num_layers + m.mtp.depth)]
     tokens = m.seq_length * t.micro_batch_size / p.cp
     best: Optional[MemoryEstimate] = None
     for r in range(p.pp):
         layers = layer_rank.count(r) + (m.mtp.depth if r == mtp_rank else 0)
+        elements, residual_elements = layers * per_token, layers * residual_per_token
+        if m.attention is not None:
+            held = [i for i, lr in enumerate(layer_rank) if lr == r]
+            held += [m.num_layers + k for k in range(m.mtp.depth)] if r == mtp_rank else []
+            elements = sum(per_layer[i][0] for i in held)
+            residual_elements = sum(per_layer[i][1] for i in held)
         in_flight = min(p.pp - r, sizes.num_microbatches)
         if p.vpp > 1:
             in_flight *= 1 + (p.pp - 1) / (p.pp * p.vpp)
-        acts = layers * per_token * tokens * in_flight * act_bytes
-        residual = layers * residual_per_token * tokens * in_flight * act_bytes
+        acts = elements * tokens * in_flight * act_bytes
+        residual = residual_elements * tokens * in_flight * act_bytes
         if r == p.pp - 1:
             acts += (1 + m.mtp.depth) * tokens * padded_vocab_size(spec) / p.tp * 4
         acc = per_rank[r]
