@@ -18,7 +18,6 @@ through this module. What each patch fixes (measured; docs/cpu.md says why each 
   only entered around the functions that need it.
 - An RNG tracker with megatron's add/fork/get_states/set_states interface on the CPU generator,
   and no-op CUDA RNG get/set for activation recompute.
-- `MTPLossLoggingHelper` creates its tracker on the loss' device (megatron allocates on CUDA).
 - MoE: null CUDA streams/events, `te_general_gemm = None` without TE, all-to-all split sizes
   as numpy arrays.
 - `multi_latent_attention.HAVE_TE = False` when transformer_engine is not importable.
@@ -76,7 +75,6 @@ def apply() -> bool:
             return True
         _patch_torch_cuda()
         _patch_rng()
-        _patch_mtp_tracker()
         _patch_moe()
         _patch_mla()
         _patch_checkpoint_without_output()
@@ -352,22 +350,7 @@ def _patch_rng() -> None:
     torch.cuda.set_rng_state = lambda *a, **k: None
 
 
-# --------------------------------------------------------------------------- MTP / MoE / MLA
-
-
-def _patch_mtp_tracker() -> None:
-    import torch
-    from megatron.core.transformer import multi_token_prediction as mtp
-
-    original = mtp.MTPLossLoggingHelper.save_loss_to_tracker
-
-    def save_loss_to_tracker(loss, layer_number, num_layers, reduce_group=None, avg_group=None):
-        tracker = mtp.MTPLossLoggingHelper.tracker
-        if layer_number is not None and "values" not in tracker:
-            tracker["values"] = torch.zeros(num_layers, device=loss.device)
-        return original(loss, layer_number, num_layers, reduce_group, avg_group)
-
-    mtp.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(save_loss_to_tracker)
+# --------------------------------------------------------------------------- MoE / MLA
 
 
 def _patch_moe() -> None:

@@ -30,6 +30,12 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import make_viewless_tensor
 
+from dsv4cli.compat.versions import (
+    MtpInnerLayerAlias,
+    mtp_embeddings,
+    mtp_inner_layer_spec,
+    mtp_layer_outputs,
+)
 from dsv4cli.model.contraction import (
     HC_HEAD_NAMES,
     ContractionSettings,
@@ -41,11 +47,11 @@ from dsv4cli.model.fp32_params import KeepFp32Params
 from dsv4cli.model.hyper_connection import param_device
 
 
-class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
+class MultiStreamMTPLayer(KeepFp32Params, MtpInnerLayerAlias, MultiTokenPredictionLayer):
     """MTP depth on n mHC streams; reuses megatron's token/position rolling (`_get_embeddings`)."""
 
     def __init__(self, config, submodules, layer_number: int = 1, vp_stage=None, pg_collection=None,
-                 contraction: Optional[ContractionSettings] = None):
+                 contraction: Optional[ContractionSettings] = None, mtp_layer_pattern=None, name=None):
         MegatronModule.__init__(self, config=config)
         if contraction is None or contraction.streams < 2:
             raise ValueError("MultiStreamMTPLayer needs contraction settings with streams >= 2")
@@ -55,6 +61,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
         self.vp_stage = vp_stage
         self.cp_group = pg_collection.cp
         self.streams = contraction.streams
+        self.mtp_layer_pattern = mtp_layer_pattern  # megatron-core >= 0.19 passes it (None: a GPT layer)
         h = config.hidden_size
         norm_kwargs = dict(config=config, hidden_size=h, eps=config.layernorm_epsilon)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -66,7 +73,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
         self.h_proj = build_module(submodules.eh_proj, h, h, **proj_kwargs)
         decoder_offset = config.num_layers - get_transformer_layer_offset(config, vp_stage)
         self.transformer_layer = build_module(
-            submodules.transformer_layer, config=config, vp_stage=vp_stage,
+            mtp_inner_layer_spec(submodules), config=config, vp_stage=vp_stage,
             layer_number=self.layer_number + decoder_offset,
         )
         self.final_layernorm = build_module(submodules.layer_norm, **norm_kwargs)
@@ -116,12 +123,13 @@ class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
 
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, context=None, context_mask=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
-                inference_params=None, packed_seq_params=None, sequence_len_offset=None, embedding=None):
+                inference_params=None, packed_seq_params=None, sequence_len_offset=None, embedding=None,
+                padding_mask=None):
         """streams [s, b, n*h] of depth k-1 -> (streams of depth k, rolled input_ids, rolled position_ids)."""
         if context is not None:
             raise NotImplementedError("MTP with cross attention is not supported")
-        input_ids, position_ids, decoder_input, hidden_states = self._get_embeddings(
-            input_ids=input_ids, position_ids=position_ids, embedding=embedding,
+        input_ids, position_ids, padding_mask, decoder_input, hidden_states = mtp_embeddings(
+            self, padding_mask, input_ids=input_ids, position_ids=position_ids, embedding=embedding,
             hidden_states=hidden_states, packed_seq_params=packed_seq_params,
         )
         kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
@@ -136,7 +144,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MultiTokenPredictionLayer):
         else:
             x = self._combine_and_layer(hidden_states, decoder_input, **kwargs)
         x = make_viewless_tensor(inp=x, requires_grad=True, keep_graph=True)
-        return x, input_ids, position_ids
+        return mtp_layer_outputs(x, input_ids, position_ids, padding_mask)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Children and own parameters; hc_head_* added explicitly (never rely on the default walk)."""

@@ -1,0 +1,136 @@
+"""Every difference between the megatron-core releases dsv4 supports (0.16.1 through 0.19.x), in one place.
+
+Each shim detects the feature (an attribute, a signature, a return arity) rather than comparing
+version strings, and names the versions and the megatron change it covers. Call sites elsewhere
+make one call here. Importing this module imports neither torch nor megatron: the package
+versions below come from installed package metadata (`dsv4 --version` must stay cheap).
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib import metadata
+from typing import Any, Callable, Optional
+
+# Distribution names as pip knows them, in the order `dsv4 --version` prints them.
+_DISTRIBUTIONS = ("dsv4", "megatron-core", "torch")
+
+
+def package_version(distribution: str) -> Optional[str]:
+    """The installed version of a distribution from its metadata (None when not installed); imports nothing."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def megatron_core_version(imported: bool = False) -> Optional[str]:
+    """megatron-core's version, e.g. '0.16.1', from package metadata (no megatron import). With
+    `imported`, a megatron on sys.path without pip metadata (a source checkout) is asked directly."""
+    version = package_version("megatron-core")
+    if version is None and imported:
+        try:
+            from megatron.core import package_info
+
+            version = package_info.__version__
+        except ImportError:
+            return None
+    return version
+
+
+def version_line() -> str:
+    """'dsv4 0.1.0 (megatron-core 0.16.1, torch 2.13.0+cpu)': what `dsv4 --version` prints."""
+    from dsv4cli import __version__
+
+    dsv4 = package_version("dsv4") or __version__
+    others = ", ".join(f"{d} {package_version(d) or 'not installed'}" for d in _DISTRIBUTIONS[1:])
+    return f"dsv4 {dsv4} ({others})"
+
+
+# --------------------------------------------------------------------------- MTP
+
+
+def _mtp_helper():
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    return MTPLossLoggingHelper
+
+
+def mtp_loss_key() -> str:
+    """The `MTPLossLoggingHelper.tracker` key of the per-depth loss sums.
+
+    megatron-core 0.16-0.18: `save_loss_to_tracker` sums losses in tracker["values"]; 0.19 renamed it
+    `save_metrics_to_tracker` (which also counts accepted tokens) and the key to "loss_values".
+    """
+    return "loss_values" if hasattr(_mtp_helper(), "save_metrics_to_tracker") else "values"
+
+
+def mtp_tracked_losses():
+    """The tracker's per-depth MTP loss sums [depth] (a live tensor: zero it to reset), or None."""
+    return _mtp_helper().tracker.get(mtp_loss_key())
+
+
+def mtp_layer_submodules(layer_spec, **fields):
+    """`MultiTokenPredictionLayerSubmodules(**fields)` with the depth's inner layer `layer_spec`.
+
+    megatron-core 0.16-0.18 name that field `transformer_layer`; 0.19 renamed it `mtp_model_layer`
+    (it may hold a hybrid stack). The module attribute follows, but 0.19 maps the checkpoint keys
+    back to `transformer_layer.`, so stored names do not change.
+    """
+    import dataclasses
+
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
+
+    names = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
+    key = "mtp_model_layer" if "mtp_model_layer" in names else "transformer_layer"
+    return MultiTokenPredictionLayerSubmodules(**fields, **{key: layer_spec})
+
+
+def mtp_inner_layer_spec(submodules):
+    """The inner layer spec of `MultiTokenPredictionLayerSubmodules` (see `mtp_layer_submodules`)."""
+    spec = getattr(submodules, "mtp_model_layer", None)
+    return spec if spec is not None else submodules.transformer_layer
+
+
+class MtpInnerLayerAlias:
+    """Mixin for an MTP layer class whose inner layer is the attribute `transformer_layer`: also
+    answers to `mtp_model_layer`, the name megatron-core 0.19 reaches it by (the schedules set
+    `current_microbatch` on it through `cuda_graphs.set_current_microbatch`). A property, so the
+    module tree and its checkpoint keys keep the one name `transformer_layer`."""
+
+    @property
+    def mtp_model_layer(self):
+        return self.transformer_layer
+
+
+def _mtp_layer_takes_padding_mask() -> bool:
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
+
+    return "padding_mask" in inspect.signature(MultiTokenPredictionLayer.forward).parameters
+
+
+def mtp_embeddings(layer, padding_mask, **kwargs) -> tuple[Any, Any, Any, Any, Any]:
+    """`MultiTokenPredictionLayer._get_embeddings(**kwargs)` -> (input_ids, position_ids, padding_mask,
+    decoder_input, hidden_states), all rolled one token on, on every supported release.
+
+    megatron-core 0.16-0.18 return four values (no padding mask); 0.19 also rolls a padding mask
+    and returns it third. `padding_mask` is None unless megatron passed one to the layer.
+    """
+    if padding_mask is not None:
+        kwargs["padding_mask"] = padding_mask
+    out = layer._get_embeddings(**kwargs)
+    if len(out) == 4:
+        input_ids, position_ids, decoder_input, hidden_states = out
+        return input_ids, position_ids, padding_mask, decoder_input, hidden_states
+    return tuple(out)
+
+
+def mtp_layer_outputs(hidden_states, input_ids, position_ids, padding_mask) -> tuple:
+    """What an MTP layer's forward returns to megatron's `MultiTokenPredictionBlock`.
+
+    megatron-core 0.16-0.18: (hidden_states, input_ids, position_ids); 0.19 threads the padding mask
+    through the depths: (hidden_states, input_ids, position_ids, padding_mask).
+    """
+    if _mtp_layer_takes_padding_mask():
+        return hidden_states, input_ids, position_ids, padding_mask
+    return hidden_states, input_ids, position_ids
