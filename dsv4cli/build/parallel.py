@@ -47,9 +47,11 @@ def initialize_parallel(spec: Spec, seed: Optional[int] = None, backend: Optiona
     from megatron.core import parallel_state, tensor_parallel
 
     from dsv4cli.build.config import virtual_stages
+    from dsv4cli.compat import versions
     from dsv4cli.model import cpu_compat
 
     cpu_compat.apply()
+    versions.apply()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     init_process_group(backend)

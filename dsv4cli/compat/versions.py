@@ -9,8 +9,9 @@ versions below come from installed package metadata (`dsv4 --version` must stay 
 from __future__ import annotations
 
 import inspect
+import warnings
 from importlib import metadata
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 # Distribution names as pip knows them, in the order `dsv4 --version` prints them.
 _DISTRIBUTIONS = ("dsv4", "megatron-core", "torch")
@@ -45,6 +46,82 @@ def version_line() -> str:
     dsv4 = package_version("dsv4") or __version__
     others = ", ".join(f"{d} {package_version(d) or 'not installed'}" for d in _DISTRIBUTIONS[1:])
     return f"dsv4 {dsv4} ({others})"
+
+
+# --------------------------------------------------------------------------- install
+
+_APPLIED = False
+
+
+def apply() -> None:
+    """Teach the installed megatron-core what a newer one wrote (idempotent; call before loading
+    checkpoints: `initialize_parallel` does). Today: the embedded common state (see below)."""
+    global _APPLIED
+    if not _APPLIED:
+        _read_embedded_common_state_where_missing()
+        _APPLIED = True
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+# The ShardedObject key megatron-core 0.19 stores the common (non-tensor) state under.
+COMMON_STATE_OBJECT = "common_state"
+
+
+def _read_embedded_common_state_where_missing() -> None:
+    """megatron-core 0.16 keeps a checkpoint's common state (optimizer param groups, Adam step, ...)
+    in `common.pt`; 0.19 stores it inside the torch_dist files as the ShardedObject "common_state"
+    and writes no common.pt (it still reads old ones). Where the installed megatron has no reader for
+    the embedded form (its `TorchCommonLoadStrategy` raises for a missing common.pt), its loader
+    learns to read it, so a checkpoint saved under 0.19 loads under 0.16. Tensor keys are the same
+    in both; the loaders ignore the extra object.
+    """
+    from megatron.core.dist_checkpointing import serialization
+
+    if hasattr(serialization, "_legacy_common_state_exists"):  # 0.19: reads both forms itself
+        return
+    from megatron.core.dist_checkpointing.strategies import common
+
+    original = common.TorchCommonLoadStrategy.load_common
+    if getattr(original, "_dsv4_embedded", False):
+        return
+
+    def load_common(self, checkpoint_dir):
+        from pathlib import Path
+
+        if not (Path(checkpoint_dir) / common.COMMON_STATE_FNAME).exists():
+            embedded = read_embedded_common_state(checkpoint_dir)
+            if embedded is not None:
+                return embedded
+        return original(self, Path(checkpoint_dir))
+
+    load_common._dsv4_embedded = True
+    common.TorchCommonLoadStrategy.load_common = load_common
+
+
+def read_embedded_common_state(checkpoint_dir) -> Optional[dict]:
+    """The common state a megatron-core >= 0.19 save embeds in the torch_dist files; None if absent."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    reader = FileSystemReader(str(checkpoint_dir))
+    stored = reader.read_metadata().state_dict_metadata
+    keys = [k for k, v in stored.items()
+            if k.split("/", 1)[0] == COMMON_STATE_OBJECT and isinstance(v, BytesStorageMetadata)]
+    if not keys:
+        return None
+    state = {keys[0]: io.BytesIO()}
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": a one-process read is meant
+        warnings.simplefilter("ignore", UserWarning)
+        load(state, storage_reader=reader, no_dist=True)
+    loaded = state[keys[0]]
+    if isinstance(loaded, io.BytesIO):
+        loaded.seek(0)
+        loaded = torch.load(loaded, map_location="cpu", weights_only=True)
+    return loaded[0]
 
 
 # --------------------------------------------------------------------------- MTP
