@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -87,10 +88,16 @@ _SETTINGS = ["--set", "train.steps=1", "--set", "train.micro_batch_size=2", "--s
              "--set", "train.eval_interval=1000"]
 
 
-def _train(python: str, run_dir: Path) -> Path:
-    out = _run(python, "-m", "dsv4cli.cli", "train", TINY, *_SETTINGS, "--set", f"checkpoint.dir={run_dir}")
+def _train(python: str, run_dir: Path, steps: int = 1) -> Path:
+    out = _run(python, "-m", "dsv4cli.cli", "train", TINY, *_SETTINGS, "--set", f"train.steps={steps}",
+               "--set", f"checkpoint.dir={run_dir}")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return run_dir
+
+
+def _last_step(run_dir: Path) -> dict:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [x for x in lines if "loss" in x][-1]
 
 
 def _eval_loss(python: str, run_dir: Path) -> float:
@@ -108,9 +115,10 @@ def _mcore(python: str) -> str:
 
 @pytest.mark.crossversion
 def test_checkpoints_evaluate_identically_across_megatron_versions(tmp_path):
-    """Both directions: written under this megatron-core and read under the other, and the reverse.
-    The loss must be identical (the same torch, the same CPU kernels: megatron-core's version changes
-    neither the stored tensors nor the forward math of the tiny model)."""
+    """Both directions: written under this megatron-core and read under the other, and the reverse
+    (eval, then a resume with the optimizer state). Losses must be identical: the same torch and the
+    same CPU kernels, and megatron-core's version changes neither the stored tensors nor the math of
+    the tiny model's forward and Adam step."""
     from dsv4cli.ckpt.layout import resolve_checkpoint
     from dsv4cli.ckpt.metadata import stored_tensors
 
@@ -129,3 +137,11 @@ def test_checkpoints_evaluate_identically_across_megatron_versions(tmp_path):
               for writer in runs for reader, python in (("here", here), ("other", other))}
     for writer in runs:
         assert losses[(writer, "here")] == losses[(writer, "other")], (versions, losses)
+
+    pythons = {"here": here, "other": other}
+    resumed = {}
+    for writer, reader in (("here", "other"), ("other", "here")):
+        shutil.copytree(runs[writer], tmp_path / f"{writer}-by-{reader}")
+        resumed[writer] = _last_step(_train(pythons[reader], tmp_path / f"{writer}-by-{reader}", steps=2))
+        assert resumed[writer]["step"] == 2
+    assert resumed["here"]["loss"] == resumed["other"]["loss"], (versions, resumed)

@@ -54,11 +54,13 @@ _APPLIED = False
 
 
 def apply() -> None:
-    """Teach the installed megatron-core what a newer one wrote (idempotent; call before loading
-    checkpoints: `initialize_parallel` does). Today: the embedded common state (see below)."""
+    """Make checkpoints load the same under every supported megatron-core (idempotent; call before
+    loading checkpoints: `initialize_parallel` does): the embedded common state of 0.19 saves, and
+    optimizer param groups matched as 0.16 matches them (see both below)."""
     global _APPLIED
     if not _APPLIED:
         _read_embedded_common_state_where_missing()
+        _match_optimizer_groups_by_structure()
         _APPLIED = True
 
 
@@ -122,6 +124,25 @@ def read_embedded_common_state(checkpoint_dir) -> Optional[dict]:
         loaded.seek(0)
         loaded = torch.load(loaded, map_location="cpu", weights_only=True)
     return loaded[0]
+
+
+# Identify an optimizer param group by what the model decides (weight-decay / lr multipliers, expert
+# and decoupled-lr flags): megatron-core 0.16's `param_group_identifier_keys`.
+_STRUCTURAL_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _match_optimizer_groups_by_structure() -> None:
+    """megatron-core 0.16 pairs a saved optimizer param group with the run's by (wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr); 0.19 adds the schedule values (max_lr, min_lr, start_wd,
+    end_wd, optimizer) to that key, so resuming with another `train.lr` fails there ("Could not find
+    parameter group with key ..."). dsv4 sets no per-group overrides (its groups differ only by those
+    four), so the 0.16 key pairs the same groups; with it, a resume behaves alike under both."""
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    for module in (optimizer, distrib_optimizer):
+        keys = getattr(module, "param_group_identifier_keys", None)
+        if keys is not None and set(keys) > set(_STRUCTURAL_GROUP_KEYS):
+            module.param_group_identifier_keys = _STRUCTURAL_GROUP_KEYS
 
 
 # --------------------------------------------------------------------------- MTP
