@@ -46,14 +46,25 @@ def test_version_flag_reads_package_metadata_and_imports_neither_torch_nor_megat
                             f"torch {metadata.version('torch')})")
 
 
-def test_saved_provenance_records_the_megatron_core_in_use():
+def test_saved_provenance_records_the_megatron_core_in_use_and_inspect_shows_it(tmp_path):
+    from megatron.core import package_info
+    from typer.testing import CliRunner
+
+    from conftest import make_tiny_spec
+    from dsv4cli.ckpt.layout import META_FILE
     from dsv4cli.ckpt.provenance import build_meta
+    from dsv4cli.ckpt.synthetic import write_synthetic_checkpoint
+    from dsv4cli.cli import app
 
     meta = build_meta('name = "x"\n', {"tp": 1}, iteration=3, tokens_seen=12, consumed_samples=6)
     assert meta["megatron_core_version"] == metadata.version("megatron-core")
-    from megatron.core import package_info
-
     assert package_info.__version__.split("+")[0] == meta["megatron_core_version"]  # 0.19.2+76c2fb0 there
+
+    iter_dir = write_synthetic_checkpoint(tmp_path / "ck", make_tiny_spec(), iteration=3, optimizer=False)
+    (iter_dir / META_FILE).write_text(json.dumps(dict(meta, megatron_core_version="0.17.9")))
+    out = CliRunner().invoke(app, ["inspect", "checkpoint", str(tmp_path / "ck")], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "megatron_core_version=0.17.9" in out.stdout  # the version that wrote it, not the one in use
 
 
 @pytest.mark.usefixtures("megatron_1proc")

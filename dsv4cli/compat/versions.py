@@ -56,7 +56,7 @@ _APPLIED = False
 def apply() -> None:
     """Make checkpoints load the same under every supported megatron-core (idempotent; call before
     loading checkpoints: `initialize_parallel` does): the embedded common state of 0.19 saves, and
-    optimizer param groups matched as 0.16 matches them (see both below)."""
+    optimizer param groups matched as 0.16-0.18 match them (see both below)."""
     global _APPLIED
     if not _APPLIED:
         _read_embedded_common_state_where_missing()
@@ -71,34 +71,37 @@ COMMON_STATE_OBJECT = "common_state"
 
 
 def _read_embedded_common_state_where_missing() -> None:
-    """megatron-core 0.16 keeps a checkpoint's common state (optimizer param groups, Adam step, ...)
+    """megatron-core 0.16-0.18 keep a checkpoint's common state (optimizer param groups, Adam step, ...)
     in `common.pt`; 0.19 stores it inside the torch_dist files as the ShardedObject "common_state"
     and writes no common.pt (it still reads old ones). Where the installed megatron has no reader for
-    the embedded form (its `TorchCommonLoadStrategy` raises for a missing common.pt), its loader
-    learns to read it, so a checkpoint saved under 0.19 loads under 0.16. Tensor keys are the same
-    in both; the loaders ignore the extra object.
+    the embedded form, its common-state loader learns it, so a checkpoint saved under 0.19 loads under
+    0.16-0.18. Tensor keys are the same in all; their loaders ignore the extra object.
     """
+    from pathlib import Path
+
     from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies import common
 
     if hasattr(serialization, "_legacy_common_state_exists"):  # 0.19: reads both forms itself
         return
-    from megatron.core.dist_checkpointing.strategies import common
 
-    original = common.TorchCommonLoadStrategy.load_common
-    if getattr(original, "_dsv4_embedded", False):
-        return
+    def or_embedded(read_common_pt):
+        def load(checkpoint_dir):
+            if not (Path(checkpoint_dir) / common.COMMON_STATE_FNAME).exists():
+                embedded = read_embedded_common_state(checkpoint_dir)
+                if embedded is not None:
+                    return embedded
+            return read_common_pt(checkpoint_dir)
 
-    def load_common(self, checkpoint_dir):
-        from pathlib import Path
+        return load
 
-        if not (Path(checkpoint_dir) / common.COMMON_STATE_FNAME).exists():
-            embedded = read_embedded_common_state(checkpoint_dir)
-            if embedded is not None:
-                return embedded
-        return original(self, Path(checkpoint_dir))
-
-    load_common._dsv4_embedded = True
-    common.TorchCommonLoadStrategy.load_common = load_common
+    if hasattr(common, "TorchCommonLoadStrategy"):  # 0.16: a strategy class's method
+        original = common.TorchCommonLoadStrategy.load_common
+        common.TorchCommonLoadStrategy.load_common = (
+            lambda self, checkpoint_dir: or_embedded(lambda d: original(self, Path(d)))(checkpoint_dir))
+    else:  # 0.17-0.18: a function, imported by name into serialization
+        load_common = or_embedded(common.load_common)
+        common.load_common = serialization.load_common = load_common
 
 
 def read_embedded_common_state(checkpoint_dir) -> Optional[dict]:
@@ -127,16 +130,16 @@ def read_embedded_common_state(checkpoint_dir) -> Optional[dict]:
 
 
 # Identify an optimizer param group by what the model decides (weight-decay / lr multipliers, expert
-# and decoupled-lr flags): megatron-core 0.16's `param_group_identifier_keys`.
+# and decoupled-lr flags): megatron-core 0.16-0.18's `param_group_identifier_keys`.
 _STRUCTURAL_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
 
 
 def _match_optimizer_groups_by_structure() -> None:
-    """megatron-core 0.16 pairs a saved optimizer param group with the run's by (wd_mult, lr_mult,
+    """megatron-core 0.16-0.18 pair a saved optimizer param group with the run's by (wd_mult, lr_mult,
     is_expert_parallel, is_decoupled_lr); 0.19 adds the schedule values (max_lr, min_lr, start_wd,
     end_wd, optimizer) to that key, so resuming with another `train.lr` fails there ("Could not find
     parameter group with key ..."). dsv4 sets no per-group overrides (its groups differ only by those
-    four), so the 0.16 key pairs the same groups; with it, a resume behaves alike under both."""
+    four), so the old key pairs the same groups; with it, a resume behaves alike under all."""
     from megatron.core.optimizer import distrib_optimizer, optimizer
 
     for module in (optimizer, distrib_optimizer):
@@ -171,9 +174,9 @@ def mtp_tracked_losses():
 def mtp_layer_submodules(layer_spec, **fields):
     """`MultiTokenPredictionLayerSubmodules(**fields)` with the depth's inner layer `layer_spec`.
 
-    megatron-core 0.16-0.18 name that field `transformer_layer`; 0.19 renamed it `mtp_model_layer`
-    (it may hold a hybrid stack). The module attribute follows, but 0.19 maps the checkpoint keys
-    back to `transformer_layer.`, so stored names do not change.
+    megatron-core 0.16 names that field `transformer_layer`; 0.17 renamed it `mtp_model_layer` (it
+    may hold a hybrid stack). The module attribute follows, but 0.17+ map the checkpoint keys back
+    to `transformer_layer.`, so stored names do not change.
     """
     import dataclasses
 
@@ -192,7 +195,7 @@ def mtp_inner_layer_spec(submodules):
 
 class MtpInnerLayerAlias:
     """Mixin for an MTP layer class whose inner layer is the attribute `transformer_layer`: also
-    answers to `mtp_model_layer`, the name megatron-core 0.19 reaches it by (the schedules set
+    answers to `mtp_model_layer`, the name megatron-core 0.17+ reach it by (the schedules set
     `current_microbatch` on it through `cuda_graphs.set_current_microbatch`). A property, so the
     module tree and its checkpoint keys keep the one name `transformer_layer`."""
 
@@ -211,7 +214,7 @@ def mtp_embeddings(layer, padding_mask, **kwargs) -> tuple[Any, Any, Any, Any, A
     """`MultiTokenPredictionLayer._get_embeddings(**kwargs)` -> (input_ids, position_ids, padding_mask,
     decoder_input, hidden_states), all rolled one token on, on every supported release.
 
-    megatron-core 0.16-0.18 return four values (no padding mask); 0.19 also rolls a padding mask
+    megatron-core 0.16-0.17 return four values (no padding mask); 0.18 also rolls a padding mask
     and returns it third. `padding_mask` is None unless megatron passed one to the layer.
     """
     if padding_mask is not None:
@@ -226,7 +229,7 @@ def mtp_embeddings(layer, padding_mask, **kwargs) -> tuple[Any, Any, Any, Any, A
 def mtp_layer_outputs(hidden_states, input_ids, position_ids, padding_mask) -> tuple:
     """What an MTP layer's forward returns to megatron's `MultiTokenPredictionBlock`.
 
-    megatron-core 0.16-0.18: (hidden_states, input_ids, position_ids); 0.19 threads the padding mask
+    megatron-core 0.16-0.17: (hidden_states, input_ids, position_ids); 0.18 threads the padding mask
     through the depths: (hidden_states, input_ids, position_ids, padding_mask).
     """
     if _mtp_layer_takes_padding_mask():

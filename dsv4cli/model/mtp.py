@@ -61,7 +61,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MtpInnerLayerAlias, MultiTokenPredicti
         self.vp_stage = vp_stage
         self.cp_group = pg_collection.cp
         self.streams = contraction.streams
-        self.mtp_layer_pattern = mtp_layer_pattern  # megatron-core >= 0.19 passes it (None: a GPT layer)
+        self.mtp_layer_pattern = mtp_layer_pattern  # megatron-core >= 0.17 passes it (None: a GPT layer)
         h = config.hidden_size
         norm_kwargs = dict(config=config, hidden_size=h, eps=config.layernorm_epsilon)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
