@@ -8,6 +8,7 @@ versions below come from installed package metadata (`dsv4 --version` must stay 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from importlib import metadata
@@ -204,6 +205,7 @@ class MtpInnerLayerAlias:
         return self.transformer_layer
 
 
+@functools.cache
 def _mtp_layer_takes_padding_mask() -> bool:
     from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
 
