@@ -19,6 +19,9 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     # megatron-core's import-time notices about optional CUDA libraries
     (UserWarning, r"\s*(Transformer Engine and )?Apex (is|are) not installed"),
     (UserWarning, r"full scope is deprecated"),
+    # megatron-core 0.19's import-time notices (absl missing, an experimental model family)
+    (UserWarning, r"absl\.logging is not installed"),
+    (UserWarning, r"MimoModelConfig is experimental"),
     # megatron-core's CUDA stream hint, also printed on CPU where it means nothing
     (UserWarning, r"When using .* it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS"),
     # torch.distributed.checkpoint / collectives deprecations triggered inside megatron-core

@@ -74,9 +74,14 @@ def test_rng_tracker_forks_named_cpu_streams(cpu_compat):
 def test_mtp_loss_tracker_allocates_on_cpu(cpu_compat):
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+    from dsv4cli.compat.versions import mtp_tracked_losses
+
     MTPLossLoggingHelper.tracker.clear()
-    MTPLossLoggingHelper.save_loss_to_tracker(torch.tensor(2.5), 1, 2)
-    assert MTPLossLoggingHelper.tracker["values"].tolist() == [0.0, 2.5]
+    if hasattr(MTPLossLoggingHelper, "save_metrics_to_tracker"):  # megatron-core 0.19 (also counts hits)
+        MTPLossLoggingHelper.save_metrics_to_tracker(torch.tensor(2.5), torch.tensor(1.0), torch.tensor(2.0), 1, 2)
+    else:
+        MTPLossLoggingHelper.save_loss_to_tracker(torch.tensor(2.5), 1, 2)
+    assert mtp_tracked_losses().tolist() == [0.0, 2.5]
     MTPLossLoggingHelper.tracker.clear()
 
 

@@ -11,7 +11,7 @@ from importlib.metadata import version
 from dsv4cli.compat import megatron_patches as mp
 
 PATCH_MODULES = ("dsv4cli.compat.cpu", "dsv4cli.compat.cpu_rng", "dsv4cli.compat.cpu_megatron",
-                 "dsv4cli.compat.distopt")
+                 "dsv4cli.compat.distopt", "dsv4cli.compat.versions")
 
 
 def _patch_functions(module_name: str) -> set[str]:
@@ -27,7 +27,7 @@ def test_every_patch_function_is_listed_once_and_every_record_names_one():
     assert defined == {p.function for p in mp.PATCHES if p.function.startswith("dsv4cli.compat.")}
     for p in mp.PATCHES:
         assert callable(p.installer()), p.name
-        assert p.patches and p.why and p.checked and p.when in ("cpu", "model"), p.name
+        assert p.patches and p.why and p.checked and p.when in ("cpu", "version", "model"), p.name
 
 
 def test_every_patch_was_checked_against_the_installed_megatron_core():

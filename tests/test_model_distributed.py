@@ -59,9 +59,9 @@ def _global_named_params(model):
 
 
 def _mtp_losses():
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+    from dsv4cli.compat.versions import mtp_tracked_losses
 
-    values = MTPLossLoggingHelper.tracker.get("values")
+    values = mtp_tracked_losses()
     return None if values is None else values.tolist()
 
 

@@ -218,11 +218,13 @@ def _mtp_model_and_batch(tiny_spec, loss_scale: float = 0.1):
 def test_mtp_depth_losses_equal_a_step_by_step_reference(tiny_spec):
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+    from dsv4cli.compat.versions import mtp_tracked_losses
+
     model, ids, pos, labels, loss_mask = _mtp_model_and_batch(tiny_spec)
     MTPLossLoggingHelper.tracker.clear()
     with torch.no_grad():
         main = model(ids, pos, None, labels=labels, loss_mask=loss_mask)
-        tracked = MTPLossLoggingHelper.tracker["values"].clone()
+        tracked = mtp_tracked_losses().clone()
         main_ref, reference = _mtp_reference(model, ids, pos, labels, loss_mask, n=2, h=32)
     assert (main - main_ref).abs().max().item() <= 1e-5
     assert tracked.shape == (2,)

@@ -26,6 +26,8 @@ def _build(spec, seed=5):
 def _fwd_bwd(model, seed=0):
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+    from dsv4cli.compat.versions import mtp_tracked_losses
+
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 256, (B, S), generator=g)
     pos = torch.arange(S).expand(B, S).contiguous()
@@ -34,7 +36,7 @@ def _fwd_bwd(model, seed=0):
     loss = model(ids, pos, None, labels=ids, loss_mask=torch.ones(B, S))
     assert loss.shape == (B, S)
     loss.mean().backward()
-    mtp = MTPLossLoggingHelper.tracker.get("values")
+    mtp = mtp_tracked_losses()
     return loss.detach(), (mtp.clone() if mtp is not None else None)
 
 

@@ -132,10 +132,12 @@ def test_save_load_roundtrip_writes_provenance(tmp_path, tiny_spec, cpu_compat):
 
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+    from dsv4cli.compat.versions import mtp_loss_key, mtp_tracked_losses
+
     spec = tiny_spec(**{"checkpoint.dir": str(tmp_path)})
-    MTPLossLoggingHelper.tracker["values"] = torch.tensor([9.0])  # left over by an earlier run
+    MTPLossLoggingHelper.tracker[mtp_loss_key()] = torch.tensor([9.0])  # left over by an earlier run
     rt = build_runtime(spec)
-    assert "values" not in MTPLossLoggingHelper.tracker, "a new run starts with an empty MTP tracker"
+    assert mtp_tracked_losses() is None, "a new run starts with an empty MTP tracker"
     try:
         s, b = spec.model.seq_length, spec.train.micro_batch_size
         g = np.random.default_rng(0)

@@ -127,21 +127,21 @@ def mtp_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: 
     from megatron.core.transformer.multi_token_prediction import (
         MultiTokenPredictionBlockSubmodules,
         MultiTokenPredictionLayer,
-        MultiTokenPredictionLayerSubmodules,
         get_mtp_num_layers_to_build,
     )
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from dsv4cli.compat.versions import mtp_layer_submodules
     from dsv4cli.model.mtp import MultiStreamMTPLayer
 
     if spec.model.mtp.depth == 0 or get_mtp_num_layers_to_build(config, vp_stage=vp_stage) == 0:
         return None
     backend = backend or select_backend()
-    submodules = MultiTokenPredictionLayerSubmodules(
+    submodules = mtp_layer_submodules(
+        decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False)),
         enorm=backend.norm,
         hnorm=backend.norm,
         eh_proj=backend.column_parallel_linear,
-        transformer_layer=decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False)),
         layer_norm=backend.norm,
     )
     if spec.model.mhc.streams > 1:

@@ -55,10 +55,11 @@ def initialize_parallel(spec: Spec, seed: Optional[int] = None, backend: Optiona
     from megatron.core import parallel_state, tensor_parallel
 
     from dsv4cli.build.config import virtual_stages
-    from dsv4cli.compat import activate
+    from dsv4cli.compat import activate, versions
     from dsv4cli.compat.device import cuda_available, local_device
 
     activate()
+    versions.apply()  # megatron-core version differences (every device)
     if cuda_available():
         torch.cuda.set_device(local_device())
     init_process_group(backend or backend_for(spec))

@@ -30,18 +30,13 @@ def build_meta(spec_toml: str, layout: dict, iteration: int, tokens_seen: int, c
     import torch
 
     from dsv4cli import __version__
+    from dsv4cli.compat.versions import megatron_core_version
 
-    try:
-        from megatron.core import package_info
-
-        mcore = package_info.__version__
-    except Exception:
-        mcore = None
     return {
         "format": "torch_dist",
         "dsv4_version": __version__,
         "torch_version": torch.__version__,
-        "megatron_core_version": mcore,
+        "megatron_core_version": megatron_core_version(imported=True),
         "git_commit": _git_commit(),
         "spec_hash": spec_hash(spec_toml),
         "parallel": layout,

@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from dsv4cli import __version__
 
 class _HelpCommand(TyperCommand):
     """A command whose --help names values the way its examples do: `SPEC`, `--steps N`, `--set KEY=VALUE`
@@ -97,14 +96,17 @@ app.add_typer(inspect_app, name="inspect")
 
 def _version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"dsv4 {__version__}")
+        from dsv4cli.compat.versions import version_line
+
+        typer.echo(version_line())
         raise typer.Exit(0)
 
 
 @app.callback()
 def _root(
     version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version_callback, is_eager=True, help="Print the dsv4 version and exit."
+        None, "--version", callback=_version_callback, is_eager=True,
+        help="Print the versions of dsv4, megatron-core and torch (package metadata) and exit.",
     ),
 ) -> None:
     """dsv4 command-line interface."""

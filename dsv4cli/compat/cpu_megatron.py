@@ -1,4 +1,4 @@
-"""megatron-core modules that assume CUDA or Transformer Engine: MTP loss tracker, MoE, MLA, selective
+"""megatron-core modules that assume CUDA or Transformer Engine: MoE, MLA, selective
 recompute, the torch_dist checkpoint writer.
 
 Installed by `dsv4cli.compat.activate()` without CUDA; each `patch_*` function is one record of
@@ -8,22 +8,6 @@ Installed by `dsv4cli.compat.activate()` without CUDA; each `patch_*` function i
 from __future__ import annotations
 
 import queue
-
-
-def patch_mtp_tracker() -> None:
-    """MTPLossLoggingHelper creates its loss tracker on the loss' device (megatron allocates on CUDA)."""
-    import torch
-    from megatron.core.transformer import multi_token_prediction as mtp
-
-    original = mtp.MTPLossLoggingHelper.save_loss_to_tracker
-
-    def save_loss_to_tracker(loss, layer_number, num_layers, reduce_group=None, avg_group=None):
-        tracker = mtp.MTPLossLoggingHelper.tracker
-        if layer_number is not None and "values" not in tracker:
-            tracker["values"] = torch.zeros(num_layers, device=loss.device)
-        return original(loss, layer_number, num_layers, reduce_group, avg_group)
-
-    mtp.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(save_loss_to_tracker)
 
 
 def patch_moe() -> None:

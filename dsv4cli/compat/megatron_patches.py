@@ -8,6 +8,8 @@ Each record says what it replaces, why, and the megatron-core versions it was ch
 (`checked`: the patch was read against that version's source and the tests pass with it).
 `when` says who installs it:
 - "cpu": `dsv4cli.compat.activate()` on a machine without CUDA, in this order (never on a GPU);
+- "version": `dsv4cli.compat.versions.apply()` on every device (from `initialize_parallel`): the
+  differences between megatron-core releases that a checkpoint must not see;
 - "model": part of the model's own construction on every device (`function` names the class that
   does it; its code site carries a `PATCH (stays)` comment). Everything else that once patched
   megatron inside the model is now explicit construction (docs/model.md).
@@ -33,7 +35,7 @@ class MegatronPatch:
     function: str  # "module:function" that installs the patch
     patches: str  # what it replaces
     why: str
-    checked: tuple[str, ...] = ("0.16.1",)
+    checked: tuple[str, ...] = ("0.16.1", "0.17.1", "0.18.2", "0.19.2")
     when: str = "cpu"
 
     def installer(self) -> Callable[[], None]:
@@ -46,6 +48,7 @@ _RNG = "dsv4cli.compat.cpu_rng"
 _MEG = "dsv4cli.compat.cpu_megatron"
 _DISTOPT = "dsv4cli.compat.distopt"
 _MODEL = "dsv4cli.model"
+_VERSIONS = "dsv4cli.compat.versions"
 
 PATCHES: tuple[MegatronPatch, ...] = (
     MegatronPatch(
@@ -61,11 +64,6 @@ PATCHES: tuple[MegatronPatch, ...] = (
         "torch.cuda.manual_seed(_all) / get_rng_state / set_rng_state",
         "the tracker forks CUDA generators only; dsv4 keeps megatron's interface and seed offsets on the "
         "CPU generator, and activation recompute's CUDA RNG save/restore become no-ops",
-    ),
-    MegatronPatch(
-        "mtp_loss_tracker", f"{_MEG}:patch_mtp_tracker",
-        "MTPLossLoggingHelper.save_loss_to_tracker",
-        "it allocates the per-depth loss tracker on CUDA; created on the loss' device instead",
     ),
     MegatronPatch(
         "moe_without_te", f"{_MEG}:patch_moe",
@@ -116,6 +114,20 @@ PATCHES: tuple[MegatronPatch, ...] = (
         "(a resume was not exact)",
     ),
     MegatronPatch(
+        "common_state_reader", f"{_VERSIONS}:patch_common_state_reader",
+        "dist_checkpointing.strategies.common: TorchCommonLoadStrategy.load_common (0.16) / load_common (0.17-0.18)",
+        "megatron-core 0.19 embeds a checkpoint's common state in the torch_dist files (no common.pt); older "
+        "releases learn to read it there, so a checkpoint saved under 0.19 loads under 0.16-0.18 (no-op on 0.19)",
+        when="version",
+    ),
+    MegatronPatch(
+        "optimizer_group_matching", f"{_VERSIONS}:patch_optimizer_group_matching",
+        "optimizer / distrib_optimizer.param_group_identifier_keys (0.19)",
+        "0.19 pairs saved optimizer param groups by a key that includes max_lr/min_lr, so a resume with another "
+        "train.lr fails; the 0.16-0.18 structural key pairs the same groups (dsv4 sets no per-group overrides)",
+        when="version",
+    ),
+    MegatronPatch(
         "p2p_hidden_size", f"{_MODEL}.gpt:Dsv4GPTModel",
         "Dsv4GPTModel.config: a shallow copy of the layer config with hidden_size = n*h (streams > 1)",
         "the pipeline schedules size their p2p buffers as [s, b, get_model_config(model).hidden_size] and "
@@ -138,6 +150,11 @@ PATCHES: tuple[MegatronPatch, ...] = (
 def cpu_patches() -> tuple[MegatronPatch, ...]:
     """The records `dsv4cli.compat.activate()` installs without CUDA, in install order."""
     return tuple(p for p in PATCHES if p.when == "cpu")
+
+
+def version_patches() -> tuple[MegatronPatch, ...]:
+    """The records `dsv4cli.compat.versions.apply()` installs on every device, in install order."""
+    return tuple(p for p in PATCHES if p.when == "version")
 
 
 def unchecked(version: str) -> list[str]:

@@ -27,6 +27,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import make_viewless_tensor
 
+from dsv4cli.compat.versions import MtpInnerLayerAlias, mtp_inner_layer_spec, mtp_layer_outputs
 from dsv4cli.model.contraction import (
     HC_HEAD_NAMES,
     add_contraction_params,
@@ -36,17 +37,19 @@ from dsv4cli.model.contraction import (
 from dsv4cli.model.fp32_params import KeepFp32Params
 
 
-class MultiStreamMTPLayer(KeepFp32Params, MegatronModule):
+class MultiStreamMTPLayer(KeepFp32Params, MtpInnerLayerAlias, MegatronModule):
     """MTP depth on n mHC streams (n = config.mhc_streams; contraction from `config`).
 
     Built by megatron's MultiTokenPredictionBlock like its own MultiTokenPredictionLayer (same
-    constructor and forward signatures), but not a subclass of it: that __init__ would build
-    eh_proj [h, 2h] and draw its weights before the transformer layer (other parameters, another
-    init), and its private `_get_embeddings` changes between megatron versions. The token/position
-    shift uses megatron's public `roll_tensor` (context parallel aware) instead.
+    constructor and forward signatures on megatron-core 0.16-0.19: dsv4cli/compat/versions.py), but
+    not a subclass of it: that __init__ would build eh_proj [h, 2h] and draw its weights before the
+    transformer layer (other parameters, another init), and its private `_get_embeddings` changes
+    between megatron versions. The token/position shift uses megatron's public `roll_tensor`
+    (context parallel aware) instead.
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, vp_stage=None, pg_collection=None):
+    def __init__(self, config, submodules, layer_number: int = 1, vp_stage=None, pg_collection=None,
+                 mtp_layer_pattern=None, name=None):
         super().__init__(config=config)
         if getattr(config, "mhc_streams", 1) < 2:
             raise ValueError("MultiStreamMTPLayer needs a Dsv4TransformerConfig with mhc_streams >= 2")
@@ -56,6 +59,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MegatronModule):
         self.vp_stage = vp_stage
         self.cp_group = pg_collection.cp
         self.streams = config.mhc_streams
+        self.mtp_layer_pattern = mtp_layer_pattern  # megatron-core >= 0.17 passes it (None: a GPT layer)
         h = config.hidden_size
         norm_kwargs = dict(config=config, hidden_size=h, eps=config.layernorm_epsilon)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -67,7 +71,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MegatronModule):
         self.h_proj = build_module(submodules.eh_proj, h, h, **proj_kwargs)
         decoder_offset = config.num_layers - get_transformer_layer_offset(config, vp_stage)
         self.transformer_layer = build_module(
-            submodules.transformer_layer, config=config, vp_stage=vp_stage,
+            mtp_inner_layer_spec(submodules), config=config, vp_stage=vp_stage,
             layer_number=self.layer_number + decoder_offset,
         )
         self.final_layernorm = build_module(submodules.layer_norm, **norm_kwargs)
@@ -125,12 +129,16 @@ class MultiStreamMTPLayer(KeepFp32Params, MegatronModule):
 
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, context=None, context_mask=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
-                inference_params=None, packed_seq_params=None, sequence_len_offset=None, embedding=None):
+                inference_params=None, packed_seq_params=None, sequence_len_offset=None, embedding=None,
+                padding_mask=None):
         """streams [s, b, n*h] of depth k-1 -> (streams of depth k, rolled input_ids, rolled position_ids)."""
         if context is not None:
             raise NotImplementedError("MTP with cross attention is not supported")
         input_ids, position_ids, decoder_input = self._shifted_embeddings(
             input_ids, position_ids, embedding, packed_seq_params)
+        if padding_mask is not None:  # megatron-core >= 0.18 threads a padding mask through the depths
+            padding_mask, _ = roll_tensor(padding_mask, shifts=-1, dims=-1, cp_group=self.cp_group,
+                                          packed_seq_params=packed_seq_params)
         hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
                       rotary_pos_sin=rotary_pos_sin, attention_bias=attention_bias,
@@ -144,7 +152,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MegatronModule):
         else:
             x = self._combine_and_layer(hidden_states, decoder_input, **kwargs)
         x = make_viewless_tensor(inp=x, requires_grad=True, keep_graph=True)
-        return x, input_ids, position_ids
+        return mtp_layer_outputs(x, input_ids, position_ids, padding_mask)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Children and own parameters; hc_head_* added explicitly (never rely on the default walk)."""

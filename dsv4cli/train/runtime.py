@@ -193,11 +193,10 @@ def run_microbatches(rt: Runtime, batches: list[dict], forward_only: bool) -> li
 
 def take_mtp_losses(depth: int, num_microbatches: int) -> torch.Tensor:
     """This rank's per-depth MTP losses (mean over micro-batches, unscaled); clears the tracker."""
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+    from dsv4cli.compat.versions import mtp_tracked_losses
 
     out = torch.zeros(depth, dtype=torch.float64)
-    tracker = MTPLossLoggingHelper.tracker
-    values = tracker.get("values")
+    values = mtp_tracked_losses()
     if depth and values is not None:
         n = min(depth, values.numel())
         out[:n] = values.detach().double().cpu()[:n] / max(num_microbatches, 1)
