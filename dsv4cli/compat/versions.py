@@ -12,7 +12,7 @@ import functools
 import inspect
 import warnings
 from importlib import metadata
-from typing import Any, Optional
+from typing import Optional
 
 # Distribution names as pip knows them, in the order `dsv4 --version` prints them.
 _DISTRIBUTIONS = ("dsv4", "megatron-core", "torch")
