@@ -35,6 +35,21 @@ def test_tiny_dsv4_spec_builds_every_deepseek_v4_block(megatron_1proc):
     attention = spec.model.attention
     assert spec.model.seq_length // 4 > attention.index_topk  # a real top-k choice
 
+    # checkpoint keys (docs/model.md): one per layer, not stacked; router buffers saved
+    keys = {getattr(v, "key", k) for k, v in model.sharded_state_dict().items()}
+    for key in ("decoder.layers.0.input_layernorm.weight", "decoder.layers.0.self_attention.sinks",
+                "decoder.layers.0.mlp.router.tid2eid", "decoder.layers.1.mlp.router.expert_bias",
+                "decoder.layers.1.self_attention.indexer.compressor.position_bias",
+                "decoder.layers.2.self_attention.compressor.linear_gate.weight",
+                "decoder.layers.2.mlp.experts.experts.linear_fc2.weight",
+                "decoder.layers.2.mlp.shared_experts.linear_fc2.weight",
+                "mtp.layers.0.transformer_layer.self_attention.linear_o_down.weight"):
+        assert key in keys, key
+    assert not any(k.startswith("decoder.layers.self_attention") for k in keys)
+    assert "decoder.layers.0.mlp.router.expert_bias" not in keys  # hash layer: no bias
+    assert not any(k.startswith(("decoder.layers.2.self_attention.indexer", "decoder.layers.0.self_attention.compressor"))
+                   for k in keys)  # HCA: no indexer; sliding: no compressor
+
 
 @pytest.mark.slow
 def test_tiny_dsv4_trains_with_falling_held_out_loss(tmp_path):
