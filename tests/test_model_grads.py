@@ -289,3 +289,32 @@ def test_top1_softmax_router_builds_and_trains(tiny_spec):
     loss, _ = _fwd_bwd(model)
     assert torch.isfinite(loss).all()
     assert model.decoder.layers[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+DSV4_ATTENTION = {"layer_types": ["csa", "hca", "sliding"], "compress_ratios": [4, 8, 0], "head_dim": 16,
+                  "rope_head_dim": 8, "q_lora_rank": 16, "o_groups": 2, "o_lora_rank": 8, "sliding_window": 8,
+                  "index_n_heads": 2, "index_head_dim": 8, "index_topk": 2}
+
+
+@pytest.mark.parametrize("other", [
+    {"model.mhc.streams": 1},  # megatron's own TransformerLayer and MTP layer around DeepSeek-V4 attention
+    {"model.mhc.streams": 1, "model.moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16,
+                                           "score_function": "sqrtsoftplus", "swiglu_limit": 1.0}},
+    {},  # mHC, dense MLP
+], ids=["streams1", "streams1_moe", "mhc_dense"])
+def test_deepseek_v4_attention_trains_in_every_layer_kind(tiny_spec, other):
+    """[model.attention] in decoder layers (CSA, HCA) and the MTP depth (sliding): every parameter but
+    the indexer's (a discrete choice) gets a gradient; full recompute gives the same loss and grads."""
+    spec = tiny_spec(**{"model.attention": DSV4_ATTENTION, **other})
+    model = _build(spec)
+    kinds = [layer.self_attention.settings.kind for layer in model.decoder.layers]
+    assert kinds == ["compressed_sparse", "heavily_compressed"]
+    assert model.mtp.layers[0].transformer_layer.self_attention.settings.kind == "sliding"
+    loss, _ = _fwd_bwd(model)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all((g is None) == (".indexer." in n) for n, g in grads.items()), [n for n, g in grads.items() if g is None]
+    again = _build(spec.model_copy(update={"train": spec.train.model_copy(update={"recompute": "full"})}))
+    loss_rc, _ = _fwd_bwd(again)
+    assert torch.equal(loss, loss_rc)
+    for n, p in again.named_parameters():
+        assert (p.grad is None and grads[n] is None) or torch.allclose(p.grad, grads[n], atol=1e-6, rtol=0), n

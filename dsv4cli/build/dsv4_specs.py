@@ -65,6 +65,7 @@ def dsv4_layer_spec(spec: Spec, layer, index: int, norm):
 
     `norm`: the backend's norm class, the input norm in front of DeepSeek-V4 attention (the TE
     spec fuses that norm into linear_qkv, which this attention does not have)."""
+    from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from dsv4cli.model.dsv4.attention import Dsv4Attention
@@ -76,7 +77,8 @@ def dsv4_layer_spec(spec: Spec, layer, index: int, norm):
         sub = replace(
             sub,
             input_layernorm=norm,
-            self_attention=ModuleSpec(module=Dsv4Attention, params={"settings": attention_settings(spec, index)}),
+            self_attention=ModuleSpec(module=Dsv4Attention, params={"settings": attention_settings(spec, index),
+                                                                    "attn_mask_type": AttnMaskType.causal}),
             sharded_state_dict_keys_map=keys_map,
         )
     if uses_dsv4_router(spec):

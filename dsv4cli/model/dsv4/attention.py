@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -103,8 +104,12 @@ class Dsv4Attention(MegatronModule):
         layer_number: int = 1,
         pg_collection=None,
         cp_comm_type: Optional[str] = None,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
     ):
         super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:  # megatron's MTP layer reads it from the spec's params
+            raise ValueError(f"DeepSeek-V4 attention is causal; got attn_mask_type {attn_mask_type}")
+        self.attn_mask_type = attn_mask_type
         if config.context_parallel_size != 1:
             raise ValueError("DeepSeek-V4 attention does not support context parallelism yet")
         self.settings, self.layer_number = settings, layer_number
