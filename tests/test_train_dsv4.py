@@ -35,6 +35,14 @@ def test_tiny_dsv4_spec_builds_every_deepseek_v4_block(megatron_1proc):
     attention = spec.model.attention
     assert spec.model.seq_length // 4 > attention.index_topk  # a real top-k choice
 
+    # the saved buffers (router tables and biases) are what checkpoint conformance expects
+    from dsv4cli.build.dsv4_specs import buffer_inventory
+
+    params = dict(model.named_parameters())
+    buffers = sorted((n, tuple(t.shape)) for n, t in model.state_dict().items()
+                     if n not in params and not n.endswith("_extra_state"))
+    assert buffers == sorted(buffer_inventory(spec)) and len(buffers) == 4
+
     # checkpoint keys (docs/model.md): one per layer, not stacked; router buffers saved
     keys = {getattr(v, "key", k) for k, v in model.sharded_state_dict().items()}
     for key in ("decoder.layers.0.input_layernorm.weight", "decoder.layers.0.self_attention.sinks",
@@ -65,6 +73,25 @@ def test_tiny_dsv4_trains_with_falling_held_out_loss(tmp_path):
     assert recs[-1]["loss"] < recs[0]["loss"], [x["loss"] for x in recs]
     assert all(len(x["mtp_losses"]) == 1 for x in recs)
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
+
+
+@pytest.mark.slow
+def test_eval_accepts_a_checkpoint_with_router_buffers(tmp_path):
+    """`dsv4 eval`'s conformance check expects the saved router buffers (tid2eid, expert_bias): a
+    sqrtsoftplus / hash-routed MoE run evaluates (exit 0) to the held-out loss it logged."""
+    import json
+
+    from test_train_e2e import write_small_spec
+
+    moe = ('model.moe={num_experts=4, top_k=2, expert_ffn_hidden_size=16, num_shared_experts=1, '
+           'score_function="sqrtsoftplus", hash_layers=1, swiglu_limit=1.0}')
+    spec, run = write_small_spec(tmp_path), tmp_path / "run"
+    r = cli("train", str(spec), "--set", moe, "--set", "train.steps=2", "--set", f"checkpoint.dir={run}")
+    assert r.exit_code == 0, r.output
+    ev = cli("eval", str(spec), "--set", moe, "--load", str(run), "--batches", "1", "--json")
+    assert ev.exit_code == 0, ev.output
+    out = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert abs(out["loss"] - metrics(run)[-1]["eval_loss"]) <= 1e-6
 
 
 @pytest.mark.slow
