@@ -112,3 +112,27 @@ def test_tiny_dsv4_resume_after_exit_interval_is_bit_exact(tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "mtp_losses", "grad_norm", "lr", "eval_loss"):
             assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
+
+
+def test_deepseek_v4_fp32_parameters_stay_fp32_under_bf16(megatron_1proc):
+    """Mixed precision casts the model with `.bfloat16()`; DeepSeek keeps sinks, position biases, norm
+    weights and the expert bias in fp32 (HF's reference too): they stay fp32 and a bf16 forward runs."""
+    import torch
+
+    from dsv4cli.build import build_model
+    from dsv4cli.spec.load import load_spec
+
+    torch.manual_seed(0)
+    model = build_model(load_spec(SPEC)).bfloat16()
+    fp32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    for name in ("decoder.layers.1.self_attention.sinks", "decoder.layers.1.self_attention.q_norm.weight",
+                 "decoder.layers.1.self_attention.compressor.position_bias",
+                 "decoder.layers.1.self_attention.indexer.compressor.norm.weight",
+                 "decoder.layers.2.self_attention.kv_norm.weight"):
+        assert name in fp32, name
+    assert model.decoder.layers[0].self_attention.linear_kv.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (1, 64))
+    with torch.no_grad():
+        logits = model(ids, torch.arange(64)[None], None)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    assert model.decoder.layers[1].mlp.router.expert_bias.dtype == torch.float32  # restored by the router
