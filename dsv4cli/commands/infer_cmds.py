@@ -69,3 +69,48 @@ def generate(
         typer.echo(out["text"])
     else:
         typer.echo(",".join(str(t) for t in out["tokens"]))
+
+
+@app.command("import-hf")
+def import_hf(
+    hf_dir: str = typer.Argument(..., metavar="HF_DIR", help="Directory written by DeepseekV4ForCausalLM.save_pretrained."),
+    out: str = typer.Argument(..., metavar="OUT", help="New checkpoint directory (must not exist, or be empty)."),
+    spec_out: Optional[str] = typer.Option(None, "--spec-out", metavar="FILE", help="Where to write the spec (default OUT/spec.toml)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="float32|bfloat16|float16",
+                                        help="Cast floating tensors (default: keep each stored dtype)."),
+    as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "notes"}.'),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
+) -> None:
+    """Import a HF DeepSeek-V4 directory (config.json + safetensors) as a dsv4 checkpoint and spec.
+
+    Builds dsv4's own model from the config in one process and copies every tensor into it by name
+    (docs/interop.md); an unknown tensor name is an error. HF_DIR is never written to.
+
+    Examples:
+
+    \b
+      dsv4 import-hf hf/DeepSeek-V4-tiny runs/imported
+      dsv4 generate runs/imported/spec.toml --load runs/imported --tokens 0,17,42 --json
+    """
+    from dsv4cli.infer.import_hf import ImportHFError, import_hf as run
+    from dsv4cli.noise import quiet_known_noise
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        fail(f"error: --dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    quiet_known_noise(verbose)
+    try:
+        result = run(hf_dir, out, spec_out, dtype)
+    except ImportHFError as e:
+        fail(f"error: {e}")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from dsv4cli.commands.common import human_bytes
+
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result["dtypes"].items()))
+    typer.echo(f"imported {hf_dir} -> {result['checkpoint']}: {result['tensors']} tensors, "
+               f"{human_bytes(result['bytes'])} ({kinds})")
+    typer.echo(f"spec: {result['spec']}")
+    for note in result["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(f"try: dsv4 generate {result['spec']} --load {result['out']} --tokens 0,1,2")
