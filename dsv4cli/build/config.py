@@ -106,6 +106,7 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
             moe_shared_expert_intermediate_size=(
                 moe.num_shared_experts * moe.expert_ffn_hidden_size if moe.num_shared_experts else None
             ),
+            # "sqrtsoftplus": read by nobody (DeepSeek-V4's routers compute it; dsv4_specs.py builds them)
             moe_router_score_function=moe.score_function,
             # megatron refuses softmax-after-top-k for k = 1 (the weight would always be 1, no gradient)
             moe_router_pre_softmax=moe.top_k == 1 and moe.score_function == "softmax",
@@ -114,6 +115,14 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_token_dispatcher_type="alltoall",
         )
+        if moe.swiglu_limit > 0:  # routed and shared experts (every MLP of the model is an MoE layer)
+            from dsv4cli.model.dsv4.experts import clamped_swiglu_config
+
+            kwargs.update(clamped_swiglu_config(moe.swiglu_limit))
+    if m.attention is not None or (m.moe is not None and m.moe.score_function == "sqrtsoftplus"):
+        # DeepSeek-V4's layers differ (attention kind, compression ratio, hash router): checkpoint keys
+        # per layer, `decoder.layers.{i}.<rest>`, not stacked over a leading layer dimension
+        kwargs["hetereogenous_dist_checkpoint"] = True
     # Fusions, grouped-GEMM experts and CPU workarounds: what this machine has installed.
     kwargs.update(gpu_settings(spec, probe(), virtual_stages=virtual_stages(spec)).config)
     return Dsv4TransformerConfig(**kwargs)

@@ -96,7 +96,8 @@ def gpu_settings(spec, avail: Availability, dp: int = 1, virtual_stages: Optiona
         moe_permute_fusion=moe and avail.te_at_least(_TE_MIN["permute_fusion"]),
         moe_router_fusion=moe and avail.te_at_least(_TE_MIN["router_fusion"]),
         apply_rope_fusion=avail.te_at_least(_TE_MIN["rope_fusion"]),
-        bias_activation_fusion=cuda,
+        # the SwiGLU clamp runs on megatron's unfused GLU path only (dsv4cli/model/dsv4/experts.py)
+        bias_activation_fusion=cuda and not (moe and m.moe.swiglu_limit > 0),
         bias_dropout_fusion=cuda,
         # megatron's native fused cross entropy casts the logits' gradient to bf16: not for fp32 runs
         cross_entropy_loss_fusion=te_ce or (cuda and bf16),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from dsv4cli.build.dsv4_specs import dsv4_layer_spec
 from dsv4cli.spec.schema import Spec
 
 
@@ -48,11 +49,13 @@ def select_backend() -> Backend:
     return Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
 
 
-def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None, grouped_gemm: Optional[bool] = None):
+def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None, grouped_gemm: Optional[bool] = None,
+                       index: int = 0):
     """One decoder layer: megatron TransformerLayer (n = 1) or MultiStreamTransformerLayer (n > 1).
 
     grouped_gemm: TE grouped-GEMM experts (the config's `moe_grouped_gemm`; default: what
-    gpu_settings decides for this machine)."""
+    gpu_settings decides for this machine). index: the layer's 0-based place among decoder layers
+    then MTP depths, for DeepSeek-V4's per-layer attention kind and hash routing (dsv4_specs.py)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -108,18 +111,28 @@ def decoder_layer_spec(spec: Spec, backend: Optional[Backend] = None, grouped_ge
         )
     if spec.model.mhc.streams > 1:
         layer = replace(layer, module=MultiStreamTransformerLayer)  # mHC settings: from the config
-    return layer
+    return dsv4_layer_spec(spec, layer, index, backend.norm)
 
 
 def decoder_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: Optional[Backend] = None):
     """This pipeline stage's layers (pp_layout aware) + the final norm (the block class, and with it
     the contraction, follows config.mhc_streams: Dsv4GPTModel)."""
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     backend = backend or select_backend()
-    layer = decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False))
-    layers = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
+    grouped = getattr(config, "moe_grouped_gemm", False)
+    layers = [decoder_layer_spec(spec, backend, grouped, index) for index in stage_layer_indices(config, vp_stage)]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=backend.norm)
+
+
+def stage_layer_indices(config, vp_stage: Optional[int] = None) -> list[int]:
+    """0-based global indices of the decoder layers this (virtual) pipeline stage builds, as
+    megatron numbers them (its offset, pp_layout aware, .. + the count)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    return list(range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage)))
 
 
 def mtp_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: Optional[Backend] = None):
@@ -137,15 +150,16 @@ def mtp_block_spec(spec: Spec, config, vp_stage: Optional[int] = None, backend: 
     if spec.model.mtp.depth == 0 or get_mtp_num_layers_to_build(config, vp_stage=vp_stage) == 0:
         return None
     backend = backend or select_backend()
-    submodules = MultiTokenPredictionLayerSubmodules(
-        enorm=backend.norm,
-        hnorm=backend.norm,
-        eh_proj=backend.column_parallel_linear,
-        transformer_layer=decoder_layer_spec(spec, backend, getattr(config, "moe_grouped_gemm", False)),
-        layer_norm=backend.norm,
-    )
-    if spec.model.mhc.streams > 1:
-        layer = ModuleSpec(module=MultiStreamMTPLayer, submodules=submodules)
-    else:
-        layer = ModuleSpec(module=MultiTokenPredictionLayer, submodules=submodules)
-    return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * spec.model.mtp.depth)
+    module = MultiStreamMTPLayer if spec.model.mhc.streams > 1 else MultiTokenPredictionLayer
+    grouped = getattr(config, "moe_grouped_gemm", False)
+    layers = []
+    for depth in range(spec.model.mtp.depth):  # MTP depth k's layer: index num_layers + k - 1
+        submodules = MultiTokenPredictionLayerSubmodules(
+            enorm=backend.norm,
+            hnorm=backend.norm,
+            eh_proj=backend.column_parallel_linear,
+            transformer_layer=decoder_layer_spec(spec, backend, grouped, spec.model.num_layers + depth),
+            layer_norm=backend.norm,
+        )
+        layers.append(ModuleSpec(module=module, submodules=submodules))
+    return MultiTokenPredictionBlockSubmodules(layer_specs=layers)

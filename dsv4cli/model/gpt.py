@@ -56,6 +56,14 @@ class Dsv4GPTModel(GPTModel):
         self.streams = streams
         self.hidden_size = config.hidden_size
 
+    def forward(self, input_ids, position_ids, attention_mask, *args, extra_block_kwargs=None, **kwargs):
+        """GPTModel.forward; a decoder with hash-routed layers (DeepSeek-V4) is also given the token
+        ids, as `token_ids` [s, b] (megatron's layout: input_ids.t())."""
+        if input_ids is not None and getattr(self.decoder, "needs_token_ids", False):
+            extra_block_kwargs = {**(extra_block_kwargs or {}), "token_ids": input_ids.t()}
+        return super().forward(input_ids, position_ids, attention_mask, *args,
+                               extra_block_kwargs=extra_block_kwargs, **kwargs)
+
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
                      rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, **kwargs):
         """Heads for every MTP depth (n > 1), then megatron's loss code; logits without labels."""
@@ -68,7 +76,7 @@ class Dsv4GPTModel(GPTModel):
                 rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
                 packed_seq_params=kwargs.get("packed_seq_params"),
                 sequence_len_offset=kwargs.get("sequence_len_offset"), embedding=self.embedding,
-                **(kwargs.get("extra_block_kwargs") or {}),
+                **{k: v for k, v in (kwargs.get("extra_block_kwargs") or {}).items() if k != "token_ids"},
             )
             parts = torch.chunk(streams, 1 + len(self.mtp.layers), dim=0)
             heads = [self.decoder.head(parts[0])]

@@ -12,6 +12,9 @@ Dsv4GPTModel (model/gpt.py) builds the block explicitly.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 from torch import Tensor
 
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -69,13 +72,25 @@ class MultiStreamTransformerBlock(KeepFp32Params, TransformerBlock):
         y = self.head_norm(contract(self, x))
         return make_viewless_tensor(inp=y, requires_grad=True, keep_graph=True)
 
-    def forward(self, hidden_states, *args, **kwargs):
-        """[s, b, h] (first stage) or received [s, b, n*h] -> [s, b, n*h], or [s, b, h] after the head."""
+    @property
+    def needs_token_ids(self) -> bool:
+        """Some layer of this block routes by token id (DeepSeek-V4 hash routing)."""
+        return any(getattr(layer, "needs_token_ids", False) for layer in self.layers)
+
+    def forward(self, hidden_states, *args, token_ids: Optional[Tensor] = None, **kwargs):
+        """[s, b, h] (first stage) or received [s, b, n*h] -> [s, b, n*h], or [s, b, h] after the head.
+
+        token_ids [s, b]: for hash-routed layers, which see them for this call only (megatron's block
+        forward calls its layers with a fixed argument list)."""
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         if self.pre_process and hidden_states is not None:
             hidden_states = expand_streams(hidden_states, self.streams)
-        x = super().forward(hidden_states, *args, **kwargs)  # no final norm: final_layernorm reads None
+        with contextlib.ExitStack() as scopes:
+            for layer in self.layers:
+                if getattr(layer, "needs_token_ids", False):
+                    scopes.enter_context(layer.token_ids_scope(token_ids))
+            x = super().forward(hidden_states, *args, **kwargs)  # no final norm: final_layernorm reads None
         if self.head_norm is not None and not self.return_streams:
             return self.head(x)
         return x

@@ -5,12 +5,17 @@ the plain residual adds are replaced by one HyperConnection per sub-layer (docs/
 
     x ─ self_attention_hyper_connection(x, u -> attn(input_layernorm(u))) ─> x
       ─ mlp_hyper_connection(x, u -> mlp(pre_mlp_layernorm(u)))          ─> x
+
+A hash-routed MoE (DeepSeek-V4, `mlp.needs_token_ids`) is called with the token ids [s, b]: given
+as `token_ids=` or, from the block (megatron's block forward calls its layers with a fixed argument
+list), inside `token_ids_scope(ids)` for the duration of the block's call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -34,6 +39,21 @@ class MultiStreamTransformerLayer(TransformerLayer):
         self.streams = config.mhc_streams
         self.self_attention_hyper_connection = HyperConnection(config)
         self.mlp_hyper_connection = HyperConnection(config)
+        self._token_ids: Optional[Tensor] = None
+
+    @property
+    def needs_token_ids(self) -> bool:
+        """The MLP routes by token id (a DeepSeek-V4 hash-routed MoE layer)."""
+        return bool(getattr(self.mlp, "needs_token_ids", False))
+
+    @contextlib.contextmanager
+    def token_ids_scope(self, token_ids: Optional[Tensor]) -> Iterator[None]:
+        """Calls inside the block see `token_ids` [s, b] (megatron's layout: input_ids.t())."""
+        previous, self._token_ids = self._token_ids, token_ids
+        try:
+            yield
+        finally:
+            self._token_ids = previous
 
     def _norm(self, norm, u: Tensor, recompute: bool):
         """norm(u) [s, b, h]; with `recompute` (train.recompute "layernorm") the output is released
@@ -70,10 +90,14 @@ class MultiStreamTransformerLayer(TransformerLayer):
         padding_mask: Optional[Tensor] = None,
         *,
         inference_params=None,
+        token_ids: Optional[Tensor] = None,
         **kwargs,
     ):
-        """hidden_states [s, b, n*h] -> ([s, b, n*h], context)."""
+        """hidden_states [s, b, n*h] -> ([s, b, n*h], context); token_ids [s, b] for a hash-routed MLP."""
         inference_context = inference_context if inference_context is not None else inference_params
+        mlp_kwargs = {"padding_mask": padding_mask}
+        if self.needs_token_ids:
+            mlp_kwargs["token_ids"] = token_ids if token_ids is not None else self._token_ids
 
         def attention(u: Tensor) -> Tensor:
             normed, ckpt = self._norm(self.input_layernorm, u, self.recompute_input_layernorm)
@@ -96,9 +120,9 @@ class MultiStreamTransformerLayer(TransformerLayer):
         def mlp(u: Tensor) -> Tensor:
             normed, ckpt = self._norm(self.pre_mlp_layernorm, u, self.recompute_pre_mlp_layernorm)
             if self.recompute_mlp:
-                out = tensor_parallel.checkpoint(functools.partial(self.mlp, padding_mask=padding_mask), False, normed)
+                out = tensor_parallel.checkpoint(functools.partial(self.mlp, **mlp_kwargs), False, normed)
             else:
-                out = self.mlp(normed, padding_mask=padding_mask)
+                out = self.mlp(normed, **mlp_kwargs)
             if ckpt is not None:
                 ckpt.discard_output_and_register_recompute(out[0])
             return self._sublayer_output(out)

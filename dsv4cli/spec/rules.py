@@ -20,24 +20,29 @@ from dsv4cli.spec.schema import Spec
 
 UNSUPPORTED: tuple[tuple[str, Callable[[Spec], bool], str], ...] = (
     (
-        "model.moe.score_function",
-        lambda s: s.model.moe is not None and s.model.moe.score_function == "sqrtsoftplus",
-        "router score 'sqrtsoftplus' is not supported by the model builder yet",
+        "model.moe.hash_layers",
+        lambda s: _hash_routed(s) and s.model.moe.score_function != "sqrtsoftplus",
+        "hash routing (hash_layers > 0) is built with DeepSeek-V4's sqrt(softplus) expert weights only: "
+        "set model.moe.score_function = 'sqrtsoftplus'",
     ),
     (
         "model.moe.hash_layers",
-        lambda s: s.model.moe is not None and s.model.moe.hash_layers > 0,
-        "hash routing (hash_layers > 0) is not supported by the model builder yet",
+        lambda s: _hash_routed(s) and s.model.mhc.streams == 1,
+        "hash routing (hash_layers > 0) needs mHC (model.mhc.streams > 1): megatron's own layer does not "
+        "pass the token ids on",
     ),
     (
-        "model.attention",
-        lambda s: s.model.attention is not None,
-        "DeepSeek-V4 attention ([model.attention]) is not supported by the model builder yet",
+        "train.recompute",
+        lambda s: _hash_routed(s) and s.train.recompute == "full",
+        "full recompute with hash routing (hash_layers > 0) is not supported yet: the recomputed layer has "
+        "no token ids",
     ),
     (
-        "model.moe.swiglu_limit",
-        lambda s: s.model.moe is not None and s.model.moe.swiglu_limit > 0,
-        "the SwiGLU clamp (swiglu_limit > 0) is not supported by the model builder yet",
+        "model.moe.aux_loss_coeff",
+        lambda s: s.model.moe is not None and s.model.moe.score_function == "sqrtsoftplus"
+        and s.model.moe.aux_loss_coeff > 0,
+        "DeepSeek-V4's routers (score_function 'sqrtsoftplus') have no auxiliary load-balancing loss: "
+        "set model.moe.aux_loss_coeff = 0",
     ),
     (
         "parallel.cp",
@@ -53,6 +58,10 @@ UNSUPPORTED: tuple[tuple[str, Callable[[Spec], bool], str], ...] = (
 """(key, applies(spec), message): the ONE list of features the spec names but dsv4 cannot build."""
 
 BYTE_VOCAB = 256
+
+
+def _hash_routed(spec: Spec) -> bool:
+    return spec.model.moe is not None and spec.model.moe.hash_layers > 0
 
 
 def _mtp_outside_last_stage(spec: Spec) -> bool:

@@ -35,6 +35,11 @@ class Dsv4MoELayer(MoELayer):
             # megatron re-runs its inner forward in backward, outside the call that carried the ids
             raise ValueError("selective 'moe' recompute is not supported on hash-routed layers")
 
+    @property
+    def needs_token_ids(self) -> bool:
+        """True when the router is a hash router (the layer must be given `token_ids`)."""
+        return isinstance(self.router, HashRouter)
+
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
                 padding_mask: Optional[torch.Tensor] = None, token_ids: Optional[torch.Tensor] = None):
         """hidden_states [s, b, h], token_ids [s, b] -> (output [s, b, h], None)."""
