@@ -175,3 +175,91 @@ def test_output_inside_the_source_or_mtp_tensors_are_refused(hf_dir, tmp_path):
     save_file({"mtp.0.enorm.weight": torch.ones(32)}, str(src / "mtp.safetensors"))
     mtp = _import(src, tmp_path / "out")
     assert mtp.exit_code == 2 and "MTP" in mtp.output
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """The tiny HF model, saved, then imported with `dsv4 import-hf --json`; the source's file digests
+    before and after."""
+    root = tmp_path_factory.mktemp("e2e")
+    model = hf_model()
+    model.save_pretrained(root / "hf")
+    before = tree_digest(root / "hf")
+    result = _import(root / "hf", root / "out", "--json")
+    assert result.exit_code == 0, result.output
+    return {"hf": model, "root": root, "before": before, "result": json.loads(result.stdout.strip().splitlines()[-1])}
+
+
+PROMPT_LEN = 40  # 10 compressed sparse entries (ratio 4, top-2 chosen), 5 heavily compressed (ratio 8), window 8
+
+
+def _prompt() -> list[int]:
+    return torch.randint(2, VOCAB, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def test_imported_model_gives_hfs_logits(imported):
+    from dsv4cli.build.parallel import single_process
+    from dsv4cli.infer.generate import load_for_inference, logits_of
+    from dsv4cli.spec.load import load_spec
+
+    out = imported["root"] / "out"
+    from dsv4cli.infer.safetensors_io import tensor_sources
+
+    assert imported["result"]["tensors"] == len(tensor_sources(imported["root"] / "hf"))  # every tensor HF saved
+    assert set(imported["result"]["dtypes"]) == {"float32", "int64"}  # fp32 stays fp32; the hash table int64
+    spec = load_spec(out / "spec.toml")
+    assert spec.model.mtp.depth == 0 and spec.data.eos_token_ids == [1]
+    prompt = _prompt()
+    with torch.no_grad():
+        theirs = imported["hf"](torch.tensor([prompt])).logits[0]
+    with single_process(spec, seed=0):
+        ours = logits_of(load_for_inference(spec, str(out)), prompt, VOCAB)
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert tree_digest(imported["root"] / "hf") == imported["before"]
+
+
+def test_generate_continues_like_hf_generate(imported):
+    from dsv4cli.cli import app
+
+    prompt = _prompt()
+    with torch.no_grad():
+        theirs = imported["hf"].generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8)[0, PROMPT_LEN:]
+    out = imported["root"] / "out"
+    result = CliRunner().invoke(app, ["generate", str(out / "spec.toml"), "--load", str(out), "--tokens",
+                                      ",".join(map(str, prompt)), "--max-new-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == theirs.tolist()
+    assert got["text"] is None  # no tokenizer.json, and the byte placeholder cannot serve 64 tokens
+    assert len(got["prompt_logprobs"]) == PROMPT_LEN - 1
+
+
+def test_decoding_stops_at_the_eos_id_as_hf_does(imported):
+    from dsv4cli.cli import app
+
+    prompt = _prompt()
+    hf = imported["hf"]
+    with torch.no_grad():
+        free = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8)[0, PROMPT_LEN:].tolist()
+        stop = next(i for i in range(1, 8) if free[i] not in free[:i])
+        theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                             eos_token_id=free[stop])[0, PROMPT_LEN:].tolist()
+    assert theirs == free[: stop + 1]
+    out = imported["root"] / "out"
+    result = CliRunner().invoke(app, ["generate", str(out / "spec.toml"), "--load", str(out), "--tokens",
+                                      ",".join(map(str, prompt)), "--max-new-tokens", "8", "--json",
+                                      "--set", f"data.eos_token_ids=[{free[stop]}]"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["tokens"] == theirs
+
+
+def test_dtype_option_casts_floating_tensors_only(imported, tmp_path):
+    from dsv4cli.ckpt.metadata import read_checkpoint_info
+
+    result = _import(imported["root"] / "hf", tmp_path / "bf16", "--dtype", "bfloat16", "--json")
+    assert result.exit_code == 0, result.output
+    stored = read_checkpoint_info(tmp_path / "bf16").tensors
+    assert stored["embedding.word_embeddings.weight"].dtype == "bfloat16"
+    assert stored["decoder.layers.0.mlp.router.tid2eid"].dtype == "int64"
+    assert stored["decoder.hc_head_fn"].dtype == "float32"  # mHC / contraction stay fp32 (design.md §2)

@@ -129,8 +129,8 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None) -> dict:
     """Stream every source tensor into its place in `model` (checked from headers first).
 
     Each receiving parameter or buffer is replaced by a zero tensor of the source's dtype (or
-    `dtype` for floating tensors) before the copies, so padding rows stay zero. -> {name: dtype}
-    of the receiving tensors. ImportHFError for a missing target, a shape mismatch, or model
+    `dtype` for floating tensors) before the copies, so padding rows stay zero. -> {name: dtype
+    name} of the receiving tensors. ImportHFError for a missing target, a shape mismatch, or model
     tensors no source fills."""
     import torch
 
@@ -196,8 +196,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
                 model = build_model_chunks(single_process_spec(plan.spec))[0]
             except UnsupportedSpecError as e:
                 raise ImportHFError(f"dsv4 cannot build this model yet: {e}") from None
-            dtypes = assign(model, plan.sources, cast)
+            assign(model, plan.sources, cast)
             model.to(next(model.parameters()).device)  # mHC / contraction parameters back to fp32 (fp32_params.py)
+            dtypes = saved_dtypes(model)
             layout = ParallelDims.of(plan.spec, 1).checkpoint_layout()
             iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout)
         if plan.tokenizer is not None:
@@ -213,12 +214,22 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
         shutil.rmtree(tmp, ignore_errors=True)
     if not inside:
         write_text_atomic(plan.spec_file, plan.spec_text)
-    counted = {}
-    for kind in dtypes.values():
-        counted[kind] = counted.get(kind, 0) + 1
     return {"out": str(plan.out), "spec": str(plan.spec_file), "checkpoint": str(plan.out / iter_dir.name),
             "tensors": len(plan.sources), "bytes": _bytes(plan.sources),
-            "dtypes": counted, "mtp_depth": 0, "notes": plan.notes}
+            "dtypes": dtypes, "mtp_depth": 0, "notes": plan.notes}
+
+
+def saved_dtypes(model) -> dict[str, int]:
+    """How many of the model's tensors (parameters and saved buffers) have each dtype."""
+    import torch
+
+    from dsv4cli.ckpt.metadata import dtype_name
+
+    counted: dict[str, int] = {}
+    for value in model.state_dict().values():
+        if isinstance(value, torch.Tensor):
+            counted[dtype_name(value.dtype)] = counted.get(dtype_name(value.dtype), 0) + 1
+    return counted
 
 
 def _bytes(sources: dict[str, SourceTensor]) -> int:
