@@ -263,3 +263,17 @@ def test_dtype_option_casts_floating_tensors_only(imported, tmp_path):
     assert stored["embedding.word_embeddings.weight"].dtype == "bfloat16"
     assert stored["decoder.layers.0.mlp.router.tid2eid"].dtype == "int64"
     assert stored["decoder.hc_head_fn"].dtype == "float32"  # mHC / contraction stay fp32 (design.md §2)
+
+
+def test_interop_doc_lists_every_row_of_the_name_table():
+    from dsv4cli.infer.hf_names import EXPERT_HOMES, TOP_LEVEL, layer_table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "interop.md").read_text()
+    for name, places in TOP_LEVEL.items():
+        assert f"`{name}`" in doc and all(f"`{p.targets[0]}`" in doc for p in places), name
+    for name, places in layer_table().items():
+        assert f"`layers.N.{name}`" in doc, name
+        assert all(f"`decoder.layers.N.{p.targets[0]}`" in doc for p in places), name
+    for w in ("w1", "w2", "w3"):
+        assert f"`layers.N.ffn.experts.E.{w}.weight`" in doc
+    assert f"`decoder.layers.N.{EXPERT_HOMES[0].format(e='E', fc='linear_fc1')}`" in doc

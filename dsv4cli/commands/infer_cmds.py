@@ -43,6 +43,7 @@ def generate(
       dsv4 generate runs/imported/spec.toml --load runs/imported --tokens 0,17,42 --json
       dsv4 generate specs/tiny.toml --load runs/tiny --prompt "import " --temperature 0.8 --top-p 0.9
     """
+    from dsv4cli.build import UnsupportedSpecError
     from dsv4cli.ckpt.errors import CheckpointError
     from dsv4cli.infer.generate import Sampling, generate as run, tokenizer_of
     from dsv4cli.noise import quiet_known_noise
@@ -61,7 +62,7 @@ def generate(
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     try:
         out = run(s, load, ids, sampling, tokenizer)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, UnsupportedSpecError, ValueError) as e:
         fail(f"error: {e}")
     if as_json:
         typer.echo(json.dumps(out))

@@ -83,6 +83,8 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
     mtp = sorted({k for name in sources if (k := mtp_index(name)) is not None})
     if mtp:
         raise ImportHFError(f"{hf_dir} holds MTP tensors (mtp.{mtp[0]}.*): importing MTP layers is not supported yet")
+    for source in sources.values():
+        _torch_dtype(source.dtype)
     table = layer_table()
     unknown = [name for name in sources if placements(name, table) is None]
     if unknown:
