@@ -254,15 +254,24 @@ def test_decoding_stops_at_the_eos_id_as_hf_does(imported):
     assert json.loads(result.stdout.strip().splitlines()[-1])["tokens"] == theirs
 
 
-def test_dtype_option_casts_floating_tensors_only(imported, tmp_path):
+def test_dtype_option_casts_floating_tensors_only_and_spec_out_points_at_the_checkpoint(imported, tmp_path):
     from dsv4cli.ckpt.metadata import read_checkpoint_info
+    from dsv4cli.infer.generate import Sampling, generate
+    from dsv4cli.spec.load import load_spec
 
-    result = _import(imported["root"] / "hf", tmp_path / "bf16", "--dtype", "bfloat16", "--json")
+    spec_file = tmp_path / "specs" / "bf16.toml"
+    result = _import(imported["root"] / "hf", tmp_path / "bf16", "--dtype", "bfloat16", "--spec-out", spec_file,
+                     "--json")
     assert result.exit_code == 0, result.output
     stored = read_checkpoint_info(tmp_path / "bf16").tensors
     assert stored["embedding.word_embeddings.weight"].dtype == "bfloat16"
     assert stored["decoder.layers.0.mlp.router.tid2eid"].dtype == "int64"
     assert stored["decoder.hc_head_fn"].dtype == "float32"  # mHC / contraction stay fp32 (design.md §2)
+    assert not (tmp_path / "bf16" / "spec.toml").exists()
+    spec = load_spec(spec_file)
+    assert Path(spec.checkpoint.dir) == (tmp_path / "bf16").resolve()
+    out = generate(spec, spec.checkpoint.dir, _prompt(), Sampling(max_new_tokens=3))  # computes in bf16
+    assert len(out["tokens"]) <= 3 and all(0 <= t < VOCAB for t in out["tokens"])
 
 
 def test_interop_doc_lists_every_row_of_the_name_table():
