@@ -286,3 +286,23 @@ def test_interop_doc_lists_every_row_of_the_name_table():
     for w in ("w1", "w2", "w3"):
         assert f"`layers.N.ffn.experts.E.{w}.weight`" in doc
     assert f"`decoder.layers.N.{EXPERT_HOMES[0].format(e='E', fc='linear_fc1')}`" in doc
+
+
+def test_missing_or_misshaped_tensors_are_exit_2_naming_them(hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    cases = {
+        "missing": ({k: v for k, v in tensors.items() if k != "model.layers.2.attn.compressor.ape"},
+                    "decoder.layers.2.self_attention.compressor.position_bias"),
+        "misshaped": ({**tensors, "model.layers.1.attn.wkv.weight": torch.zeros(8, 32)},
+                      "model.layers.1.attn.wkv.weight [8, 32]"),
+    }
+    for case, (content, named) in cases.items():
+        src = tmp_path / case
+        src.mkdir()
+        shutil.copy(hf_dir / "config.json", src / "config.json")
+        save_file(content, str(src / "model.safetensors"))
+        result = _import(src, tmp_path / f"{case}-out")
+        assert result.exit_code == 2 and named in result.output, (case, result.output)
+        assert not (tmp_path / f"{case}-out").exists()

@@ -114,29 +114,25 @@ def _torch_dtype(name: str):
     return getattr(torch, SAFETENSORS_DTYPES[name])
 
 
-def _region(target_shape, placement: Placement, source_shape) -> tuple[slice, tuple]:
-    """The rows of the target a placement writes and the shape that region must have."""
-    shape = tuple(source_shape) if placement.element is None else tuple(source_shape[1:]) or (1,)
-    rows = shape[0] if shape else 1
+def _region(target_shape: tuple, placement: Placement, source_shape: tuple) -> tuple[slice, tuple]:
+    """-> (the rows of the target a placement writes, the shape the source must have there)."""
+    half = target_shape[0] // 2
     if placement.part == "gate":
-        return slice(0, target_shape[0] // 2), (target_shape[0] // 2, *target_shape[1:])
+        return slice(0, half), (half, *target_shape[1:])
     if placement.part == "up":
-        return slice(target_shape[0] // 2, target_shape[0]), (target_shape[0] // 2, *target_shape[1:])
-    if placement.part == "rows":  # the first rows of a vocabulary-padded table
-        return slice(0, rows), (rows, *target_shape[1:]) if rows <= target_shape[0] else tuple(target_shape)
+        return slice(half, 2 * half), (half, *target_shape[1:])
+    if placement.part == "rows" and source_shape[0] <= target_shape[0]:  # the first rows of a padded table
+        return slice(0, source_shape[0]), (source_shape[0], *target_shape[1:])
     return slice(None), tuple(target_shape)
 
 
-def assign(model, sources: dict[str, SourceTensor], dtype=None) -> dict:
+def assign(model, sources: dict[str, SourceTensor], dtype=None) -> None:
     """Stream every source tensor into its place in `model` (checked from headers first).
 
     Each receiving parameter or buffer is replaced by a zero tensor of the source's dtype (or
-    `dtype` for floating tensors) before the copies, so padding rows stay zero. -> {name: dtype
-    name} of the receiving tensors. ImportHFError for a missing target, a shape mismatch, or model
-    tensors no source fills."""
+    `dtype` for floating tensors) before the copies, so padding rows stay zero. ImportHFError for a
+    missing target, a shape mismatch, or model tensors no source fills."""
     import torch
-
-    from dsv4cli.ckpt.metadata import dtype_name
 
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     table = layer_table()
@@ -173,7 +169,6 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None) -> dict:
             for p, target, rows in by_source[source.name]:
                 value = tensor if p.element is None else tensor[p.element].reshape(1)
                 state[target].data[rows].copy_(value)
-    return {k: dtype_name(v) for k, v in dtypes.items()}
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
