@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dsv4cli.spec.schema import Spec
 
 
 @dataclass
 class ModelReport:
-    """Module tree (folded), parameter list and totals of a built model.
-
-    `warnings`: spec features the builder cannot build yet that were replaced for the inspection
-    by a supported choice with the same parameters (e.g. the router score function)."""
+    """Module tree (folded), parameter list and totals of a built model."""
 
     tree: object  # dsv4cli.model.inventory.TreeNode
     params: list[tuple[str, tuple[int, ...]]]
     total: int
     by_group: dict[str, int]
-    warnings: list[str] = field(default_factory=list)
 
     def by_module(self) -> list[tuple[str, int, dict[str, int]]]:
         """(top-level module, parameters below it, {"mhc": n, "contraction": n} of those): the module
@@ -40,32 +36,7 @@ class ModelReport:
             "by_module": {top: {"params": n, **parts} for top, n, parts in self.by_module()},
             "params": [{"name": n, "shape": list(s)} for n, s in self.params],
             "tree": self.tree.to_json(),
-            "warnings": self.warnings,
         }
-
-
-def parameter_equivalent_spec(spec: Spec) -> tuple[Spec, list[str]]:
-    """Replace router options the builder does not implement yet by ones with the same parameters.
-
-    A router score function (sqrtsoftplus) and hash routing change how tokens are routed, not which
-    parameters exist, so the module tree and counts of such a spec can still be shown.
-    """
-    moe = spec.model.moe
-    if moe is None:
-        return spec, []
-    notes, update = [], {}
-    if moe.score_function == "sqrtsoftplus":
-        update["score_function"] = "sigmoid"
-        notes.append("model.moe.score_function 'sqrtsoftplus' is not built yet: inspected with 'sigmoid' "
-                     "(same parameters)")
-    if moe.hash_layers > 0:
-        update["hash_layers"] = 0
-        notes.append(f"model.moe.hash_layers = {moe.hash_layers}: hash routing is not built yet: inspected with "
-                     "learned routing in every layer (same parameters)")
-    if not update:
-        return spec, []
-    model = spec.model.model_copy(update={"moe": moe.model_copy(update=update)})
-    return spec.model_copy(update={"model": model}), notes
 
 
 def _group(name: str) -> str:
@@ -83,8 +54,7 @@ def _group(name: str) -> str:
 def inspect_model(spec: Spec) -> ModelReport:
     """Build the full model (parallel sizes forced to 1, local modules, meta tensors) and report it.
 
-    Raises UnsupportedSpecError for what cannot be built even for inspection; router options that
-    are not built yet are replaced as in `parameter_equivalent_spec` and named in `warnings`.
+    Raises UnsupportedSpecError for what the builder cannot build.
     """
     import torch
     from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -98,7 +68,6 @@ def inspect_model(spec: Spec) -> ModelReport:
     from dsv4cli.model.sdpa_attention import SDPACoreAttention
     from dsv4cli.spec.layout import single_process_spec
 
-    spec, notes = parameter_equivalent_spec(spec)
     with single_process(spec):
         flat = single_process_spec(spec)  # one process holds everything, vocabulary padded as under tp
         config = transformer_config(flat)
@@ -112,4 +81,4 @@ def inspect_model(spec: Spec) -> ModelReport:
     by_group: dict[str, int] = {}
     for name, shape in params:
         by_group[_group(name)] = by_group.get(_group(name), 0) + math.prod(shape)
-    return ModelReport(tree, params, sum(by_group.values()), by_group, notes)
+    return ModelReport(tree, params, sum(by_group.values()), by_group)

@@ -21,8 +21,7 @@ def inspect_model(
     and parameter counts, checked against the estimate of `dsv4 validate`.
 
     Parallel sizes are forced to 1 (the vocabulary keeps the padding of the spec's tp) and tensors
-    are shapes only, so specs of any size inspect in seconds. Router options not built yet
-    (sqrtsoftplus, hash routing) are inspected with a same-parameter stand-in and a warning.
+    are shapes only, so specs of any size inspect in seconds.
     Exit 0 when the parameters match the estimate, 1 when they do not, 2 on a bad spec."""
     resolved = spec_or_exit(spec, set_)
 
@@ -41,8 +40,6 @@ def inspect_model(
     except Exception as e:  # noqa: BLE001 - one-line error, exit 1
         fail(f"{spec}: building the model failed: {type(e).__name__}: {e}", code=1)
 
-    for note in report.warnings:
-        typer.echo(f"{spec}: warning: {note}", err=True)
     estimate = _estimate(resolved)
     matches = estimate is None or sorted(estimate) == sorted(report.params)
     if as_json:
