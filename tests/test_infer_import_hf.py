@@ -306,3 +306,14 @@ def test_missing_or_misshaped_tensors_are_exit_2_naming_them(hf_dir, tmp_path):
         result = _import(src, tmp_path / f"{case}-out")
         assert result.exit_code == 2 and named in result.output, (case, result.output)
         assert not (tmp_path / f"{case}-out").exists()
+
+
+def test_dsv4cli_never_imports_transformers():
+    """Import and generate run dsv4's own model; transformers is a test-only dependency."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"^\s*(from|import)\s+transformers\b", re.M)
+    offenders = [str(p.relative_to(root)) for d in ("dsv4cli", "kernels") for p in (root / d).rglob("*.py")
+                 if pattern.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
