@@ -317,3 +317,11 @@ def test_dsv4cli_never_imports_transformers():
     offenders = [str(p.relative_to(root)) for d in ("dsv4cli", "kernels") for p in (root / d).rglob("*.py")
                  if pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def test_config_reading_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, dsv4cli.infer.hf_config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
