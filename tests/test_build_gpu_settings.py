@@ -233,3 +233,21 @@ def test_slurm_script_exports_the_gpu_launch_env(tmp_path):
     assert not tp2.problems, tp2.problems
     assert line in slurm_script(tp2).splitlines()
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in slurm_script(plan_launch(spec, []))
+
+
+@pytest.mark.parametrize("avail", [CUDA_TE, CUDA_APEX], ids=["cuda+te", "cuda+apex"])
+def test_swiglu_clamp_keeps_the_unfused_activation_on_cuda(monkeypatch, tiny_spec, avail):
+    """The fused SwiGLU kernels skip the clamp: a clamped spec gets no bias_activation_fusion, and the
+    config it builds passes the DSv4 MoE layer's own check; the same spec unclamped keeps the fusion."""
+    from dsv4cli.build import config, gpu_settings as gs
+    from dsv4cli.model.dsv4.experts import check_clamped_swiglu
+
+    clamped = {"model.moe": {**MOE["model.moe"], "score_function": "sqrtsoftplus", "swiglu_limit": 7.0}}
+    assert gpu_settings(tiny_spec(**MOE), avail).config["bias_activation_fusion"]
+    assert not gpu_settings(tiny_spec(**clamped), avail).config["bias_activation_fusion"]
+    if avail is CUDA_TE:
+        return  # megatron's TransformerConfig checks that TE is really installed
+    monkeypatch.setattr(gs, "probe", lambda: avail)
+    cfg = config.transformer_config(tiny_spec(**clamped))
+    assert cfg.activation_func_clamp_value == 7.0 and not cfg.bias_activation_fusion
+    check_clamped_swiglu(cfg)  # would raise for a fused activation

@@ -100,16 +100,50 @@ def test_moe_model_forward_backward(tiny_spec):
     assert all(p.grad is not None for n, p in model.named_parameters() if "router" in n or "hyper" in n)
 
 
-@pytest.mark.parametrize("moe", [
-    {"score_function": "sqrtsoftplus"},
-    {"hash_layers": 1},
+@pytest.mark.parametrize("moe,other,key", [
+    ({"hash_layers": 1}, {}, "model.moe.hash_layers: hash routing (hash_layers > 0) is not supported with this score"),
+    ({"hash_layers": 1, "score_function": "sqrtsoftplus"}, {"model.mhc.streams": 1},
+     "model.moe.hash_layers: hash routing (hash_layers > 0) is not supported with model.mhc.streams = 1"),
+    ({"hash_layers": 1, "score_function": "sqrtsoftplus"}, {"train.recompute": "full"},
+     "train.recompute: full recompute with hash routing"),
+    ({"score_function": "sqrtsoftplus", "aux_loss_coeff": 0.01}, {}, "model.moe.aux_loss_coeff: an auxiliary"),
 ])
-def test_unsupported_router_options_raise_clear_error(tiny_spec, moe):
+def test_router_options_not_built_raise_clear_error(tiny_spec, moe, other, key):
     from dsv4cli.build import UnsupportedSpecError, transformer_config
 
-    spec = tiny_spec(**{"model.moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16, **moe}})
-    with pytest.raises(UnsupportedSpecError, match="not supported by the model builder"):
+    spec = tiny_spec(**{"model.moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16, **moe}, **other})
+    with pytest.raises(UnsupportedSpecError, match=key.replace("(", r"\(").replace(")", r"\)")):
         transformer_config(spec)
+
+
+def test_sqrtsoftplus_hash_routed_clamped_moe_trains(tiny_spec):
+    """DeepSeek-V4's MoE from the spec: hash router on layer 0 (token ids threaded from the model),
+    sqrt(softplus) top-k elsewhere (MTP too), clamped SwiGLU; every router and expert gets a gradient
+    (the hash table and the expert bias are buffers)."""
+    from dsv4cli.model.dsv4.router import HashRouter, SqrtSoftplusTopKRouter
+
+    moe = {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16, "num_shared_experts": 1,
+           "score_function": "sqrtsoftplus", "hash_layers": 1, "swiglu_limit": 0.5, "routed_scaling_factor": 1.5}
+    model = _build(tiny_spec(**{"model.moe": moe}))
+    assert isinstance(model.decoder.layers[0].mlp.router, HashRouter)
+    assert isinstance(model.decoder.layers[1].mlp.router, SqrtSoftplusTopKRouter)
+    assert isinstance(model.mtp.layers[0].transformer_layer.mlp.router, SqrtSoftplusTopKRouter)
+    assert model.config.activation_func_clamp_value == 0.5
+    loss, _ = _fwd_bwd(model)
+    assert torch.isfinite(loss).all()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "router" in n or "experts" in n)
+    router = model.decoder.layers[0].mlp.router
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (B, S), generator=g)
+    pos = torch.arange(S).expand(B, S).contiguous()
+    model.eval()
+    with torch.no_grad():
+        before = model(ids, pos, None, labels=ids)
+        router.tid2eid.copy_((router.tid2eid + 1) % 4)  # other experts for every token id
+        after = model(ids, pos, None, labels=ids)
+    assert not torch.allclose(before, after), "the hash table (looked up by the model's token ids) is not used"
+    with pytest.raises(RuntimeError, match="token ids"):  # called without them
+        model.decoder.layers[0](torch.randn(S, B, model.decoder.streams * 32))
 
 
 def test_mtp_loss_scale_enters_gradients_linearly(tiny_spec):
@@ -255,3 +289,32 @@ def test_top1_softmax_router_builds_and_trains(tiny_spec):
     loss, _ = _fwd_bwd(model)
     assert torch.isfinite(loss).all()
     assert model.decoder.layers[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+DSV4_ATTENTION = {"layer_types": ["csa", "hca", "sliding"], "compress_ratios": [4, 8, 0], "head_dim": 16,
+                  "rope_head_dim": 8, "q_lora_rank": 16, "o_groups": 2, "o_lora_rank": 8, "sliding_window": 8,
+                  "index_n_heads": 2, "index_head_dim": 8, "index_topk": 2}
+
+
+@pytest.mark.parametrize("other", [
+    {"model.mhc.streams": 1},  # megatron's own TransformerLayer and MTP layer around DeepSeek-V4 attention
+    {"model.mhc.streams": 1, "model.moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16,
+                                           "score_function": "sqrtsoftplus", "swiglu_limit": 1.0}},
+    {},  # mHC, dense MLP
+], ids=["streams1", "streams1_moe", "mhc_dense"])
+def test_deepseek_v4_attention_trains_in_every_layer_kind(tiny_spec, other):
+    """[model.attention] in decoder layers (CSA, HCA) and the MTP depth (sliding): every parameter but
+    the indexer's (a discrete choice) gets a gradient; full recompute gives the same loss and grads."""
+    spec = tiny_spec(**{"model.attention": DSV4_ATTENTION, **other})
+    model = _build(spec)
+    kinds = [layer.self_attention.settings.kind for layer in model.decoder.layers]
+    assert kinds == ["compressed_sparse", "heavily_compressed"]
+    assert model.mtp.layers[0].transformer_layer.self_attention.settings.kind == "sliding"
+    loss, _ = _fwd_bwd(model)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all((g is None) == (".indexer." in n) for n, g in grads.items()), [n for n, g in grads.items() if g is None]
+    again = _build(spec.model_copy(update={"train": spec.train.model_copy(update={"recompute": "full"})}))
+    loss_rc, _ = _fwd_bwd(again)
+    assert torch.equal(loss, loss_rc)
+    for n, p in again.named_parameters():
+        assert (p.grad is None and grads[n] is None) or torch.allclose(p.grad, grads[n], atol=1e-6, rtol=0), n

@@ -52,10 +52,9 @@ def _messages(problems, severity=None) -> list[str]:
     return [p.message for p in problems if severity is None or p.severity == severity]
 
 
-def test_valid_attention_spec_has_only_the_not_built_warning(tmp_path):
+def test_valid_attention_spec_has_no_problems(tmp_path):
     problems = _problems(tmp_path, BASE)
-    assert [p.key for p in problems] == ["model.attention"], _messages(problems)
-    assert problems[0].severity == "warning"
+    assert problems == [], _messages(problems)
 
 
 def test_layer_list_must_cover_decoder_layers_and_mtp(tmp_path):
@@ -104,11 +103,10 @@ def test_unknown_layer_type_is_a_schema_error(tmp_path):
     assert "layer_types" in str(err.value)
 
 
-def test_builder_refuses_attention_until_built(tmp_path):
+def test_builder_accepts_attention(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text(BASE)
-    with pytest.raises(UnsupportedSpecError, match="model.attention"):
-        check_supported(load_spec(str(path), []))
+    check_supported(load_spec(str(path), []))  # built (dsv4cli/build/dsv4_specs.py): nothing refused
 
 
 MOE = """

@@ -294,8 +294,8 @@ def test_warnings_are_printed_but_exit_0(tmp_path):
 
 
 @pytest.mark.parametrize("extra,key", [
-    (MOE.replace('"softmax"', '"sqrtsoftplus"'), "model.moe.score_function"),
-    (MOE + "hash_layers = 1\n", "model.moe.hash_layers"),
+    (MOE.replace('"softmax"', '"sqrtsoftplus"') + "aux_loss_coeff = 0.01\n", "model.moe.aux_loss_coeff"),
+    (MOE + "hash_layers = 1\n", "model.moe.hash_layers"),  # hash routing weighs by sqrt(softplus) only
 ])
 def test_unsupported_features_warn_in_validate_and_are_errors_for_train(tmp_path, extra, key):
     from dsv4cli.spec.check import check_spec

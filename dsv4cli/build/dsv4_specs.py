@@ -59,12 +59,26 @@ def is_hash_layer(spec: Spec, index: int) -> bool:
     return m.moe is not None and index < min(m.moe.hash_layers, m.num_layers)
 
 
+def buffer_inventory(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    """The saved buffers of the model built from `spec` (DeepSeek-V4's routers): `tid2eid [vocab, top_k]`
+    int64 of each hash-routed layer, `expert_bias [num_experts]` fp32 of every other MoE layer (MTP too);
+    [(state-dict name, shape)]. Parameters are `dsv4cli.spec.estimate.param_inventory`'s."""
+    m = spec.model
+    if not uses_dsv4_router(spec):
+        return []
+    prefixes = [f"decoder.layers.{i}" for i in range(m.num_layers)]
+    prefixes += [f"mtp.layers.{k}.transformer_layer" for k in range(m.mtp.depth)]
+    return [(f"{p}.mlp.router.tid2eid", (m.vocab_size, m.moe.top_k)) if is_hash_layer(spec, index)
+            else (f"{p}.mlp.router.expert_bias", (m.moe.num_experts,)) for index, p in enumerate(prefixes)]
+
+
 def dsv4_layer_spec(spec: Spec, layer, index: int, norm):
     """A layer's ModuleSpec (megatron's TransformerLayer submodules) -> the same with DeepSeek-V4's
     attention (when [model.attention] is set) and MoE (sqrtsoftplus router) for layer `index`.
 
     `norm`: the backend's norm class, the input norm in front of DeepSeek-V4 attention (the TE
     spec fuses that norm into linear_qkv, which this attention does not have)."""
+    from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from dsv4cli.model.dsv4.attention import Dsv4Attention
@@ -76,7 +90,8 @@ def dsv4_layer_spec(spec: Spec, layer, index: int, norm):
         sub = replace(
             sub,
             input_layernorm=norm,
-            self_attention=ModuleSpec(module=Dsv4Attention, params={"settings": attention_settings(spec, index)}),
+            self_attention=ModuleSpec(module=Dsv4Attention, params={"settings": attention_settings(spec, index),
+                                                                    "attn_mask_type": AttnMaskType.causal}),
             sharded_state_dict_keys_map=keys_map,
         )
     if uses_dsv4_router(spec):

@@ -165,9 +165,10 @@ def check_conformance(info: CheckpointInfo, spec: Any = None, spec_source: Optio
 
 
 def _inventory_problems(info: CheckpointInfo, spec: Any) -> list[Problem]:
+    from dsv4cli.build.dsv4_specs import buffer_inventory
     from dsv4cli.spec.estimate import param_inventory
 
-    expected = {_alias(n): tuple(s) for n, s in param_inventory(spec)}
+    expected = {_alias(n): tuple(s) for n, s in [*param_inventory(spec), *buffer_inventory(spec)]}
     stored = canonical_tensors(info.model_tensors())
     grouped: dict[tuple[str, str], list[str]] = {}
     details: dict[tuple[str, str], str] = {}

@@ -5,7 +5,10 @@ the mHC / contraction constants have one source: `dsv4cli.build.config.transform
 MTP uses megatron's own fields (`mtp_num_layers`, `mtp_loss_scaling_factor`).
 
 New model features add their fields here (with a default that leaves the model unchanged) and set
-them in `transformer_config`; `hidden_size` stays h (the width of one stream).
+them in `transformer_config`; `hidden_size` stays h (the width of one stream). Settings that differ
+per layer (DeepSeek-V4 attention's kind, ratio and sizes; hash vs top-k router) travel in that
+layer's ModuleSpec instead (dsv4cli/build/dsv4_specs.py); the SwiGLU clamp and the router sizes are
+megatron's own fields (`activation_func_clamp_value`, `moe_router_topk`, ...).
 """
 
 from __future__ import annotations

@@ -22,14 +22,14 @@ UNSUPPORTED: tuple[tuple[str, Callable[[Spec], bool], str], ...] = (
     (
         "model.moe.hash_layers",
         lambda s: _hash_routed(s) and s.model.moe.score_function != "sqrtsoftplus",
-        "hash routing (hash_layers > 0) is built with DeepSeek-V4's sqrt(softplus) expert weights only: "
-        "set model.moe.score_function = 'sqrtsoftplus'",
+        "hash routing (hash_layers > 0) is not supported with this score_function: it weights experts by "
+        "DeepSeek-V4's sqrt(softplus) scores (set model.moe.score_function = 'sqrtsoftplus')",
     ),
     (
         "model.moe.hash_layers",
         lambda s: _hash_routed(s) and s.model.mhc.streams == 1,
-        "hash routing (hash_layers > 0) needs mHC (model.mhc.streams > 1): megatron's own layer does not "
-        "pass the token ids on",
+        "hash routing (hash_layers > 0) is not supported with model.mhc.streams = 1 yet: megatron's own layer "
+        "does not pass the token ids on",
     ),
     (
         "train.recompute",
@@ -41,8 +41,8 @@ UNSUPPORTED: tuple[tuple[str, Callable[[Spec], bool], str], ...] = (
         "model.moe.aux_loss_coeff",
         lambda s: s.model.moe is not None and s.model.moe.score_function == "sqrtsoftplus"
         and s.model.moe.aux_loss_coeff > 0,
-        "DeepSeek-V4's routers (score_function 'sqrtsoftplus') have no auxiliary load-balancing loss: "
-        "set model.moe.aux_loss_coeff = 0",
+        "an auxiliary load-balancing loss is not supported with score_function 'sqrtsoftplus' (DeepSeek-V4's "
+        "routers balance with the expert bias): set model.moe.aux_loss_coeff = 0",
     ),
     (
         "parallel.cp",

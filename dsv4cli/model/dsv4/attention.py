@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -39,6 +40,7 @@ from dsv4cli.model.dsv4.compressor import (
 from dsv4cli.model.dsv4.indexer import INDEXER_TENSOR_NAMES, Dsv4Indexer, selected_entries
 from dsv4cli.model.dsv4.norm import RMSNorm, rms_normalize
 from dsv4cli.model.dsv4.rope import Rotation
+from dsv4cli.model.fp32_params import KeepFp32Params
 from dsv4cli.model.hyper_connection import param_device
 
 # ours -> (DeepSeek's / the safetensors file's name under `layers.N.attn.`, HF's module name under
@@ -93,8 +95,13 @@ def grouped_projection(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     return y.flatten(-2)
 
 
-class Dsv4Attention(MegatronModule):
-    """DeepSeek-V4 self-attention with megatron's `SelfAttention.forward` contract: [s, b, h] -> ([s, b, h], None)."""
+class Dsv4Attention(KeepFp32Params, MegatronModule):
+    """DeepSeek-V4 self-attention with megatron's `SelfAttention.forward` contract: [s, b, h] -> ([s, b, h], None).
+
+    The sinks stay fp32 through `.bfloat16()` (like the norm weights and position biases below it)."""
+
+    def fp32_param_names(self) -> list[str]:
+        return ["sinks"]
 
     def __init__(
         self,
@@ -103,8 +110,12 @@ class Dsv4Attention(MegatronModule):
         layer_number: int = 1,
         pg_collection=None,
         cp_comm_type: Optional[str] = None,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
     ):
         super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:  # megatron's MTP layer reads it from the spec's params
+            raise ValueError(f"DeepSeek-V4 attention is causal; got attn_mask_type {attn_mask_type}")
+        self.attn_mask_type = attn_mask_type
         if config.context_parallel_size != 1:
             raise ValueError("DeepSeek-V4 attention does not support context parallelism yet")
         self.settings, self.layer_number = settings, layer_number

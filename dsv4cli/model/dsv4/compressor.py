@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from dsv4cli.model.dsv4.attention_settings import RopeSettings
 from dsv4cli.model.dsv4.norm import RMSNorm
 from dsv4cli.model.dsv4.rope import Rotation
+from dsv4cli.model.fp32_params import KeepFp32Params
 from dsv4cli.model.hyper_connection import param_device
 
 # ours -> (DeepSeek's / the safetensors file's name, HF transformers' module name)
@@ -60,8 +61,12 @@ def linear_weight(config: TransformerConfig, out_features: int, in_features: int
     return layer
 
 
-class Dsv4Compressor(MegatronModule):
-    """x [s, b, h] -> compressed entries [s // ratio, b, head_dim] (see the module docstring)."""
+class Dsv4Compressor(KeepFp32Params, MegatronModule):
+    """x [s, b, h] -> compressed entries [s // ratio, b, head_dim] (see the module docstring).
+    `position_bias` stays fp32 through `.bfloat16()`."""
+
+    def fp32_param_names(self) -> list[str]:
+        return ["position_bias"]
 
     def __init__(
         self,

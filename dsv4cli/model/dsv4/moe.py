@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import replace
 from typing import Optional
 
@@ -48,8 +49,20 @@ class Dsv4MoELayer(MoELayer):
             return super().forward(hidden_states, intermediate_tensors, padding_mask)
 
 
+class _KnownMlpNotice(logging.Filter):
+    """Drops megatron's "Unknown MLP type" notice: TransformerLayer logs it for every MLP class not in
+    its own list (here Dsv4MoELayer, which then takes megatron's default process groups itself, as
+    megatron's MoELayer does when given none). Installed by `dsv4_moe_spec`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
 def dsv4_moe_spec(moe_spec: ModuleSpec, *, hash_routed: bool, vocab_size: int) -> ModuleSpec:
     """megatron's MoE ModuleSpec -> the same experts under Dsv4MoELayer with a hash router
     (a [vocab_size, k] table) or the sqrt(softplus) top-k router."""
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _KnownMlpNotice) for f in layer_logger.filters):
+        layer_logger.addFilter(_KnownMlpNotice())
     router = functools.partial(HashRouter, vocab_size=vocab_size) if hash_routed else SqrtSoftplusTopKRouter
     return replace(moe_spec, module=Dsv4MoELayer, submodules=replace(moe_spec.submodules, router=router))

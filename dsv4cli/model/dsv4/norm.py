@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from dsv4cli.model.fp32_params import KeepFp32Params
+
 
 def rms_normalize(x: Tensor, eps: float, weight: Optional[Tensor] = None) -> Tensor:
     """[..., d] -> [..., d]: x * rsqrt(mean(x^2) + eps) (times `weight` [d] when given), in x's dtype."""
@@ -17,8 +19,9 @@ def rms_normalize(x: Tensor, eps: float, weight: Optional[Tensor] = None) -> Ten
     return y.to(x.dtype)
 
 
-class RMSNorm(torch.nn.Module):
-    """Weighted RMSNorm whose weight [d] is kept in fp32 (DeepSeek keeps every norm weight in fp32)."""
+class RMSNorm(KeepFp32Params, torch.nn.Module):
+    """Weighted RMSNorm whose weight [d] is kept in fp32 (DeepSeek keeps every norm weight in fp32),
+    also through a mixed-precision wrapper's `.bfloat16()`."""
 
     def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
