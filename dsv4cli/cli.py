@@ -5,7 +5,7 @@ from __future__ import annotations
 from dsv4cli.commands.app import app
 
 # Importing a command module registers its commands on `app`.
-from dsv4cli.commands import spec_cmds, model_cmds, train_cmds, ckpt_cmds, sweep_cmds  # noqa: F401,E402
+from dsv4cli.commands import spec_cmds, model_cmds, train_cmds, ckpt_cmds, sweep_cmds, infer_cmds  # noqa: F401,E402
 
 
 def main() -> None:

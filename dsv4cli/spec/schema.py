@@ -194,6 +194,9 @@ class DataSpec(_Section):
     paths: list[str] = Field(default_factory=list, description="Indexed dataset prefixes (source = indexed).")
     weights: list[float] = Field(default_factory=list, description="Blend weights, one per path.")
     tokenizer: str = Field("byte", description="'byte' or path to a local HF tokenizer.json.")
+    eos_token_ids: list[int] = Field(
+        default_factory=list, description="Token ids that end a sequence in `dsv4 generate` (empty: never stop early)."
+    )
     valid_fraction: float = Field(0.05, gt=0, lt=1, description="Held-out share of documents.")
 
 

@@ -50,7 +50,7 @@ ATTENTION_TENSOR_NAMES = {
     "q_norm.weight": ("q_norm.weight", "q_a_norm.weight"),
     "linear_q_up.weight": ("wq_b.weight", "q_b_proj.weight"),
     "linear_kv.weight": ("wkv.weight", "kv_proj.weight"),
-    "kv_norm.weight": ("kv_norm.weight", "kv_norm.weight"),
+    "kv_norm.weight": ("norm.weight", "kv_norm.weight"),
     "linear_o_down.weight": ("wo_a.weight", "o_a_proj.weight"),
     "linear_o_up.weight": ("wo_b.weight", "o_b_proj.weight"),
     "sinks": ("attn_sink", "sinks"),

@@ -1,4 +1,4 @@
-"""Tokenizers: UTF-8 bytes or a local HF `tokenizer.json`; each has vocab_size, eod and encode_array."""
+"""Tokenizers: UTF-8 bytes or a local HF `tokenizer.json`; each has vocab_size, eod, encode_array and decode."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="replace"))
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text; ids >= 256 (eod, padding) are dropped, bad UTF-8 becomes U+FFFD."""
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
     def tokenize(self, text: str) -> list[int]:
         return self.encode(text)
@@ -62,6 +66,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def tokenize(self, text: str) -> list[int]:
         return self.encode(text)

@@ -1,0 +1,117 @@
+"""CLI commands of the inference/interop area (thin: parse, call the library, render): generate, import-hf."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+from dsv4cli.commands.app import app
+from dsv4cli.commands.common import fail, json_option, set_option, spec_argument, spec_or_exit
+
+
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        fail(f"error: --tokens must be comma-separated integers, got {text!r}")
+
+
+@app.command("generate")
+def generate(
+    spec: str = spec_argument("Spec of the checkpoint's model."),
+    load: str = typer.Option(..., "--load", metavar="DIR", help="Checkpoint root (-> latest) or one iter_* directory."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", metavar="TEXT", help="Prompt text (data.tokenizer encodes it; no BOS added)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", metavar="ID,ID,...", help="Prompt token ids, used exactly as given."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, metavar="N", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, metavar="T", help="0 = greedy; > 0 samples from softmax(logits / T)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, metavar="P", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the sampler."),
+    set_: Optional[List[str]] = set_option("model.mhc.streams=8", note=" to match the checkpoint's model"),
+    as_json: bool = json_option('Print {"tokens": [generated ids], "text": ..., "prompt_logprobs": [...]}.'),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
+) -> None:
+    """Continue a prompt with a checkpoint's model (one process, CPU or one GPU), greedy by default.
+
+    A full forward pass per new token; decoding stops after an id of data.eos_token_ids.
+
+    Examples:
+
+    \b
+      dsv4 generate specs/tiny.toml --load runs/tiny --prompt "def main("
+      dsv4 generate runs/imported/spec.toml --load runs/imported --tokens 0,17,42 --json
+      dsv4 generate specs/tiny.toml --load runs/tiny --prompt "import " --temperature 0.8 --top-p 0.9
+    """
+    from dsv4cli.build import UnsupportedSpecError
+    from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.infer.generate import Sampling, generate as run, tokenizer_of
+    from dsv4cli.noise import quiet_known_noise
+
+    if (prompt is None) == (tokens is None):
+        fail("error: give exactly one of --prompt TEXT and --tokens ID,ID,...")
+    quiet_known_noise(verbose)
+    s = spec_or_exit(spec, set_)
+    tokenizer = tokenizer_of(s)
+    if prompt is not None:
+        if tokenizer is None:
+            fail(f"error: data.tokenizer ({s.data.tokenizer!r}) cannot encode text for this model; use --tokens")
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = _parse_tokens(tokens)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    try:
+        out = run(s, load, ids, sampling, tokenizer)
+    except (CheckpointError, UnsupportedSpecError, ValueError) as e:
+        fail(f"error: {e}")
+    if as_json:
+        typer.echo(json.dumps(out))
+    elif out["text"] is not None:
+        typer.echo(out["text"])
+    else:
+        typer.echo(",".join(str(t) for t in out["tokens"]))
+
+
+@app.command("import-hf")
+def import_hf(
+    hf_dir: str = typer.Argument(..., metavar="HF_DIR", help="Directory written by DeepseekV4ForCausalLM.save_pretrained."),
+    out: str = typer.Argument(..., metavar="OUT", help="New checkpoint directory (must not exist, or be empty)."),
+    spec_out: Optional[str] = typer.Option(None, "--spec-out", metavar="FILE", help="Where to write the spec (default OUT/spec.toml)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="float32|bfloat16|float16",
+                                        help="Cast floating tensors (default: keep each stored dtype)."),
+    as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "notes"}.'),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
+) -> None:
+    """Import a HF DeepSeek-V4 directory (config.json + safetensors) as a dsv4 checkpoint and spec.
+
+    Builds dsv4's own model from the config in one process and copies every tensor into it by name
+    (docs/interop.md); an unknown tensor name is an error. HF_DIR is never written to.
+
+    Examples:
+
+    \b
+      dsv4 import-hf hf/DeepSeek-V4-tiny runs/imported
+      dsv4 generate runs/imported/spec.toml --load runs/imported --tokens 0,17,42 --json
+    """
+    from dsv4cli.infer.import_hf import ImportHFError, import_hf as run
+    from dsv4cli.noise import quiet_known_noise
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        fail(f"error: --dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    quiet_known_noise(verbose)
+    try:
+        result = run(hf_dir, out, spec_out, dtype)
+    except ImportHFError as e:
+        fail(f"error: {e}")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from dsv4cli.commands.common import human_bytes
+
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result["dtypes"].items()))
+    typer.echo(f"imported {hf_dir} -> {result['checkpoint']}: {result['tensors']} tensors, "
+               f"{human_bytes(result['bytes'])} ({kinds})")
+    typer.echo(f"spec: {result['spec']}")
+    for note in result["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(f"try: dsv4 generate {result['spec']} --load {result['out']} --tokens 0,1,2")

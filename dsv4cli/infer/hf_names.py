@@ -1,0 +1,127 @@
+"""The one name table of `dsv4 import-hf`: a tensor of a DeepSeek-V4 safetensors directory -> where it
+goes in dsv4's model (module / state-dict names; docs/interop.md lists every row).
+
+Source names are DeepSeek's original ones, which HF transformers writes on `save_pretrained`
+(it reverses its conversion mapping), under an optional `model.` prefix:
+`model.layers.3.attn.wq_a.weight`, `model.layers.3.ffn.experts.7.w1.weight`, `head.weight`, ...
+The release's spellings of the top-level tensors (`embed.weight`, `hc_head_fn`) are accepted too.
+
+A `Placement` says which dsv4 tensor receives a source tensor and which part of it: the whole
+tensor, its first rows (the embedding / output layer / hash table are padded to the padded
+vocabulary; the padding rows stay zero), one half of a fused SwiGLU `linear_fc1` ([gate; up]
+stacked by rows: w1 is the gate, w3 the up projection), or one element of a `[3]` mHC scale
+(pre, post, res -> alpha_pre, alpha_post, alpha_res). Expert weights have two possible homes,
+megatron's SequentialMLP (`local_experts.E.linear_fc1.weight`) and its grouped experts
+(`linear_fc1.weightE`): the first one the model has is used.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+MODEL_PREFIX = "model."
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one source tensor goes: `targets` (candidate dsv4 names, the first the model has),
+    `part` ("all", "rows", "gate", "up") and `element` (take source[element], for split scales)."""
+
+    targets: tuple[str, ...]
+    part: str = "all"
+    element: Optional[int] = None
+
+
+def _one(target: str, part: str = "all", element: Optional[int] = None) -> list[Placement]:
+    return [Placement((target,), part, element)]
+
+
+TOP_LEVEL: dict[str, list[Placement]] = {
+    "embed_tokens.weight": _one("embedding.word_embeddings.weight", "rows"),
+    "embed.weight": _one("embedding.word_embeddings.weight", "rows"),
+    "head.weight": _one("output_layer.weight", "rows"),
+    "lm_head.weight": _one("output_layer.weight", "rows"),
+    "norm.weight": _one("decoder.final_layernorm.weight"),
+    "hc_head.hc_fn": _one("decoder.hc_head_fn"),
+    "hc_head.hc_base": _one("decoder.hc_head_base"),
+    "hc_head.hc_scale": _one("decoder.hc_head_scale"),
+    "hc_head_fn": _one("decoder.hc_head_fn"),
+    "hc_head_base": _one("decoder.hc_head_base"),
+    "hc_head_scale": _one("decoder.hc_head_scale"),
+}
+"""Tensors outside the layers: source name (after `model.`) -> placements."""
+
+
+def _hyper_connection(ours: str) -> dict[str, list[Placement]]:
+    return {
+        "fn": _one(f"{ours}.mapping_proj.weight"),
+        "base": _one(f"{ours}.bias"),
+        "scale": [Placement((f"{ours}.alpha_{g}",), "all", i) for i, g in enumerate(("pre", "post", "res"))],
+    }
+
+
+def _swiglu(prefix: str, ours: list[str]) -> dict[str, list[Placement]]:
+    """w1 (gate), w3 (up) -> halves of linear_fc1; w2 -> linear_fc2. `ours`: candidate homes, '{fc}' in each."""
+    return {
+        f"{prefix}w1.weight": [Placement(tuple(o.format(fc="linear_fc1") for o in ours), "gate")],
+        f"{prefix}w3.weight": [Placement(tuple(o.format(fc="linear_fc1") for o in ours), "up")],
+        f"{prefix}w2.weight": [Placement(tuple(o.format(fc="linear_fc2") for o in ours), "all")],
+    }
+
+
+def layer_table() -> dict[str, list[Placement]]:
+    """Tensors of decoder layer i, except the routed experts: name under `layers.{i}.` -> placements
+    under `decoder.layers.{i}.`."""
+    from dsv4cli.model.dsv4.attention import ATTENTION_TENSOR_NAMES, COMPRESSED_TENSOR_NAMES, SPARSE_TENSOR_NAMES
+
+    table = {
+        "attn_norm.weight": _one("input_layernorm.weight"),
+        "ffn_norm.weight": _one("pre_mlp_layernorm.weight"),
+        "ffn.gate.weight": _one("mlp.router.weight"),
+        "ffn.gate.bias": _one("mlp.router.expert_bias"),
+        "ffn.gate.tid2eid": _one("mlp.router.tid2eid", "rows"),
+        **_swiglu("ffn.shared_experts.", ["mlp.shared_experts.{fc}.weight"]),
+    }
+    for ds, ours in (("hc_attn_", "self_attention_hyper_connection"), ("hc_ffn_", "mlp_hyper_connection")):
+        table.update({ds + k: v for k, v in _hyper_connection(ours).items()})
+    for names in (ATTENTION_TENSOR_NAMES, COMPRESSED_TENSOR_NAMES, SPARSE_TENSOR_NAMES):
+        table.update({f"attn.{ds}": _one(f"self_attention.{ours}") for ours, (ds, _hf) in names.items()})
+    return table
+
+
+EXPERT_HOMES = ("mlp.experts.local_experts.{e}.{fc}.weight", "mlp.experts.{fc}.weight{e}")
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123]\.weight)$")
+_MTP = re.compile(r"^mtp\.(\d+)\.")
+
+
+def strip_prefix(name: str) -> str:
+    return name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name
+
+
+def mtp_index(name: str) -> Optional[int]:
+    """The MTP layer a source tensor belongs to (`mtp.K.` / `model.mtp.K.`), else None."""
+    m = _MTP.match(strip_prefix(name))
+    return int(m.group(1)) if m else None
+
+
+def placements(name: str, layers: Optional[dict[str, list[Placement]]] = None) -> Optional[list[Placement]]:
+    """Where source tensor `name` goes in dsv4's model; None for a name this table does not know.
+    `layers`: layer_table() (passed in when called for many names)."""
+    short = strip_prefix(name)
+    if short in TOP_LEVEL:
+        return TOP_LEVEL[short]
+    m = _LAYER.match(short)
+    if not m:
+        return None
+    i, rest = m.group(1), m.group(2)
+    e = _EXPERT.match(rest)
+    if e:
+        homes = [f"decoder.layers.{i}." + h.replace("{e}", e.group(1)) for h in EXPERT_HOMES]
+        return _swiglu("", homes)[e.group(2)]
+    found = (layers if layers is not None else layer_table()).get(rest)
+    if found is None:
+        return None
+    return [Placement(tuple(f"decoder.layers.{i}.{t}" for t in p.targets), p.part, p.element) for p in found]

@@ -1,0 +1,238 @@
+"""`dsv4 import-hf`: a DeepSeek-V4 directory written by HF transformers' `save_pretrained` -> a dsv4
+checkpoint (model weights only) and the spec of its model (docs/interop.md).
+
+    HF_DIR/config.json [+ generation_config.json, tokenizer.json]   read (never written)
+    HF_DIR/*.safetensors [+ model.safetensors.index.json]          read one tensor at a time
+    OUT/latest_checkpointed_iteration.txt, OUT/iter_0000000/       dsv4's torch_dist checkpoint
+    OUT/spec.toml (or --spec-out), OUT/tokenizer.json (if HF_DIR has one)
+
+Steps: config.json -> Spec (hf_config.py); every source name -> its place in dsv4's model
+(hf_names.py; an unknown name is an error naming it), shapes and coverage checked from the headers
+before any data is read; dsv4's model is built from the spec in one process; each tensor is
+streamed into place (in its stored dtype, or `dtype`); the checkpoint is saved with dsv4's own
+save into a hidden directory next to OUT that is renamed to OUT at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
+from dsv4cli.infer.hf_names import Placement, layer_table, mtp_index, placements
+from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream, tensor_sources
+
+SPEC_NAME = "spec.toml"
+TOKENIZER = "tokenizer.json"
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class ImportHFError(ValueError):
+    """Bad input to import-hf (exit 2): a config dsv4 cannot express, an unknown or mis-shaped tensor, ..."""
+
+
+@dataclass
+class ImportPlan:
+    """What an import will do, decided from config.json and the safetensors headers alone."""
+
+    hf_dir: Path
+    out: Path
+    spec_file: Path
+    spec_text: str
+    spec: object
+    sources: dict[str, SourceTensor]
+    tokenizer: Optional[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def _relative(target: Path, start: Path) -> str:
+    return os.path.relpath(target.resolve(), start.resolve())
+
+
+def _check_paths(hf_dir: Path, out: Path, spec_file: Path) -> None:
+    if not (hf_dir / "config.json").is_file():
+        raise ImportHFError(f"{hf_dir}: no config.json (not a saved HF model directory)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ImportHFError(f"{out} exists and is not an empty directory")
+    src, dst, spec = hf_dir.resolve(), out.resolve(), spec_file.resolve()
+    for path in (dst, spec):
+        if path == src or src in path.parents:
+            raise ImportHFError(f"{path} is inside {hf_dir}: the source directory is never written to")
+    if dst in src.parents:
+        raise ImportHFError(f"{hf_dir} is inside {out}")
+
+
+def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None) -> ImportPlan:
+    """Read config.json and the tensor headers, build the spec, check names. ImportHFError when bad."""
+    from dsv4cli.spec.load import spec_to_toml
+    from dsv4cli.spec.schema import Spec
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    spec_file = Path(spec_out) if spec_out is not None else out / SPEC_NAME
+    _check_paths(hf_dir, out, spec_file)
+    try:
+        cfg = read_json(hf_dir / "config.json")
+        generation = read_json(hf_dir / "generation_config.json") if (hf_dir / "generation_config.json").is_file() else None
+        sources = tensor_sources(hf_dir)
+    except (HFConfigError, SafetensorsError) as e:
+        raise ImportHFError(str(e)) from None
+    mtp = sorted({k for name in sources if (k := mtp_index(name)) is not None})
+    if mtp:
+        raise ImportHFError(f"{hf_dir} holds MTP tensors (mtp.{mtp[0]}.*): importing MTP layers is not supported yet")
+    for source in sources.values():
+        _torch_dtype(source.dtype)
+    table = layer_table()
+    unknown = [name for name in sources if placements(name, table) is None]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ImportHFError(f"unknown tensor {unknown[0]} in {sources[unknown[0]].file.name}{more}: "
+                            "dsv4 does not know where it goes")
+    tokenizer = hf_dir / TOKENIZER if (hf_dir / TOKENIZER).is_file() else None
+    tok_value = _relative(out, spec_file.parent) + "/" + TOKENIZER if tokenizer else "byte"
+    try:
+        data = spec_data(cfg, mtp_depth=0, eos=eos_token_ids(cfg, generation), name=hf_dir.resolve().name,
+                         tokenizer=tok_value, checkpoint_dir=_relative(out, spec_file.parent))
+        spec = Spec.model_validate(data, strict=True)
+    except HFConfigError as e:
+        raise ImportHFError(str(e)) from None
+    except ValueError as e:  # pydantic's ValidationError
+        raise ImportHFError(f"config.json gives a spec dsv4 rejects: {e}") from None
+    header = (f"# Imported by `dsv4 import-hf` from {hf_dir.resolve()}\n"
+              + ("" if tokenizer else "# No tokenizer.json there: data.tokenizer = \"byte\" is a placeholder.\n"))
+    return ImportPlan(hf_dir, out, spec_file, header + spec_to_toml(spec), spec, sources, tokenizer, notes_on(cfg))
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in SAFETENSORS_DTYPES:
+        raise ImportHFError(f"stored dtype {name} is not supported (quantized weights are not imported yet)")
+    return getattr(torch, SAFETENSORS_DTYPES[name])
+
+
+def _region(target_shape: tuple, placement: Placement, source_shape: tuple) -> tuple[slice, tuple]:
+    """-> (the rows of the target a placement writes, the shape the source must have there)."""
+    half = target_shape[0] // 2
+    if placement.part == "gate":
+        return slice(0, half), (half, *target_shape[1:])
+    if placement.part == "up":
+        return slice(half, 2 * half), (half, *target_shape[1:])
+    if placement.part == "rows" and source_shape[0] <= target_shape[0]:  # the first rows of a padded table
+        return slice(0, source_shape[0]), (source_shape[0], *target_shape[1:])
+    return slice(None), tuple(target_shape)
+
+
+def assign(model, sources: dict[str, SourceTensor], dtype=None) -> None:
+    """Stream every source tensor into its place in `model` (checked from headers first).
+
+    Each receiving parameter or buffer is replaced by a zero tensor of the source's dtype (or
+    `dtype` for floating tensors) before the copies, so padding rows stay zero. ImportHFError for a
+    missing target, a shape mismatch, or model tensors no source fills."""
+    import torch
+
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    table = layer_table()
+    plan: list[tuple[SourceTensor, Placement, str, slice]] = []
+    dtypes: dict[str, object] = {}
+    written: dict[str, set] = {}
+    for source in sources.values():
+        for p in placements(source.name, table):
+            target = next((t for t in p.targets if t in state), None)
+            if target is None:
+                raise ImportHFError(f"{source.name}: the model built from config.json has no {p.targets[0]}")
+            rows, want = _region(tuple(state[target].shape), p, source.shape)
+            got = tuple(source.shape) if p.element is None else (1,)
+            if got != want:
+                raise ImportHFError(f"{source.name} {list(source.shape)} does not fit {target} "
+                                    f"{list(state[target].shape)} ({p.part})")
+            stored = _torch_dtype(source.dtype)
+            dtypes[target] = dtype if dtype is not None and stored.is_floating_point else stored
+            written.setdefault(target, set()).add(p.part if p.element is None else p.element)
+            plan.append((source, p, target, rows))
+    missing = sorted(set(state) - set(written))
+    halves = sorted(t for t, parts in written.items() if parts & {"gate", "up"} and parts != {"gate", "up"})
+    if missing or halves:
+        names = missing or halves
+        raise ImportHFError(f"no source tensor for {names[0]}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+                            + ("" if missing else " (only one of w1 / w3)"))
+    for target, kind in dtypes.items():
+        state[target].data = torch.zeros(state[target].shape, dtype=kind, device=state[target].device)
+    by_source: dict[str, list] = {}
+    for source, p, target, rows in plan:
+        by_source.setdefault(source.name, []).append((p, target, rows))
+    with torch.no_grad():
+        for source, tensor in stream([sources[n] for n in by_source]):
+            for p, target, rows in by_source[source.name]:
+                value = tensor if p.element is None else tensor[p.element].reshape(1)
+                state[target].data[rows].copy_(value)
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
+              dtype: Optional[str] = None) -> dict:
+    """Import; -> {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "notes"}."""
+    import torch
+
+    from dsv4cli.build import UnsupportedSpecError
+    from dsv4cli.build.parallel import build_model_chunks, single_process
+    from dsv4cli.ckpt.atomic import fsync_dir, write_text_atomic
+    from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
+    from dsv4cli.spec.layout import ParallelDims, single_process_spec
+
+    plan = plan_import(hf_dir, out, spec_out)
+    cast = getattr(torch, dtype) if dtype else None
+    tmp = plan.out.parent / f".{plan.out.name}.tmp{os.getpid()}"
+    plan.out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with single_process(plan.spec, seed=0):
+            try:
+                model = build_model_chunks(single_process_spec(plan.spec))[0]
+            except UnsupportedSpecError as e:
+                raise ImportHFError(f"dsv4 cannot build this model yet: {e}") from None
+            assign(model, plan.sources, cast)
+            model.to(next(model.parameters()).device)  # mHC / contraction parameters back to fp32 (fp32_params.py)
+            dtypes = saved_dtypes(model)
+            layout = ParallelDims.of(plan.spec, 1).checkpoint_layout()
+            iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout)
+        if plan.tokenizer is not None:
+            shutil.copyfile(plan.tokenizer, tmp / TOKENIZER)
+        inside = plan.spec_file.resolve().parent == plan.out.resolve()
+        if inside:
+            write_text_atomic(tmp / plan.spec_file.name, plan.spec_text)
+        if plan.out.exists():
+            plan.out.rmdir()  # empty (checked in plan_import)
+        os.rename(tmp, plan.out)
+        fsync_dir(plan.out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not inside:
+        write_text_atomic(plan.spec_file, plan.spec_text)
+    return {"out": str(plan.out), "spec": str(plan.spec_file), "checkpoint": str(plan.out / iter_dir.name),
+            "tensors": len(plan.sources), "bytes": _bytes(plan.sources),
+            "dtypes": dtypes, "mtp_depth": 0, "notes": plan.notes}
+
+
+def saved_dtypes(model) -> dict[str, int]:
+    """How many of the model's tensors (parameters and saved buffers) have each dtype."""
+    import torch
+
+    from dsv4cli.ckpt.metadata import dtype_name
+
+    counted: dict[str, int] = {}
+    for value in model.state_dict().values():
+        if isinstance(value, torch.Tensor):
+            counted[dtype_name(value.dtype)] = counted.get(dtype_name(value.dtype), 0) + 1
+    return counted
+
+
+def _bytes(sources: dict[str, SourceTensor]) -> int:
+    import math
+
+    import torch
+
+    return sum(math.prod(s.shape) * torch.empty((), dtype=_torch_dtype(s.dtype)).element_size()
+               for s in sources.values())
