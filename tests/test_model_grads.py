@@ -106,8 +106,6 @@ def test_moe_model_forward_backward(tiny_spec):
     ({"hash_layers": 1}, {}, "model.moe.hash_layers: hash routing (hash_layers > 0) is not supported with this score"),
     ({"hash_layers": 1, "score_function": "sqrtsoftplus"}, {"model.mhc.streams": 1},
      "model.moe.hash_layers: hash routing (hash_layers > 0) is not supported with model.mhc.streams = 1"),
-    ({"hash_layers": 1, "score_function": "sqrtsoftplus"}, {"train.recompute": "full"},
-     "train.recompute: full recompute with hash routing"),
     ({"score_function": "sqrtsoftplus", "aux_loss_coeff": 0.01}, {}, "model.moe.aux_loss_coeff: an auxiliary"),
 ])
 def test_router_options_not_built_raise_clear_error(tiny_spec, moe, other, key):
@@ -126,7 +124,8 @@ def test_sqrtsoftplus_hash_routed_clamped_moe_trains(tiny_spec):
 
     moe = {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16, "num_shared_experts": 1,
            "score_function": "sqrtsoftplus", "hash_layers": 1, "swiglu_limit": 0.5, "routed_scaling_factor": 1.5}
-    model = _build(tiny_spec(**{"model.moe": moe}))
+    spec = tiny_spec(**{"model.moe": moe})
+    model = _build(spec)
     assert isinstance(model.decoder.layers[0].mlp.router, HashRouter)
     assert isinstance(model.decoder.layers[1].mlp.router, SqrtSoftplusTopKRouter)
     assert isinstance(model.mtp.layers[0].transformer_layer.mlp.router, SqrtSoftplusTopKRouter)
@@ -134,6 +133,14 @@ def test_sqrtsoftplus_hash_routed_clamped_moe_trains(tiny_spec):
     loss, _ = _fwd_bwd(model)
     assert torch.isfinite(loss).all()
     assert all(p.grad is not None for n, p in model.named_parameters() if "router" in n or "experts" in n)
+    # full recompute re-runs the hash-routed layer in backward with its own micro-batch's token ids
+    again = _build(spec.model_copy(update={"train": spec.train.model_copy(update={"recompute": "full"})}))
+    assert again.config.recompute_granularity == "full"
+    loss_rc, _ = _fwd_bwd(again)
+    assert torch.equal(loss, loss_rc)
+    grads = dict(model.named_parameters())
+    for n, p in again.named_parameters():
+        assert torch.allclose(p.grad, grads[n].grad, atol=1e-6, rtol=0), n
     router = model.decoder.layers[0].mlp.router
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (B, S), generator=g)

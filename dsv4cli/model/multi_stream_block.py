@@ -12,7 +12,6 @@ Dsv4GPTModel (model/gpt.py) builds the block explicitly.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 from torch import Tensor
@@ -81,17 +80,19 @@ class MultiStreamTransformerBlock(KeepFp32Params, TransformerBlock):
     def forward(self, hidden_states, *args, token_ids: Optional[Tensor] = None, **kwargs):
         """[s, b, h] (first stage) or received [s, b, n*h] -> [s, b, n*h], or [s, b, h] after the head.
 
-        token_ids [s, b]: for hash-routed layers, which see them for this call only (megatron's block
-        forward calls its layers with a fixed argument list)."""
+        token_ids [s, b]: for hash-routed layers. megatron's block calls (and, under full recompute,
+        re-runs in backward) its layers with a fixed argument list whose one per-token slot a GPT
+        model leaves empty is `context` (cross-attention); the ids travel there, so a recomputed
+        layer sees exactly the ids of its own micro-batch. Layers return it unchanged."""
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         if self.pre_process and hidden_states is not None:
             hidden_states = expand_streams(hidden_states, self.streams)
-        with contextlib.ExitStack() as scopes:
-            for layer in self.layers:
-                if getattr(layer, "needs_token_ids", False):
-                    scopes.enter_context(layer.token_ids_scope(token_ids))
-            x = super().forward(hidden_states, *args, **kwargs)  # no final norm: final_layernorm reads None
+        if token_ids is not None and self.needs_token_ids:
+            if kwargs.get("context") is not None or len(args) > 1:
+                raise ValueError("hash-routed layers carry the token ids in `context`: no cross-attention context")
+            kwargs["context"] = token_ids
+        x = super().forward(hidden_states, *args, **kwargs)  # no final norm: final_layernorm reads None
         if self.head_norm is not None and not self.return_streams:
             return self.head(x)
         return x

@@ -7,15 +7,14 @@ the plain residual adds are replaced by one HyperConnection per sub-layer (docs/
       ─ mlp_hyper_connection(x, u -> mlp(pre_mlp_layernorm(u)))          ─> x
 
 A hash-routed MoE (DeepSeek-V4, `mlp.needs_token_ids`) is called with the token ids [s, b]: given
-as `token_ids=` or, from the block (megatron's block forward calls its layers with a fixed argument
-list), inside `token_ids_scope(ids)` for the duration of the block's call.
+as `token_ids=` or, from the block, as `context` (megatron's block calls its layers, and re-runs
+them under full recompute, with a fixed argument list; multi_stream_block.py says why `context`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -39,21 +38,11 @@ class MultiStreamTransformerLayer(TransformerLayer):
         self.streams = config.mhc_streams
         self.self_attention_hyper_connection = HyperConnection(config)
         self.mlp_hyper_connection = HyperConnection(config)
-        self._token_ids: Optional[Tensor] = None
 
     @property
     def needs_token_ids(self) -> bool:
         """The MLP routes by token id (a DeepSeek-V4 hash-routed MoE layer)."""
         return bool(getattr(self.mlp, "needs_token_ids", False))
-
-    @contextlib.contextmanager
-    def token_ids_scope(self, token_ids: Optional[Tensor]) -> Iterator[None]:
-        """Calls inside the block see `token_ids` [s, b] (megatron's layout: input_ids.t())."""
-        previous, self._token_ids = self._token_ids, token_ids
-        try:
-            yield
-        finally:
-            self._token_ids = previous
 
     def _norm(self, norm, u: Tensor, recompute: bool):
         """norm(u) [s, b, h]; with `recompute` (train.recompute "layernorm") the output is released
@@ -97,7 +86,7 @@ class MultiStreamTransformerLayer(TransformerLayer):
         inference_context = inference_context if inference_context is not None else inference_params
         mlp_kwargs = {"padding_mask": padding_mask}
         if self.needs_token_ids:
-            mlp_kwargs["token_ids"] = token_ids if token_ids is not None else self._token_ids
+            mlp_kwargs["token_ids"] = token_ids if token_ids is not None else context
 
         def attention(u: Tensor) -> Tensor:
             normed, ckpt = self._norm(self.input_layernorm, u, self.recompute_input_layernorm)

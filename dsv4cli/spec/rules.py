@@ -32,12 +32,6 @@ UNSUPPORTED: tuple[tuple[str, Callable[[Spec], bool], str], ...] = (
         "does not pass the token ids on",
     ),
     (
-        "train.recompute",
-        lambda s: _hash_routed(s) and s.train.recompute == "full",
-        "full recompute with hash routing (hash_layers > 0) is not supported yet: the recomputed layer has "
-        "no token ids",
-    ),
-    (
         "model.moe.aux_loss_coeff",
         lambda s: s.model.moe is not None and s.model.moe.score_function == "sqrtsoftplus"
         and s.model.moe.aux_loss_coeff > 0,
