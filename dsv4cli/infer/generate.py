@@ -19,7 +19,8 @@ EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen: greedy for temperature 0, else sampled (top-p nucleus)."""
+    """How the next token is chosen: greedy (argmax) for temperature 0, else sampled from the
+    temperature-scaled distribution cut to its top-p nucleus, with a seeded generator."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0

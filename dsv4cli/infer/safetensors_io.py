@@ -21,7 +21,8 @@ class SafetensorsError(ValueError):
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """One stored tensor: its name, file, shape and safetensors dtype ("F32", "BF16", "I64", ...)."""
+    """One stored tensor as its file's header describes it (no data read): its name, the file that
+    holds it, its shape and its safetensors dtype ("F32", "BF16", "I64", ...)."""
 
     name: str
     file: Path

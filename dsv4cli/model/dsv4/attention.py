@@ -29,14 +29,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from dsv4cli.model.dsv4 import compressor as comp
 from dsv4cli.model.dsv4.attention_settings import Dsv4AttentionSettings
-from dsv4cli.model.dsv4.compressor import (
-    COMPRESSOR_TENSOR_NAMES,
-    Dsv4Compressor,
-    compressed_causal_mask,
-    linear_weight,
-    prefix_names,
-)
 from dsv4cli.model.dsv4.indexer import INDEXER_TENSOR_NAMES, Dsv4Indexer, selected_entries
 from dsv4cli.model.dsv4.norm import RMSNorm, rms_normalize
 from dsv4cli.model.dsv4.rope import Rotation
@@ -55,8 +49,8 @@ ATTENTION_TENSOR_NAMES = {
     "linear_o_up.weight": ("wo_b.weight", "o_b_proj.weight"),
     "sinks": ("attn_sink", "sinks"),
 }
-COMPRESSED_TENSOR_NAMES = prefix_names(COMPRESSOR_TENSOR_NAMES, "compressor.", "compressor.", "compressor.")
-SPARSE_TENSOR_NAMES = prefix_names(INDEXER_TENSOR_NAMES, "indexer.", "indexer.", "compressor.indexer.")
+COMPRESSED_TENSOR_NAMES = comp.prefix_names(comp.COMPRESSOR_TENSOR_NAMES, "compressor.", "compressor.", "compressor.")
+SPARSE_TENSOR_NAMES = comp.prefix_names(INDEXER_TENSOR_NAMES, "indexer.", "indexer.", "compressor.indexer.")
 
 
 def tensor_names(settings: Dsv4AttentionSettings) -> dict[str, tuple[str, str]]:
@@ -126,22 +120,22 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
                 f"({self.n_heads} * {self.head_dim})"
             )
         eps, device = config.layernorm_epsilon, param_device(config)
-        self.linear_q_down = linear_weight(config, settings.q_lora_rank, config.hidden_size)
+        self.linear_q_down = comp.linear_weight(config, settings.q_lora_rank, config.hidden_size)
         self.q_norm = RMSNorm(settings.q_lora_rank, eps, device=device)
-        self.linear_q_up = linear_weight(config, self.n_heads * self.head_dim, settings.q_lora_rank)
-        self.linear_kv = linear_weight(config, self.head_dim, config.hidden_size)
+        self.linear_q_up = comp.linear_weight(config, self.n_heads * self.head_dim, settings.q_lora_rank)
+        self.linear_kv = comp.linear_weight(config, self.head_dim, config.hidden_size)
         self.kv_norm = RMSNorm(self.head_dim, eps, device=device)
-        self.linear_o_down = linear_weight(
+        self.linear_o_down = comp.linear_weight(
             config, settings.o_groups * settings.o_lora_rank, self.n_heads * self.head_dim // settings.o_groups
         )
-        self.linear_o_up = linear_weight(
+        self.linear_o_up = comp.linear_weight(
             config, config.hidden_size, settings.o_groups * settings.o_lora_rank, init=config.output_layer_init_method
         )
         self.sinks = torch.nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32, device=device))
         self.compressor = None
         self.indexer = None
         if settings.compressed:
-            self.compressor = Dsv4Compressor(
+            self.compressor = comp.Dsv4Compressor(
                 config,
                 self.head_dim,
                 settings.compress_ratio,
@@ -152,35 +146,24 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
         if settings.kind == "compressed_sparse":
             self.indexer = Dsv4Indexer(config, settings)
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        attention_mask: Optional[Tensor] = None,
-        key_value_states: Optional[Tensor] = None,
-        inference_context=None,
-        rotary_pos_emb=None,
-        rotary_pos_cos: Optional[Tensor] = None,
-        rotary_pos_sin: Optional[Tensor] = None,
-        rotary_pos_cos_sin: Optional[Tensor] = None,
-        attention_bias: Optional[Tensor] = None,
-        packed_seq_params=None,
-        sequence_len_offset: Optional[int] = None,
-        *,
-        inference_params=None,
-    ) -> tuple[Tensor, None]:
-        """hidden_states [s, b, h] -> ([s, b, h], None).
+    # megatron's SelfAttention.forward keywords; those with a value here are refused, the rest unused
+    MEGATRON_KWARGS = ("key_value_states", "inference_context", "rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin",
+                       "rotary_pos_cos_sin", "attention_bias", "packed_seq_params", "sequence_len_offset",
+                       "inference_params")
+    REFUSED = ("key_value_states", "inference_context", "inference_params", "packed_seq_params", "attention_bias")
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **megatron_kwargs
+                ) -> tuple[Tensor, None]:
+        """hidden_states [s, b, h] -> ([s, b, h], None); called as megatron calls SelfAttention.
 
         `attention_mask` and the rotary arguments megatron passes are not used: causality, the
         sliding window and the compressed entries' visibility follow from positions 0..s-1, and the
         layer applies its own RoPE. Cross attention, KV caches, packed sequences and attention
         biases are refused."""
-        unsupported = {
-            "key_value_states": key_value_states,
-            "inference_context": inference_context or inference_params,
-            "packed_seq_params": packed_seq_params,
-            "attention_bias": attention_bias,
-        }
-        given = [name for name, value in unsupported.items() if value is not None]
+        unknown = sorted(set(megatron_kwargs) - set(self.MEGATRON_KWARGS))
+        if unknown:
+            raise TypeError(f"Dsv4Attention.forward got unexpected arguments {unknown}")
+        given = [name for name in self.REFUSED if megatron_kwargs.get(name) is not None]
         if given:
             raise NotImplementedError(f"DeepSeek-V4 attention does not take {', '.join(given)} yet")
         return self.attend(hidden_states), None
@@ -203,7 +186,7 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
                 visible = selected_entries(self.indexer(x, q_residual).topk, n)  # [s, b, n]
                 allowed = torch.cat([allowed[:, None, :].expand(s, b, s), visible], dim=-1)
             else:
-                allowed = torch.cat([allowed, compressed_causal_mask(s, n, cfg.compress_ratio, x.device)], dim=-1)
+                allowed = torch.cat([allowed, comp.compressed_causal_mask(s, n, cfg.compress_ratio, x.device)], dim=-1)
             kv_all = torch.cat([kv, entries], dim=0)
         else:
             kv_all = kv

@@ -65,9 +65,6 @@ class Dsv4Compressor(KeepFp32Params, MegatronModule):
     """x [s, b, h] -> compressed entries [s // ratio, b, head_dim] (see the module docstring).
     `position_bias` stays fp32 through `.bfloat16()`."""
 
-    def fp32_param_names(self) -> list[str]:
-        return ["position_bias"]
-
     def __init__(
         self,
         config: TransformerConfig,
@@ -88,6 +85,9 @@ class Dsv4Compressor(KeepFp32Params, MegatronModule):
             torch.zeros(ratio, width, dtype=torch.float32, device=param_device(config))
         )
         self.norm = RMSNorm(head_dim, config.layernorm_epsilon, device=param_device(config))
+
+    def fp32_param_names(self) -> list[str]:
+        return ["position_bias"]
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """[s, b, h] -> [n, b, head_dim] with n = s // ratio (n may be 0)."""
