@@ -8,6 +8,7 @@ versions below come from installed package metadata (`dsv4 --version` must stay 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -223,3 +224,22 @@ def mtp_layer_outputs(hidden_states, input_ids, position_ids, padding_mask) -> t
     if _mtp_layer_takes_padding_mask():
         return hidden_states, input_ids, position_ids, padding_mask
     return hidden_states, input_ids, position_ids
+
+
+# --------------------------------------------------------------------------- MoE spec
+
+
+def moe_spec_submodules(moe_spec):
+    """The `MoESubmodules` of megatron's MoE layer spec: a `ModuleSpec` (megatron-core 0.16-0.18) or,
+    from 0.19, `functools.partial(MoELayer, submodules=...)` (TransformerLayer calls it directly)."""
+    if isinstance(moe_spec, functools.partial):
+        return moe_spec.keywords["submodules"]
+    return moe_spec.submodules
+
+
+def moe_spec_with(moe_spec, module, submodules):
+    """`moe_spec` in its own form (ModuleSpec or 0.19's partial) building `module` with `submodules`."""
+    if isinstance(moe_spec, functools.partial):
+        keywords = {k: v for k, v in moe_spec.keywords.items() if k != "submodules"}
+        return functools.partial(module, *moe_spec.args, submodules=submodules, **keywords)
+    return dataclasses.replace(moe_spec, module=module, submodules=submodules)

@@ -105,6 +105,7 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
         pg_collection=None,
         cp_comm_type: Optional[str] = None,
         attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        name: Optional[str] = None,  # megatron-core 0.19 passes each module its instance name
     ):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:  # megatron's MTP layer reads it from the spec's params

@@ -21,6 +21,7 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from dsv4cli.compat.versions import moe_spec_submodules, moe_spec_with
 from dsv4cli.model.dsv4.experts import check_clamped_swiglu
 from dsv4cli.model.dsv4.router import HashRouter, SqrtSoftplusTopKRouter
 
@@ -29,9 +30,10 @@ class Dsv4MoELayer(MoELayer):
     """megatron's MoELayer whose forward also takes `token_ids` [s, b] for a hash router (ignored
     by the top-k router); the router sees them for exactly this call (router.py says why)."""
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **megatron_kwargs):
+        """megatron_kwargs: what newer megatron-core passes on (0.19: is_mtp_layer, name)."""
         check_clamped_swiglu(config)
-        super().__init__(config, submodules, layer_number, pg_collection)
+        super().__init__(config, submodules, layer_number, pg_collection, **megatron_kwargs)
         if self.moe_layer_recompute and isinstance(self.router, HashRouter):
             # megatron re-runs its inner forward in backward, outside the call that carried the ids
             raise ValueError("selective 'moe' recompute is not supported on hash-routed layers")
@@ -65,4 +67,5 @@ def dsv4_moe_spec(moe_spec: ModuleSpec, *, hash_routed: bool, vocab_size: int) -
     if not any(isinstance(f, _KnownMlpNotice) for f in layer_logger.filters):
         layer_logger.addFilter(_KnownMlpNotice())
     router = functools.partial(HashRouter, vocab_size=vocab_size) if hash_routed else SqrtSoftplusTopKRouter
-    return replace(moe_spec, module=Dsv4MoELayer, submodules=replace(moe_spec.submodules, router=router))
+    submodules = replace(moe_spec_submodules(moe_spec), router=router)
+    return moe_spec_with(moe_spec, Dsv4MoELayer, submodules)

@@ -68,8 +68,10 @@ def weights_of_chosen(scores: torch.Tensor, chosen: torch.Tensor, scaling: float
 class _SqrtSoftplusRouter(Router):
     """What both routers share: the gate weight [E, h] (megatron's), the scores, the weighting."""
 
-    def __init__(self, config, pg_collection=None):
-        super().__init__(config, pg_collection if pg_collection is not None else get_default_pg_collection())
+    def __init__(self, config, pg_collection=None, **megatron_kwargs):
+        """megatron_kwargs: what newer megatron-core passes on (0.19: is_mtp_layer)."""
+        super().__init__(config, pg_collection if pg_collection is not None else get_default_pg_collection(),
+                         **megatron_kwargs)
         self.topk = config.moe_router_topk
         self.scaling = config.moe_router_topk_scaling_factor or 1.0
 
@@ -88,8 +90,8 @@ class SqrtSoftplusTopKRouter(_SqrtSoftplusRouter):
     only (the weights come from the unbiased scores). Buffers: `expert_bias` [E] fp32 (saved),
     `local_tokens_per_expert` [E] (not saved)."""
 
-    def __init__(self, config, pg_collection=None):
-        super().__init__(config, pg_collection)
+    def __init__(self, config, pg_collection=None, **megatron_kwargs):
+        super().__init__(config, pg_collection, **megatron_kwargs)
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         self.register_buffer("local_tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32),
                              persistent=False)
@@ -129,8 +131,8 @@ class HashRouter(_SqrtSoftplusRouter):
     from scratch starts from k distinct experts per token drawn with torch's default generator
     (like megatron's CPU weight init); an imported model loads the table it was trained with."""
 
-    def __init__(self, config, pg_collection=None, *, vocab_size: int):
-        super().__init__(config, pg_collection)
+    def __init__(self, config, pg_collection=None, *, vocab_size: int, **megatron_kwargs):
+        super().__init__(config, pg_collection, **megatron_kwargs)
         table = torch.zeros(vocab_size, self.topk, dtype=torch.int64)
         if config.perform_initialization:
             table = torch.rand(vocab_size, self.num_experts).topk(self.topk, dim=-1).indices
