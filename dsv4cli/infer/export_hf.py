@@ -126,6 +126,24 @@ def _check_paths(ckpt: Path, out: Path) -> None:
         raise ExportHFError(f"{out} and {ckpt} overlap: the checkpoint is never written to")
 
 
+def source_config(info) -> list[Path]:
+    """Where the config.json the model was imported from is kept (import-hf's hf_config.json): the
+    checkpoint's iter dir or root, else the root of the checkpoint its spec's checkpoint.load names
+    (a fine-tune of an imported checkpoint). -> [path] or []."""
+    from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.ckpt.layout import resolve_checkpoint
+
+    places = [info.iter_dir, info.location.root]
+    load = info.spec.checkpoint.load
+    if load:
+        try:
+            loc = resolve_checkpoint(load)
+            places += [loc.iter_dir, loc.root]
+        except CheckpointError:
+            pass
+    return [d / SOURCE_CONFIG for d in places if d is not None and (d / SOURCE_CONFIG).is_file()][:1]
+
+
 def _load_model(iter_dir: Path, spec, stored: dict):
     """The spec's model with the checkpoint's weights, each tensor in its stored dtype. -> state dict."""
     import torch
@@ -169,7 +187,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
         raise ExportHFError(f"{info.iter_dir}: no readable dsv4_spec.toml ({info.spec_error or 'missing'})")
     spec, iter_dir = info.spec, info.iter_dir
     check_integrity(iter_dir, loading=True)
-    kept = [d / SOURCE_CONFIG for d in (iter_dir, info.location.root) if d is not None and (d / SOURCE_CONFIG).is_file()]
+    kept = source_config(info)
     try:
         source = read_json(kept[0]) if kept else None
         cast = getattr(torch, DTYPES[dtype]) if dtype else None
@@ -205,7 +223,9 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
                 save_file(tensors, str(tmp / shard_file(k, len(shards))), metadata={"format": "pt"})
                 del tensors
         if len(shards) > 1:
-            index = {"metadata": {"total_parameters": sum(math.prod(s) for s in shapes.values()),
+            params = sum(math.prod(shapes[n]) for n, p in pieces.items()
+                         if isinstance(state[p[0].target], torch.nn.Parameter))  # as HF counts: no buffers
+            index = {"metadata": {"total_parameters": params,
                                   "total_size": sum(size_of.values())},
                      "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
