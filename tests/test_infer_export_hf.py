@@ -107,6 +107,32 @@ def test_bf16_export_keeps_the_fp32_tensors_and_integer_tables(chain, tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_bf16_import_exports_bf16_bit_for_bit(chain, tmp_path):
+    """import-hf --dtype bfloat16 stores bf16, except what the model keeps fp32 (mHC, sinks, norms:
+    never rounded through bf16) and the int64 table; experts are stored stacked. The export keeps
+    exactly those dtypes and values."""
+    from dsv4cli.ckpt.metadata import read_checkpoint_info
+    from dsv4cli.infer.export_hf import STACKED_EXPERTS
+    from dsv4cli.infer.hf_names import placements
+
+    root = chain["root"]
+    _last_json(_cli("import-hf", root / "hf", tmp_path / "imported", "--dtype", "bfloat16", "--json"))
+    _last_json(_cli("export-hf", tmp_path / "imported", tmp_path / "exported", "--json"))
+    source, exported = _tensors(root / "hf"), _tensors(tmp_path / "exported")
+    assert sorted(exported) == sorted(source)
+    stored = read_checkpoint_info(tmp_path / "imported").tensors
+
+    def stored_dtype(name):
+        keys = [k for t in placements(name)[0].targets for k in (t, STACKED_EXPERTS.sub(".experts.", t))]
+        return getattr(torch, next(stored[k].dtype for k in keys if k in stored))
+
+    kinds = {n: stored_dtype(n) for n in source}
+    assert kinds["model.layers.1.ffn.experts.3.w2.weight"] == torch.bfloat16
+    assert kinds["model.layers.1.hc_attn_fn"] == torch.float32 and kinds["model.layers.0.ffn.gate.tid2eid"] == torch.int64
+    changed = [n for n, t in source.items() if exported[n].dtype != kinds[n] or not torch.equal(exported[n], t.to(kinds[n]))]
+    assert changed == []
+
+
 def test_bad_input_is_exit_2_and_nothing_is_written(chain, tmp_path):
     imported = chain["root"] / "imported"
     missing = _cli("export-hf", tmp_path / "nothing", tmp_path / "a")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ KEEP_FP32 = (".attn_sink", ".ape", ".hc_", "hc_head.", ".gate.bias")
 hc_head parameters, the router bias (the model keeps them fp32)."""
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 DEFAULT_SHARD = 5 * 1000**3
+STACKED_EXPERTS = re.compile(r"\.local_experts\.\d+\.")
+"""A SequentialMLP expert's state name -> its checkpoint key: `mlp.experts.local_experts.E.linear_fc1.weight`
+is stored stacked over experts as `mlp.experts.experts.linear_fc1.weight`."""
 
 
 class ExportHFError(ValueError):
@@ -145,20 +149,24 @@ def source_config(info) -> list[Path]:
 
 
 def _load_model(iter_dir: Path, spec, stored: dict):
-    """The spec's model with the checkpoint's weights, each tensor in its stored dtype. -> state dict."""
+    """The spec's model with the checkpoint's weights, each tensor in its stored dtype (`stored`:
+    checkpoint key -> dtype name; others in the word embeddings' dtype). -> state dict."""
     import torch
 
     from dsv4cli.build.parallel import build_model_chunks
     from dsv4cli.ckpt.conformance import check_tensors, expected_shapes
     from dsv4cli.ckpt.load import load_model_weights
+    from dsv4cli.infer.generate import checkpoint_dtype
     from dsv4cli.spec.layout import single_process_spec
 
     chunks = build_model_chunks(single_process_spec(spec))
     check_tensors(iter_dir, expected_shapes(chunks))
+    chunks[0].to(checkpoint_dtype(iter_dir))  # mHC / contraction parameters stay fp32 (model/fp32_params.py)
     state = {k: v for k, v in chunks[0].state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     for name, tensor in state.items():
-        if name in stored:
-            tensor.data = torch.empty(tensor.shape, dtype=getattr(torch, stored[name]), device=tensor.device)
+        kind = stored.get(name) or stored.get(STACKED_EXPERTS.sub(".experts.", name))
+        if kind is not None:
+            tensor.data = torch.empty(tensor.shape, dtype=getattr(torch, kind), device=tensor.device)
     load_model_weights(iter_dir, chunks)
     return state
 

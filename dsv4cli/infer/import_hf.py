@@ -132,10 +132,12 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None) -> None:
     """Stream every source tensor into its place in `model` (checked from headers first).
 
     Each receiving parameter or buffer is replaced by a zero tensor of the source's dtype (or
-    `dtype` for floating tensors) before the copies, so padding rows stay zero. ImportHFError for a
-    missing target, a shape mismatch, or model tensors no source fills."""
+    `dtype` for floating tensors the model does not keep fp32) before the copies, so padding rows
+    stay zero. ImportHFError for a missing target, a shape mismatch, or model tensors no source fills."""
     import torch
 
+    if dtype is not None:
+        model.to(dtype)  # the tensors the model keeps fp32 stay fp32 (model/fp32_params.py): never rounded
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     table = layer_table()
     plan: list[tuple[SourceTensor, Placement, str, slice]] = []
@@ -152,7 +154,7 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None) -> None:
                 raise ImportHFError(f"{source.name} {list(source.shape)} does not fit {target} "
                                     f"{list(state[target].shape)} ({p.part})")
             stored = _torch_dtype(source.dtype)
-            dtypes[target] = dtype if dtype is not None and stored.is_floating_point else stored
+            dtypes[target] = state[target].dtype if dtype is not None and stored.is_floating_point else stored
             written.setdefault(target, set()).add(p.part if p.element is None else p.element)
             plan.append((source, p, target, rows))
     missing = sorted(set(state) - set(written))
