@@ -92,18 +92,15 @@ def test_config_json_equals_the_source_field_by_field(chain):
 
 
 def test_bf16_export_keeps_the_fp32_tensors_and_integer_tables(chain, tmp_path):
-    from dsv4cli.infer.export_hf import KEEP_FP32
-
     result = _last_json(_cli("export-hf", chain["root"] / "imported", tmp_path / "bf16", "--dtype", "bf16", "--json"))
     tensors = _tensors(tmp_path / "bf16")
     assert result["shards"] == 1 and (tmp_path / "bf16" / "model.safetensors").is_file()
-    kept = {n for n in tensors if any(k in n for k in KEEP_FP32)}
+    kept = {n for n, t in tensors.items() if t.dtype == torch.float32}
     assert {"model.layers.0.attn.attn_sink", "model.layers.1.attn.compressor.ape", "model.hc_head.hc_fn",
             "model.layers.2.hc_ffn_scale", "model.layers.1.ffn.gate.bias"} <= kept
-    assert {n: t.dtype for n, t in tensors.items() if n in kept and t.dtype != torch.float32} == {}
     assert tensors["model.layers.0.ffn.gate.tid2eid"].dtype == torch.int64
-    others = {t.dtype for n, t in tensors.items() if n not in kept and n != "model.layers.0.ffn.gate.tid2eid"}
-    assert others == {torch.bfloat16}
+    rest = {t.dtype for n, t in tensors.items() if n not in kept and n != "model.layers.0.ffn.gate.tid2eid"}
+    assert rest == {torch.bfloat16} and "model.layers.1.ffn.experts.0.w1.weight" not in kept
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -131,6 +128,10 @@ def test_bf16_import_exports_bf16_bit_for_bit(chain, tmp_path):
     assert kinds["model.layers.1.hc_attn_fn"] == torch.float32 and kinds["model.layers.0.ffn.gate.tid2eid"] == torch.int64
     changed = [n for n, t in source.items() if exported[n].dtype != kinds[n] or not torch.equal(exported[n], t.to(kinds[n]))]
     assert changed == []
+    # export --dtype bf16 of the fp32 import casts exactly as import --dtype bfloat16 did
+    _last_json(_cli("export-hf", root / "imported", tmp_path / "cast", "--dtype", "bf16", "--json"))
+    cast = _tensors(tmp_path / "cast")
+    assert [n for n, t in cast.items() if t.dtype != exported[n].dtype or not torch.equal(t, exported[n])] == []
 
 
 def test_bad_input_is_exit_2_and_nothing_is_written(chain, tmp_path):

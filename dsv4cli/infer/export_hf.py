@@ -32,9 +32,6 @@ from dsv4cli.infer.safetensors_io import INDEX_FILE
 
 UNPREFIXED = ("head.weight",)
 """Names transformers writes without the `model.` prefix (its lm_head sits outside the model)."""
-KEEP_FP32 = (".attn_sink", ".ape", ".hc_", "hc_head.", ".gate.bias")
-"""HF names (substrings) that `--dtype` never casts: sinks, compressor position biases, mHC and
-hc_head parameters, the router bias (the model keeps them fp32)."""
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 DEFAULT_SHARD = 5 * 1000**3
 STACKED_EXPERTS = re.compile(r"\.local_experts\.\d+\.")
@@ -148,9 +145,10 @@ def source_config(info) -> list[Path]:
     return [d / SOURCE_CONFIG for d in places if d is not None and (d / SOURCE_CONFIG).is_file()][:1]
 
 
-def _load_model(iter_dir: Path, spec, stored: dict):
+def _load_model(iter_dir: Path, spec, stored: dict, cast=None):
     """The spec's model with the checkpoint's weights, each tensor in its stored dtype (`stored`:
-    checkpoint key -> dtype name; others in the word embeddings' dtype). -> state dict."""
+    checkpoint key -> dtype name; others in the word embeddings' dtype). -> (state dict, the names
+    of the tensors the model keeps fp32 when cast to `cast`)."""
     import torch
 
     from dsv4cli.build.parallel import build_model_chunks
@@ -161,22 +159,28 @@ def _load_model(iter_dir: Path, spec, stored: dict):
 
     chunks = build_model_chunks(single_process_spec(spec))
     check_tensors(iter_dir, expected_shapes(chunks))
-    chunks[0].to(checkpoint_dtype(iter_dir))  # mHC / contraction parameters stay fp32 (model/fp32_params.py)
+    kept: set[str] = set()
+    if cast is not None:  # which tensors the model keeps fp32 when cast (model/fp32_params.py)
+        chunks[0].to(cast)
+        kept = {k for k, v in chunks[0].state_dict().items() if isinstance(v, torch.Tensor) and v.dtype == torch.float32}
+    chunks[0].to(checkpoint_dtype(iter_dir))
     state = {k: v for k, v in chunks[0].state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     for name, tensor in state.items():
         kind = stored.get(name) or stored.get(STACKED_EXPERTS.sub(".experts.", name))
         if kind is not None:
             tensor.data = torch.empty(tensor.shape, dtype=getattr(torch, kind), device=tensor.device)
     load_model_weights(iter_dir, chunks)
-    return state
+    return state, kept
 
 
 def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, max_shard_bytes: int = DEFAULT_SHARD,
               progress: Optional[Callable[[int, int, int, int], None]] = None) -> dict:
     """Export; -> {"out", "checkpoint", "tensors", "bytes", "shards", "dtypes", "config_source"}.
 
-    `dtype`: "bf16" / "fp32" casts floating tensors except KEEP_FP32 ones (default: each tensor keeps
-    its stored dtype). `progress(bytes, tensors, total bytes, total tensors)` is called after each tensor is placed in a shard.
+    `dtype`: "bf16" / "fp32" casts floating tensors except those the model keeps fp32 (mHC, sinks,
+    position biases, the router bias, ...: model/fp32_params.py), as import-hf --dtype does
+    (default: each tensor keeps its stored dtype). `progress(bytes, tensors, total bytes, total
+    tensors)` is called after each tensor is placed in a shard.
     ExportHFError / CheckpointError for bad input."""
     import torch
     from safetensors.torch import save_file
@@ -210,11 +214,11 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
     tmp.mkdir()
     try:
         with single_process(spec, seed=0), torch.no_grad():
-            state = _load_model(iter_dir, spec, stored)
+            state, fp32_kept = _load_model(iter_dir, spec, stored, cast)
             m = spec.model
             pieces = hf_pieces(state, m.num_layers, m.moe.num_experts if m.moe else 0)
             shapes = {n: _shape(state, p, m.vocab_size) for n, p in pieces.items()}
-            keep = {n: any(k in n for k in KEEP_FP32) for n in pieces}
+            keep = {n: any(p.target in fp32_kept for p in ps) for n, ps in pieces.items()}
             size_of = {n: math.prod(shapes[n]) * _itemsize(state[p[0].target], cast, keep[n]) for n, p in pieces.items()}
             shards = shard_plan(size_of, max_shard_bytes)
             weight_map, done, counted = {}, [0, 0], {}
