@@ -180,6 +180,7 @@ def export_hf(
       dsv4 export-hf runs/imported runs/imported-hf
       dsv4 export-hf runs/finetuned/iter_0000003 hf/finetuned --dtype bf16 --max-shard-size 2GB
     """
+    from dsv4cli.build import UnsupportedSpecError
     from dsv4cli.ckpt.errors import CheckpointError
     from dsv4cli.infer.export_hf import DTYPES, ExportHFError, export_hf as run
     from dsv4cli.noise import quiet_known_noise
@@ -201,7 +202,7 @@ def export_hf(
         else:
             with _byte_progress("exporting") as advance:
                 result = run(ckpt, out, dtype, shard, advance)
-    except (ExportHFError, CheckpointError) as e:
+    except (ExportHFError, CheckpointError, UnsupportedSpecError) as e:
         fail(f"error: {e}")
     if as_json:
         typer.echo(json.dumps(result))
