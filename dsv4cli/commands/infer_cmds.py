@@ -1,7 +1,9 @@
-"""CLI commands of the inference/interop area (thin: parse, call the library, render): generate, import-hf."""
+"""CLI commands of the inference/interop area (thin: parse, call the library, render): generate, import-hf,
+export-hf."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import List, Optional
 
@@ -115,3 +117,100 @@ def import_hf(
     for note in result["notes"]:
         typer.echo(f"note: {note}")
     typer.echo(f"try: dsv4 generate {result['spec']} --load {result['out']} --tokens 0,1,2")
+
+
+def _shard_bytes(text: str) -> int:
+    """'5GB' / '500MB' / '40KB' / '123' (bytes) -> bytes (decimal units, as transformers reads them)."""
+    units = {"TB": 1000**4, "GB": 1000**3, "MB": 1000**2, "KB": 1000, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            t, scale = t[: -len(unit)], factor
+            break
+    else:
+        scale = 1
+    try:
+        value = int(float(t) * scale)
+    except ValueError:
+        fail(f"error: --max-shard-size must be a size such as 5GB, 500MB or 40KB, got {text!r}")
+    if value <= 0:
+        fail(f"error: --max-shard-size must be positive, got {text!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _byte_progress(label: str):
+    """A rich progress bar (bytes, tensors) on stderr; yields advance(bytes, tensors, total_bytes, total_tensors)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]} tensors"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None, tensors="0")
+
+        def advance(done: int, count: int, total: int, total_count: int) -> None:
+            bar.update(task, completed=done, total=total, tensors=f"{count}/{total_count}")
+
+        yield advance
+
+
+@app.command("export-hf")
+def export_hf(
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint root (-> latest) or one iter_* directory."),
+    out: str = typer.Argument(..., metavar="OUT", help="New HF model directory (must not exist, or be empty)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="bf16|fp32",
+                                        help="Cast floating tensors (default: keep each stored dtype; sinks, mHC, "
+                                             "position biases and router bias stay fp32)."),
+    layout: str = typer.Option("hf", "--layout", metavar="hf", help="Tensor names and config keys: hf (what "
+                                                                      "transformers' save_pretrained writes)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest safetensors file."),
+    as_json: bool = json_option('Print {"out", "checkpoint", "tensors", "bytes", "shards", "dtypes", "config_source"}.'),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
+) -> None:
+    """Export a dsv4 checkpoint as a directory DeepseekV4ForCausalLM.from_pretrained loads.
+
+    Sharded safetensors (+ index), config.json from the checkpoint's spec (and the config kept by
+    import-hf), generation_config.json; names from the import table, run backwards (docs/interop.md).
+    CKPT is never written to.
+
+    Examples:
+
+    \b
+      dsv4 export-hf runs/imported runs/imported-hf
+      dsv4 export-hf runs/finetuned/iter_0000003 hf/finetuned --dtype bf16 --max-shard-size 2GB
+    """
+    from dsv4cli.build import UnsupportedSpecError
+    from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.infer.export_hf import DTYPES, ExportHFError, export_hf as run
+    from dsv4cli.noise import quiet_known_noise
+
+    if layout == "original":
+        fail("error: --layout original (the public release's names and legacy config keys) is not supported yet; "
+             "use --layout hf")
+    if layout != "hf":
+        fail(f"error: --layout must be hf, got {layout!r}")
+    if dtype == "fp8":
+        fail("error: --dtype fp8 (128x128 block re-quantization) is not supported yet; use bf16 or fp32")
+    if dtype is not None and dtype not in DTYPES:
+        fail(f"error: --dtype must be bf16 or fp32, got {dtype!r}")
+    shard = _shard_bytes(max_shard_size)
+    quiet_known_noise(verbose)
+    try:
+        if as_json:
+            result = run(ckpt, out, dtype, shard)
+        else:
+            with _byte_progress("exporting") as advance:
+                result = run(ckpt, out, dtype, shard, advance)
+    except (ExportHFError, CheckpointError, UnsupportedSpecError) as e:
+        fail(f"error: {e}")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from dsv4cli.commands.common import human_bytes
+
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result["dtypes"].items()))
+    typer.echo(f"exported {result['checkpoint']} -> {result['out']}: {result['tensors']} tensors, "
+               f"{human_bytes(result['bytes'])} in {result['shards']} file(s) ({kinds})")
+    if result["config_source"] is None:
+        typer.echo("note: no hf_config.json with the checkpoint: keys the spec does not hold have transformers' defaults")

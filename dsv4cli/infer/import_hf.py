@@ -5,6 +5,7 @@ checkpoint (model weights only) and the spec of its model (docs/interop.md).
     HF_DIR/*.safetensors [+ model.safetensors.index.json]          read one tensor at a time
     OUT/latest_checkpointed_iteration.txt, OUT/iter_0000000/       dsv4's torch_dist checkpoint
     OUT/spec.toml (or --spec-out), OUT/tokenizer.json (if HF_DIR has one)
+    OUT/hf_config.json                                             HF_DIR/config.json, kept for export-hf
 
 Steps: config.json -> Spec (hf_config.py); every source name -> its place in dsv4's model
 (hf_names.py; an unknown name is an error naming it), shapes and coverage checked from the headers
@@ -27,6 +28,7 @@ from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream,
 
 SPEC_NAME = "spec.toml"
 TOKENIZER = "tokenizer.json"
+SOURCE_CONFIG = "hf_config.json"
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -130,10 +132,12 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None) -> None:
     """Stream every source tensor into its place in `model` (checked from headers first).
 
     Each receiving parameter or buffer is replaced by a zero tensor of the source's dtype (or
-    `dtype` for floating tensors) before the copies, so padding rows stay zero. ImportHFError for a
-    missing target, a shape mismatch, or model tensors no source fills."""
+    `dtype` for floating tensors the model does not keep fp32) before the copies, so padding rows
+    stay zero. ImportHFError for a missing target, a shape mismatch, or model tensors no source fills."""
     import torch
 
+    if dtype is not None:
+        model.to(dtype)  # the tensors the model keeps fp32 stay fp32 (model/fp32_params.py): never rounded
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     table = layer_table()
     plan: list[tuple[SourceTensor, Placement, str, slice]] = []
@@ -150,7 +154,7 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None) -> None:
                 raise ImportHFError(f"{source.name} {list(source.shape)} does not fit {target} "
                                     f"{list(state[target].shape)} ({p.part})")
             stored = _torch_dtype(source.dtype)
-            dtypes[target] = dtype if dtype is not None and stored.is_floating_point else stored
+            dtypes[target] = state[target].dtype if dtype is not None and stored.is_floating_point else stored
             written.setdefault(target, set()).add(p.part if p.element is None else p.element)
             plan.append((source, p, target, rows))
     missing = sorted(set(state) - set(written))
@@ -200,6 +204,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
             iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout)
         if plan.tokenizer is not None:
             shutil.copyfile(plan.tokenizer, tmp / TOKENIZER)
+        shutil.copyfile(plan.hf_dir / "config.json", tmp / SOURCE_CONFIG)  # for export-hf's config.json
         inside = plan.spec_file.resolve().parent == plan.out.resolve()
         if inside:
             write_text_atomic(tmp / plan.spec_file.name, plan.spec_text)
