@@ -1,10 +1,12 @@
 """The one name table of `dsv4 import-hf`: a tensor of a DeepSeek-V4 safetensors directory -> where it
 goes in dsv4's model (module / state-dict names; docs/interop.md lists every row).
 
-Source names are DeepSeek's original ones, which HF transformers writes on `save_pretrained`
-(it reverses its conversion mapping), under an optional `model.` prefix:
-`model.layers.3.attn.wq_a.weight`, `model.layers.3.ffn.experts.7.w1.weight`, `head.weight`, ...
-The release's spellings of the top-level tensors (`embed.weight`, `hc_head_fn`) are accepted too.
+Source names are DeepSeek's original ones in either of two layouts (`detect_layout`):
+- "hf": what HF transformers writes on `save_pretrained` (it reverses its conversion mapping):
+  `model.layers.3.attn.wq_a.weight`, `model.embed_tokens.weight`, `model.hc_head.hc_fn`, `head.weight`;
+- "original": the public release: no `model.` prefix, `embed.weight`, `hc_head_fn`, `mtp.K.*`
+  (MTP depth K+1: `MTP_TABLE`, and a whole decoder block under `mtp.K.`), quantized weights with a
+  `.scale` / `.weight_scale_inv` companion (dsv4cli/infer/dequant.py).
 
 A `Placement` says which dsv4 tensor receives a source tensor and which part of it: the whole
 tensor, its first rows (the embedding / output layer / hash table are padded to the padded
@@ -91,10 +93,24 @@ def layer_table() -> dict[str, list[Placement]]:
     return table
 
 
+MTP_TABLE: dict[str, list[Placement]] = {
+    "e_proj.weight": _one("e_proj.weight"),
+    "h_proj.weight": _one("h_proj.weight"),
+    "enorm.weight": _one("enorm.weight"),
+    "hnorm.weight": _one("hnorm.weight"),
+    "norm.weight": _one("final_layernorm.weight"),
+    "hc_head_fn": _one("hc_head_fn"),
+    "hc_head_base": _one("hc_head_base"),
+    "hc_head_scale": _one("hc_head_scale"),
+}
+"""The MTP depth's own tensors: name under `mtp.{k}.` -> placements under `mtp.layers.{k}.`. Every
+other `mtp.{k}.` tensor is its transformer block's, named as in a decoder layer (`layer_table`), and
+goes under `mtp.layers.{k}.transformer_layer.`."""
+
 EXPERT_HOMES = ("mlp.experts.local_experts.{e}.{fc}.weight", "mlp.experts.{fc}.weight{e}")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123]\.weight)$")
-_MTP = re.compile(r"^mtp\.(\d+)\.")
+_MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 
 
 def strip_prefix(name: str) -> str:
@@ -107,21 +123,49 @@ def mtp_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def _under(prefix: str, found: Optional[list[Placement]]) -> Optional[list[Placement]]:
+    if found is None:
+        return None
+    return [Placement(tuple(prefix + t for t in p.targets), p.part, p.element) for p in found]
+
+
+def _block(prefix: str, rest: str, layers: dict[str, list[Placement]]) -> Optional[list[Placement]]:
+    """A transformer block's tensor `rest` (`attn.wq_a.weight`, `ffn.experts.7.w1.weight`, ...) -> its
+    placements under `prefix` (`decoder.layers.3.`, `mtp.layers.0.transformer_layer.`)."""
+    e = _EXPERT.match(rest)
+    if e:
+        homes = [prefix + h.replace("{e}", e.group(1)) for h in EXPERT_HOMES]
+        return _swiglu("", homes)[e.group(2)]
+    return _under(prefix, layers.get(rest))
+
+
 def placements(name: str, layers: Optional[dict[str, list[Placement]]] = None) -> Optional[list[Placement]]:
     """Where source tensor `name` goes in dsv4's model; None for a name this table does not know.
     `layers`: layer_table() (passed in when called for many names)."""
     short = strip_prefix(name)
     if short in TOP_LEVEL:
         return TOP_LEVEL[short]
+    layers = layers if layers is not None else layer_table()
     m = _LAYER.match(short)
-    if not m:
-        return None
-    i, rest = m.group(1), m.group(2)
-    e = _EXPERT.match(rest)
-    if e:
-        homes = [f"decoder.layers.{i}." + h.replace("{e}", e.group(1)) for h in EXPERT_HOMES]
-        return _swiglu("", homes)[e.group(2)]
-    found = (layers if layers is not None else layer_table()).get(rest)
-    if found is None:
-        return None
-    return [Placement(tuple(f"decoder.layers.{i}.{t}" for t in p.targets), p.part, p.element) for p in found]
+    if m:
+        return _block(f"decoder.layers.{m.group(1)}.", m.group(2), layers)
+    m = _MTP.match(short)
+    if m:
+        k, rest = m.group(1), m.group(2)
+        if rest in MTP_TABLE:
+            return _under(f"mtp.layers.{k}.", MTP_TABLE[rest])
+        return _block(f"mtp.layers.{k}.transformer_layer.", rest, layers)
+    return None
+
+
+def detect_layout(names) -> str:
+    """"hf" (save_pretrained: `model.`-prefixed names, `head.weight`) or "original" (the release: no
+    prefix). ValueError for a directory mixing the two (`mtp.*` may go without the prefix in either:
+    transformers drops MTP tensors on load, with or without `model.`)."""
+    unprefixed = [n for n in names if not n.startswith(MODEL_PREFIX) and n not in ("head.weight", "lm_head.weight")
+                  and not n.startswith("mtp.")]
+    prefixed = [n for n in names if n.startswith(MODEL_PREFIX)]
+    if prefixed and unprefixed:
+        raise ValueError(f"tensor names mix layouts: {prefixed[0]} (HF save_pretrained) and {unprefixed[0]} "
+                         "(the original release)")
+    return "hf" if prefixed else "original"
