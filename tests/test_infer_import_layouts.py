@@ -252,6 +252,22 @@ def test_fp8_and_fp4_weights_import_bit_equal_to_transformers_dequantization(tin
     assert saved["decoder.layers.2.self_attention.linear_o_up.weight"].dtype == "bfloat16"
 
 
+def test_dtype_cast_leaves_the_fp32_tensors_fp32_and_exact(tiny):
+    """--dtype bfloat16 casts the projections; sinks, position biases, the expert bias and the mHC
+    parameters keep their fp32 source values bit for bit (never rounded through bf16)."""
+    root = tiny["root"]
+    result = _import(root / "hf", root / "bf16-out", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    state, src = loaded(root / "bf16-out"), tiny["tensors"]
+    exact = {"decoder.layers.1.self_attention.sinks": src["layers.1.attn.attn_sink"],
+             "decoder.layers.2.self_attention.compressor.position_bias": src["layers.2.attn.compressor.ape"],
+             "decoder.layers.1.mlp.router.expert_bias": src["layers.1.ffn.gate.bias"],
+             "decoder.layers.0.mlp_hyper_connection.bias": src["layers.0.hc_ffn_base"],
+             "decoder.hc_head_fn": src["hc_head_fn"]}
+    assert [k for k, v in exact.items() if state[k].dtype != torch.float32 or not state[k].equal(v)] == []
+    assert state["decoder.layers.1.self_attention.linear_kv.weight"].dtype == torch.bfloat16
+
+
 def test_block_scales_with_partial_last_blocks_follow_the_128_grid():
     """A [200, 130] FP8 weight has a [2, 2] grid of 128 x 128 blocks; the last ones are partial."""
     from dsv4cli.infer.dequant import dequantize

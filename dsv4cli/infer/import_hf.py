@@ -153,6 +153,7 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
     import torch
 
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    fp32 = kept_fp32(model, state)
     table = layer_table()
     plan: list[tuple[SourceTensor, Placement, str, slice]] = []
     dtypes: dict[str, object] = {}
@@ -167,7 +168,9 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
             if got != want:
                 raise ImportHFError(f"{source.name} {list(source.shape)} does not fit {target} "
                                     f"{list(state[target].shape)} ({p.part})")
-            if source.scale is not None:
+            if target in fp32:  # the model keeps it fp32 whatever --dtype says
+                dtypes[target] = torch.float32
+            elif source.scale is not None:
                 dtypes[target] = dtype if dtype is not None else getattr(torch, DEQUANTIZED_DEFAULT)
             else:
                 stored = _torch_dtype(source.dtype)
@@ -195,6 +198,18 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
             for p, target, rows in by_source[source.name]:
                 value = tensor if p.element is None else tensor[p.element].reshape(1)
                 state[target].data[rows].copy_(value)
+
+
+def kept_fp32(model, state: dict) -> set[str]:
+    """The state names the model keeps fp32 under any cast: its KeepFp32Params modules' fp32 parameters
+    (mHC, contraction, sinks, compressor position biases) and the routers' expert_bias."""
+    from dsv4cli.model.fp32_params import KeepFp32Params
+
+    names = {k for k in state if k.endswith("expert_bias")}
+    for prefix, module in model.named_modules():
+        if isinstance(module, KeepFp32Params):
+            names.update(f"{prefix}.{n}" if prefix else n for n in module.fp32_param_names())
+    return names & set(state)
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
