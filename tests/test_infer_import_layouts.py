@@ -173,6 +173,38 @@ def test_original_layout_with_mtp_tensors_imports_mtp_depth_1_and_eval_reports_i
     assert len(out["mtp_losses"]) == 1 and math.isfinite(out["mtp_losses"][0]) and out["mtp_losses"][0] > 0
 
 
+def test_toy_variant_keeps_the_first_layers_and_experts_and_trains_on_cpu(tiny, tmp_path):
+    """--layers 2 --experts 2 on an original-layout source with an MTP depth: 2 layers + MTP, 2 experts
+    everywhere (router rows cut, hash ids modulo 2), a note in the spec; 2 training steps from it."""
+    from dsv4cli.cli import app
+    from dsv4cli.spec.load import load_spec
+
+    src_tensors = {**tiny["tensors"], **mtp_tensors(tiny["tensors"], torch.Generator().manual_seed(4))}
+    cfg = {**legacy_config(tiny["cfg"], mtp_ratio=4), "max_position_embeddings": 32}  # model.seq_length 32
+    src = write_original(tmp_path / "src", src_tensors, cfg)
+    write_tokenizer(src)
+    result = _import(src, tmp_path / "toy", "--layers", "2", "--experts", "2", "--json")
+    assert result.exit_code == 0, result.output
+    spec_text = (tmp_path / "toy" / "spec.toml").read_text()
+    assert "# toy variant: the first 2 of 3 layers" in spec_text
+    spec = load_spec(tmp_path / "toy" / "spec.toml")
+    assert (spec.model.num_layers, spec.model.moe.num_experts, spec.model.moe.top_k, spec.model.mtp.depth) == (2, 2, 2, 1)
+    assert spec.model.seq_length == 32
+    assert spec.model.attention.layer_types == ["sliding", "csa", "csa"]  # the MTP layer's entry kept
+    state = loaded(tmp_path / "toy")
+    assert state["decoder.layers.1.mlp.router.weight"].equal(src_tensors["layers.1.ffn.gate.weight"][:2])
+    assert state["mtp.layers.0.transformer_layer.mlp.router.expert_bias"].equal(src_tensors["mtp.0.ffn.gate.bias"][:2])
+    assert state["decoder.layers.0.mlp.router.tid2eid"][:64].equal(src_tensors["layers.0.ffn.gate.tid2eid"] % 2)
+    assert not any(".local_experts.2." in k for k in state)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "toy" / "spec.toml"), "--set", f"checkpoint.load={tmp_path / 'toy'}",
+                                 "--set", f"checkpoint.dir={run}", "--set", "train.steps=2",
+                                 "--set", "train.global_batch_size=1", "--set", "train.eval_interval=0"])
+    assert r.exit_code == 0, r.output
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) >= 1 and all(math.isfinite(x) for x in losses)
+
+
 def fp8_quantize(w: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """[r, c] -> (e4m3 [r, c], fp32 scales [ceil(r/bm), ceil(c/bn)]): block amax / 448, power-of-two
     scales (the release's ue8m0 format)."""

@@ -81,6 +81,8 @@ def import_hf(
                                         help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 weights: bfloat16)."),
     as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "layout", '
                                   '"dequantized", "notes"}.'),
+    layers: Optional[int] = typer.Option(None, "--layers", metavar="K", help="Toy variant: the first K layers (and MTP)."),
+    experts: Optional[int] = typer.Option(None, "--experts", metavar="E", help="Toy variant: the first E experts of every MoE layer."),
     verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
 ) -> None:
     """Import a HF DeepSeek-V4 directory (config.json + safetensors) as a dsv4 checkpoint and spec.
@@ -101,7 +103,7 @@ def import_hf(
         fail(f"error: --dtype must be float32, bfloat16 or float16, got {dtype!r}")
     quiet_known_noise(verbose)
     try:
-        result = run(hf_dir, out, spec_out, dtype)
+        result = run(hf_dir, out, spec_out, dtype, layers, experts)
     except ImportHFError as e:
         fail(f"error: {e}")
     if as_json:

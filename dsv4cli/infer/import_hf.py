@@ -27,6 +27,7 @@ from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequa
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
 from dsv4cli.infer.hf_names import Placement, detect_layout, layer_table, mtp_index, placements
 from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream_scaled, tensor_sources
+from dsv4cli.infer.toy import ToyError, cut_config, cut_sources
 
 SPEC_NAME = "spec.toml"
 TOKENIZER = "tokenizer.json"
@@ -75,8 +76,10 @@ def _check_paths(hf_dir: Path, out: Path, spec_file: Path) -> None:
         raise ImportHFError(f"{hf_dir} is inside {out}")
 
 
-def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None) -> ImportPlan:
-    """Read config.json and the tensor headers, build the spec, check names. ImportHFError when bad."""
+def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
+                layers: Optional[int] = None, experts: Optional[int] = None) -> ImportPlan:
+    """Read config.json and the tensor headers, build the spec, check names. ImportHFError when bad.
+    `layers` / `experts`: a toy variant with the first K layers and E experts (toy.py)."""
     from dsv4cli.spec.load import spec_to_toml
     from dsv4cli.spec.schema import Spec
 
@@ -89,7 +92,11 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
         sources = tensor_sources(hf_dir)
         layout = detect_layout(sources)
         sources = fold_scales(sources)
-    except (HFConfigError, SafetensorsError, DequantError) as e:
+        toy_notes = []
+        if layers is not None or experts is not None:
+            cfg, toy_notes = cut_config(cfg, layers, experts)
+            sources = cut_sources(sources, cfg["num_hidden_layers"], cfg["n_routed_experts"])
+    except (HFConfigError, SafetensorsError, DequantError, ToyError) as e:
         raise ImportHFError(str(e)) from None
     except ValueError as e:  # detect_layout: mixed layouts
         raise ImportHFError(f"{hf_dir}: {e}") from None
@@ -117,8 +124,10 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
     except ValueError as e:  # pydantic's ValidationError
         raise ImportHFError(f"config.json gives a spec dsv4 rejects: {e}") from None
     header = (f"# Imported by `dsv4 import-hf` from {hf_dir.resolve()}\n"
+              + "".join(f"# {note}\n" for note in toy_notes)
               + ("" if tokenizer else "# No tokenizer.json there: data.tokenizer = \"byte\" is a placeholder.\n"))
-    return ImportPlan(hf_dir, out, spec_file, header + spec_to_toml(spec), spec, sources, tokenizer, notes_on(cfg),
+    return ImportPlan(hf_dir, out, spec_file, header + spec_to_toml(spec), spec, sources, tokenizer,
+                      toy_notes + notes_on(cfg),
                       layout, len(mtp), block_size(cfg))
 
 
@@ -195,6 +204,10 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
                     tensor = dequantize(tensor, scale, dtypes[by_source[source.name][0][1]], block)
                 except DequantError as e:
                     raise ImportHFError(f"{source.name}: {e}") from None
+            if source.rows is not None:
+                tensor = tensor[: source.rows]
+            if source.modulo is not None:
+                tensor = tensor % source.modulo
             for p, target, rows in by_source[source.name]:
                 value = tensor if p.element is None else tensor[p.element].reshape(1)
                 state[target].data[rows].copy_(value)
@@ -213,7 +226,7 @@ def kept_fp32(model, state: dict) -> set[str]:
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
-              dtype: Optional[str] = None) -> dict:
+              dtype: Optional[str] = None, layers: Optional[int] = None, experts: Optional[int] = None) -> dict:
     """Import; -> {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "layout",
     "dequantized", "notes"}."""
     import torch
@@ -224,7 +237,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
     from dsv4cli.spec.layout import ParallelDims, single_process_spec
 
-    plan = plan_import(hf_dir, out, spec_out)
+    plan = plan_import(hf_dir, out, spec_out, layers, experts)
     cast = getattr(torch, dtype) if dtype else None
     tmp = plan.out.parent / f".{plan.out.name}.tmp{os.getpid()}"
     plan.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,16 @@ class SafetensorsError(ValueError):
 class SourceTensor:
     """One stored tensor as its file's header describes it (no data read): its name, the file that
     holds it, its shape and its safetensors dtype ("F32", "BF16", "I64", "F8_E4M3", ...). A quantized
-    weight carries its `scale` tensor, and `shape` is then its dequantized shape (dequant.py)."""
+    weight carries its `scale` tensor, and `shape` is then its dequantized shape (dequant.py). A toy
+    variant (toy.py) reads only the first `rows` rows, or takes integer values `modulo` a number."""
 
     name: str
     file: Path
     shape: tuple[int, ...]
     dtype: str
     scale: Optional["SourceTensor"] = None
+    rows: Optional[int] = None
+    modulo: Optional[int] = None
 
 
 def data_files(hf_dir: Path) -> list[Path]:
