@@ -140,6 +140,26 @@ def test_original_layout_imports_to_the_same_checkpoint_as_save_pretrained(tiny)
     assert differ == []
 
 
+def test_hf_in_memory_module_names_import_to_the_same_checkpoint(tiny):
+    """The names of HF's modules (`self_attn.q_a_proj`, fused `mlp.experts.gate_up_proj` [E, 2I, h], ...),
+    as an older or newer transformers may save them."""
+    from safetensors.torch import save_file
+
+    root = tiny["root"]
+    src = root / "modules"
+    src.mkdir()
+    (src / "config.json").write_text((root / "hf" / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in hf_model().state_dict().items()}  # the model save_pretrained wrote
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state and "model.layers.1.self_attn.sinks" in state
+    save_file(state, str(src / "model.safetensors"))
+    result = _import(src, root / "modules-out", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["layout"] == "hf-modules"
+    ours, theirs = loaded(root / "modules-out"), loaded(root / "hf-out")
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if ours[k].dtype != theirs[k].dtype or not ours[k].equal(theirs[k])] == []
+
+
 def test_original_layout_with_mtp_tensors_imports_mtp_depth_1_and_eval_reports_its_loss(tiny, tmp_path):
     from dsv4cli.cli import app
     from dsv4cli.spec.load import load_spec
@@ -321,7 +341,8 @@ def test_bad_quantized_or_unknown_original_tensors_are_exit_2_naming_them(tiny, 
     cases = {
         "unknown": ({"mtp.0.mystery.weight": torch.zeros(2)}, "mtp.0.mystery.weight"),
         "unscaled": ({"layers.0.attn.wq_a.weight": q}, "layers.0.attn.wq_a.weight"),
-        "orphan": ({"layers.0.attn.nothing.scale": s}, "layers.0.attn.nothing.scale"),
+        "orphan": ({"layers.0.attn.nothing.weight_scale_inv": s}, "layers.0.attn.nothing.weight_scale_inv"),
+        "unknown scale": ({"layers.0.attn.nothing.scale": s}, "layers.0.attn.nothing.scale"),
         "mixed": ({"model.layers.0.attn.wq_a.weight": q}, "mix layouts"),
     }
     for case, (extra, named) in cases.items():

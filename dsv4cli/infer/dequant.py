@@ -47,13 +47,14 @@ def block_size(cfg: dict) -> tuple[int, int]:
 
 def fold_scales(sources: dict[str, SourceTensor]) -> dict[str, SourceTensor]:
     """Sources with every scale tensor attached to its weight (`SourceTensor.scale`; the weight's
-    `shape` becomes the dequantized shape: FP4's packed columns doubled). DequantError for a scale
-    without its weight or a FP8 weight without a scale. int8 tensors without a scale stay integer."""
+    `shape` becomes the dequantized shape: FP4's packed columns doubled). A `X.scale` without a
+    `X.weight` is left as it is (a tensor of its own); DequantError for a `.weight_scale_inv` without
+    its weight or a FP8 weight without a scale. int8 tensors without a scale stay integer."""
     out = dict(sources)
     for name, source in sources.items():
         target = weight_of(name)
-        if target is None:
-            continue
+        if target is None or (target not in sources and name.endswith(".scale")):
+            continue  # HF's module names have parameters called `scale` (attn_hc.scale): not a weight's scale
         if target not in sources:
             raise DequantError(f"scale tensor {name} has no weight {target}")
         weight = sources[target]

@@ -108,7 +108,7 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
         if source.scale is None:
             _torch_dtype(source.dtype)
     table = layer_table()
-    unknown = [name for name in sources if placements(name, table) is None]
+    unknown = [name for name, source in sources.items() if placements(name, table, source.shape) is None]
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise ImportHFError(f"unknown tensor {unknown[0]} in {sources[unknown[0]].file.name}{more}: "
@@ -168,12 +168,12 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
     dtypes: dict[str, object] = {}
     written: dict[str, set] = {}
     for source in sources.values():
-        for p in placements(source.name, table):
+        for p in placements(source.name, table, source.shape):
             target = next((t for t in p.targets if t in state), None)
             if target is None:
                 raise ImportHFError(f"{source.name}: the model built from config.json has no {p.targets[0]}")
             rows, want = _region(tuple(state[target].shape), p, source.shape)
-            got = tuple(source.shape) if p.element is None else (1,)
+            got = tuple(source.shape) if p.element is None else (tuple(source.shape[1:]) or (1,))
             if got != want:
                 raise ImportHFError(f"{source.name} {list(source.shape)} does not fit {target} "
                                     f"{list(state[target].shape)} ({p.part})")
@@ -209,7 +209,7 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
             if source.modulo is not None:
                 tensor = tensor % source.modulo
             for p, target, rows in by_source[source.name]:
-                value = tensor if p.element is None else tensor[p.element].reshape(1)
+                value = tensor if p.element is None else tensor[p.element].reshape(state[target].data[rows].shape)
                 state[target].data[rows].copy_(value)
 
 
