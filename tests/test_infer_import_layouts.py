@@ -250,7 +250,8 @@ def fp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantized_release(tensors: dict) -> dict:
-    """The release's storage: FP8 (`.scale`) for 2-D projections, FP4 for the routed experts, the rest as is."""
+    """The release's storage: FP8 (`.scale`: E8M0 for attention, fp32 elsewhere) for 2-D projections, FP4
+    for the routed experts, the rest as is."""
     out = {}
     for name, value in tensors.items():
         keep = value.dim() != 2 or not name.endswith(".weight") or name in ("embed.weight", "head.weight") \
@@ -260,7 +261,9 @@ def quantized_release(tensors: dict) -> dict:
         elif ".ffn.experts." in name:
             out[name], out[name[: -len(".weight")] + ".scale"] = fp4_quantize(value)
         else:
-            out[name], out[name[: -len(".weight")] + ".scale"] = fp8_quantize(value, FP8_BLOCK)
+            q, scale = fp8_quantize(value, FP8_BLOCK)
+            e8m0 = ".attn." in name  # the release's ue8m0 scales as F8_E8M0; fp32 ones elsewhere
+            out[name], out[name[: -len(".weight")] + ".scale"] = q, scale.to(torch.float8_e8m0fnu) if e8m0 else scale
     return out
 
 
