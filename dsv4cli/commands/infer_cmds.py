@@ -76,12 +76,15 @@ def generate(
 
 @app.command("import-hf")
 def import_hf(
-    hf_dir: str = typer.Argument(..., metavar="HF_DIR", help="Directory written by DeepseekV4ForCausalLM.save_pretrained."),
+    hf_dir: str = typer.Argument(..., metavar="HF_DIR", help="DeepSeek-V4 directory: save_pretrained's or the public release's layout (detected)."),
     out: str = typer.Argument(..., metavar="OUT", help="New checkpoint directory (must not exist, or be empty)."),
     spec_out: Optional[str] = typer.Option(None, "--spec-out", metavar="FILE", help="Where to write the spec (default OUT/spec.toml)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="float32|bfloat16|float16",
-                                        help="Cast floating tensors (default: keep each stored dtype)."),
-    as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "notes"}.'),
+                                        help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 weights: bfloat16)."),
+    as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "layout", '
+                                  '"dequantized", "notes"}.'),
+    layers: Optional[int] = typer.Option(None, "--layers", metavar="K", help="Toy variant: the first K layers (and MTP)."),
+    experts: Optional[int] = typer.Option(None, "--experts", metavar="E", help="Toy variant: the first E experts of every MoE layer."),
     verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
 ) -> None:
     """Import a HF DeepSeek-V4 directory (config.json + safetensors) as a dsv4 checkpoint and spec.
@@ -102,7 +105,7 @@ def import_hf(
         fail(f"error: --dtype must be float32, bfloat16 or float16, got {dtype!r}")
     quiet_known_noise(verbose)
     try:
-        result = run(hf_dir, out, spec_out, dtype)
+        result = run(hf_dir, out, spec_out, dtype, layers, experts)
     except ImportHFError as e:
         fail(f"error: {e}")
     if as_json:
@@ -113,6 +116,7 @@ def import_hf(
     kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result["dtypes"].items()))
     typer.echo(f"imported {hf_dir} -> {result['checkpoint']}: {result['tensors']} tensors, "
                f"{human_bytes(result['bytes'])} ({kinds})")
+    typer.echo(f"layout: {result['layout']}, MTP depth {result['mtp_depth']}, dequantized {result['dequantized']} weights")
     typer.echo(f"spec: {result['spec']}")
     for note in result["notes"]:
         typer.echo(f"note: {note}")

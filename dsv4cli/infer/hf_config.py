@@ -25,6 +25,8 @@ LAYER_KINDS = {
     "heavily_compressed_attention": "hca",
 }
 LEGACY_RATIO_KINDS = {0: "sliding", 4: "csa", 128: "hca"}
+"""The release's ratios. As in DeepSeek's reference, ratio 4 is the one with an indexer (csa), any
+other ratio > 0 compresses without one (hca), 0 is sliding-window only."""
 DEFAULT_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
 DEFAULT_HASH_LAYERS = 3
 DEFAULT_ROPE_FRACTION = 64 / 512
@@ -58,33 +60,47 @@ def _need(cfg: dict, key: str) -> Any:
     return cfg[key]
 
 
-def layer_schedule(cfg: dict) -> tuple[list[str], list[int]]:
-    """-> (per-layer kinds 'sliding'/'csa'/'hca', per-layer compression ratios) of the decoder layers."""
+def _legacy_kind(ratio: int) -> str:
+    return "sliding" if ratio == 0 else "csa" if ratio == 4 else "hca"
+
+
+def layer_schedule(cfg: dict, mtp_depth: int = 0) -> tuple[list[str], list[int]]:
+    """-> (per-layer kinds 'sliding'/'csa'/'hca', per-layer compression ratios) of the decoder layers,
+    then of the `mtp_depth` MTP layers (the config's entries past num_hidden_layers where it lists
+    them, as the release's compress_ratios does; else the last decoder layer's)."""
     n = int(_need(cfg, "num_hidden_layers"))
+    kinds, ratios = _decoder_schedule(cfg, n, n + mtp_depth)
+    if len(kinds) < n:
+        raise HFConfigError(f"config.json: {len(kinds)} attention layer types for num_hidden_layers = {n}")
+    missing = n + mtp_depth - len(kinds)
+    return kinds + kinds[n - 1:n] * missing, ratios + ratios[n - 1:n] * missing
+
+
+def _decoder_schedule(cfg: dict, n: int, wanted: int) -> tuple[list[str], list[int]]:
+    """The first `wanted` (at most) per-layer kinds and ratios the config lists (HF's default pattern
+    for n layers when it lists none)."""
     if cfg.get("layer_types") is not None:
         rates = {**DEFAULT_COMPRESS_RATES, **_get(cfg, "compress_rates", {})}
         for legacy, kind in (("compress_rate_csa", "compressed_sparse_attention"),
                              ("compress_rate_hca", "heavily_compressed_attention")):
             if cfg.get(legacy) is not None:
                 rates[kind] = cfg[legacy]
-        types = list(cfg["layer_types"])[:n]
+        types = list(cfg["layer_types"])[:wanted]
         bad = [t for t in types if t not in LAYER_KINDS]
         if bad:
             raise HFConfigError(f"config.json: layer_types has unknown kinds {bad} (known: {list(LAYER_KINDS)})")
         kinds = [LAYER_KINDS[t] for t in types]
         ratios = [0 if k == "sliding" else int(rates[t]) for t, k in zip(types, kinds)]
     elif cfg.get("compress_ratios") is not None:
-        ratios = [int(r) for r in cfg["compress_ratios"]][:n]  # the release lists one more: its MTP layer
-        bad = sorted({r for r in ratios if r not in LEGACY_RATIO_KINDS})
+        ratios = [int(r) for r in cfg["compress_ratios"]][:wanted]  # the release lists its MTP layer's too
+        bad = sorted({r for r in ratios if r < 0})
         if bad:
-            raise HFConfigError(f"config.json: compress_ratios has {bad}; known ratios: 0, 4, 128")
-        kinds = [LEGACY_RATIO_KINDS[r] for r in ratios]
+            raise HFConfigError(f"config.json: compress_ratios has {bad}; ratios are 0 (sliding) or positive")
+        kinds = [_legacy_kind(r) for r in ratios]
     else:  # HF's default: two heavily compressed layers, then compressed sparse / heavily compressed in turn
         kinds = ["hca"] * min(n, 2) + ["csa" if i % 2 else "hca" for i in range(max(n - 2, 0))]
         ratios = [DEFAULT_COMPRESS_RATES[k] for k in
                   ("heavily_compressed_attention" if k == "hca" else "compressed_sparse_attention" for k in kinds)]
-    if len(kinds) != n:
-        raise HFConfigError(f"config.json: {len(kinds)} attention layer types for num_hidden_layers = {n}")
     return kinds, ratios
 
 
@@ -166,14 +182,14 @@ def spec_data(cfg: dict, *, mtp_depth: int = 0, eos: Optional[list[int]] = None,
     """config.json (dict) -> the spec's TOML tables (dict; Spec.model_validate takes it).
     `eos`: the ids that end generation (default: config.json's eos_token_id)."""
     _check_supported(cfg)
-    kinds, ratios = layer_schedule(cfg)
+    kinds, ratios = layer_schedule(cfg, mtp_depth)
     rope = rope_settings(cfg)
     topk = int(_get(cfg, "index_topk", 512))
     rms_eps, hc_eps = float(_get(cfg, "rms_norm_eps", 1e-6)), float(_get(cfg, "hc_eps", 1e-6))
     expert_ffn = int(_get(cfg, "moe_intermediate_size", 2048))
     attention = {
-        "layer_types": kinds + kinds[-1:] * mtp_depth,
-        "compress_ratios": ratios + ratios[-1:] * mtp_depth,
+        "layer_types": kinds,
+        "compress_ratios": ratios,
         "head_dim": int(_get(cfg, "head_dim", 512)),
         "rope_head_dim": rope.pop("rope_head_dim"),
         "q_lora_rank": int(_get(cfg, "q_lora_rank", 1024)),

@@ -1,10 +1,15 @@
 """The one name table of `dsv4 import-hf`: a tensor of a DeepSeek-V4 safetensors directory -> where it
 goes in dsv4's model (module / state-dict names; docs/interop.md lists every row).
 
-Source names are DeepSeek's original ones, which HF transformers writes on `save_pretrained`
-(it reverses its conversion mapping), under an optional `model.` prefix:
-`model.layers.3.attn.wq_a.weight`, `model.layers.3.ffn.experts.7.w1.weight`, `head.weight`, ...
-The release's spellings of the top-level tensors (`embed.weight`, `hc_head_fn`) are accepted too.
+Source names are DeepSeek's original ones in either of two layouts (`detect_layout`):
+- "hf": what HF transformers writes on `save_pretrained` (it reverses its conversion mapping):
+  `model.layers.3.attn.wq_a.weight`, `model.embed_tokens.weight`, `model.hc_head.hc_fn`, `head.weight`;
+- "original": the public release: no `model.` prefix, `embed.weight`, `hc_head_fn`, `mtp.K.*`
+  (MTP depth K+1: `MTP_TABLE`, and a whole decoder block under `mtp.K.`), quantized weights with a
+  `.scale` / `.weight_scale_inv` companion (dsv4cli/infer/dequant.py);
+- "hf-modules": the names of HF's in-memory modules (`model.layers.3.self_attn.q_a_proj.weight`,
+  fused `mlp.experts.gate_up_proj` [E, 2I, h] / `down_proj` [E, h, I]), read through
+  `HF_MODULE_RENAMES` (transformers' conversion mapping, reversed).
 
 A `Placement` says which dsv4 tensor receives a source tensor and which part of it: the whole
 tensor, its first rows (the embedding / output layer / hash table are padded to the padded
@@ -91,10 +96,62 @@ def layer_table() -> dict[str, list[Placement]]:
     return table
 
 
+MTP_TABLE: dict[str, list[Placement]] = {
+    "e_proj.weight": _one("e_proj.weight"),
+    "h_proj.weight": _one("h_proj.weight"),
+    "enorm.weight": _one("enorm.weight"),
+    "hnorm.weight": _one("hnorm.weight"),
+    "norm.weight": _one("final_layernorm.weight"),
+    "hc_head_fn": _one("hc_head_fn"),
+    "hc_head_base": _one("hc_head_base"),
+    "hc_head_scale": _one("hc_head_scale"),
+}
+"""The MTP depth's own tensors: name under `mtp.{k}.` -> placements under `mtp.layers.{k}.`. Every
+other `mtp.{k}.` tensor is its transformer block's, named as in a decoder layer (`layer_table`), and
+goes under `mtp.layers.{k}.transformer_layer.`."""
+
+HF_MODULE_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
+    (r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
+    (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.mlp\.", ".ffn."),
+    (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+    (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+    (r"\.sinks$", ".attn_sink"),
+    (r"\.kv_norm\.", ".norm."),
+    (r"\.position_bias$", ".ape"),
+    (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+    (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+    (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+    (r"\.q_a_proj\.", ".wq_a."),
+    (r"\.q_b_proj\.", ".wq_b."),
+    (r"\.q_a_norm\.", ".q_norm."),
+    (r"\.kv_proj\.", ".wkv."),
+    (r"\.gate_proj\.", ".wgate."),
+    (r"\.o_a_proj\.", ".wo_a."),
+    (r"\.o_b_proj\.", ".wo_b."),
+    (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
+)
+"""HF in-memory module names -> DeepSeek's original ones (transformers' conversion_mapping.py
+"deepseek_v4", reversed; applied in order). The fused experts (`ffn.experts.gate_up_proj` [E, 2I, h]:
+w1 rows then w3 rows of every expert; `ffn.experts.down_proj` [E, h, I]) are split by `placements`."""
+
 EXPERT_HOMES = ("mlp.experts.local_experts.{e}.{fc}.weight", "mlp.experts.{fc}.weight{e}")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123]\.weight)$")
-_MTP = re.compile(r"^mtp\.(\d+)\.")
+_MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
+_FUSED = {"ffn.experts.gate_up_proj": "linear_fc1", "ffn.experts.down_proj": "linear_fc2"}
+_HF_MODULE_MARKS = (".self_attn.", ".mlp.", ".attn_hc.", ".ffn_hc.")
+
+
+def original_name(name: str) -> str:
+    """An HF in-memory module name -> DeepSeek's original name (other names unchanged)."""
+    for pattern, replacement in HF_MODULE_RENAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def strip_prefix(name: str) -> str:
@@ -107,21 +164,59 @@ def mtp_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def placements(name: str, layers: Optional[dict[str, list[Placement]]] = None) -> Optional[list[Placement]]:
-    """Where source tensor `name` goes in dsv4's model; None for a name this table does not know.
-    `layers`: layer_table() (passed in when called for many names)."""
-    short = strip_prefix(name)
-    if short in TOP_LEVEL:
-        return TOP_LEVEL[short]
-    m = _LAYER.match(short)
-    if not m:
-        return None
-    i, rest = m.group(1), m.group(2)
-    e = _EXPERT.match(rest)
-    if e:
-        homes = [f"decoder.layers.{i}." + h.replace("{e}", e.group(1)) for h in EXPERT_HOMES]
-        return _swiglu("", homes)[e.group(2)]
-    found = (layers if layers is not None else layer_table()).get(rest)
+def _under(prefix: str, found: Optional[list[Placement]]) -> Optional[list[Placement]]:
     if found is None:
         return None
-    return [Placement(tuple(f"decoder.layers.{i}.{t}" for t in p.targets), p.part, p.element) for p in found]
+    return [Placement(tuple(prefix + t for t in p.targets), p.part, p.element) for p in found]
+
+
+def _block(prefix: str, rest: str, layers: dict[str, list[Placement]],
+           experts: Optional[int] = None) -> Optional[list[Placement]]:
+    """A transformer block's tensor `rest` (`attn.wq_a.weight`, `ffn.experts.7.w1.weight`, ...) -> its
+    placements under `prefix` (`decoder.layers.3.`, `mtp.layers.0.transformer_layer.`). A fused
+    expert tensor [E, ...] places its element e in expert e's home (`experts`: E)."""
+    if rest in _FUSED and experts is not None:
+        return [Placement(tuple(prefix + h.format(e=e, fc=_FUSED[rest]) for h in EXPERT_HOMES), "all", e)
+                for e in range(experts)]
+    e = _EXPERT.match(rest)
+    if e:
+        homes = [prefix + h.replace("{e}", e.group(1)) for h in EXPERT_HOMES]
+        return _swiglu("", homes)[e.group(2)]
+    return _under(prefix, layers.get(rest))
+
+
+def placements(name: str, layers: Optional[dict[str, list[Placement]]] = None,
+               shape: Optional[tuple] = None) -> Optional[list[Placement]]:
+    """Where source tensor `name` goes in dsv4's model; None for a name this table does not know.
+    `layers`: layer_table() (passed in when called for many names); `shape`: the source's (fused
+    experts are split along its first dimension). HF in-memory names are read too (original_name)."""
+    short = original_name(strip_prefix(name))
+    experts = shape[0] if shape else None
+    if short in TOP_LEVEL:
+        return TOP_LEVEL[short]
+    layers = layers if layers is not None else layer_table()
+    m = _LAYER.match(short)
+    if m:
+        return _block(f"decoder.layers.{m.group(1)}.", m.group(2), layers, experts)
+    m = _MTP.match(short)
+    if m:
+        k, rest = m.group(1), m.group(2)
+        if rest in MTP_TABLE:
+            return _under(f"mtp.layers.{k}.", MTP_TABLE[rest])
+        return _block(f"mtp.layers.{k}.transformer_layer.", rest, layers, experts)
+    return None
+
+
+def detect_layout(names) -> str:
+    """"hf" (save_pretrained: `model.`-prefixed names, `head.weight`), "hf-modules" (HF's in-memory
+    module names) or "original" (the release: no prefix). ValueError for a directory mixing the two (`mtp.*` may go without the prefix in either:
+    transformers drops MTP tensors on load, with or without `model.`)."""
+    unprefixed = [n for n in names if not n.startswith(MODEL_PREFIX) and n not in ("head.weight", "lm_head.weight")
+                  and not n.startswith("mtp.")]
+    prefixed = [n for n in names if n.startswith(MODEL_PREFIX)]
+    if prefixed and unprefixed:
+        raise ValueError(f"tensor names mix layouts: {prefixed[0]} (HF save_pretrained) and {unprefixed[0]} "
+                         "(the original release)")
+    if any(mark in n for n in names for mark in _HF_MODULE_MARKS):
+        return "hf-modules"
+    return "hf" if prefixed else "original"

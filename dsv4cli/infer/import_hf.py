@@ -1,5 +1,7 @@
-"""`dsv4 import-hf`: a DeepSeek-V4 directory written by HF transformers' `save_pretrained` -> a dsv4
-checkpoint (model weights only) and the spec of its model (docs/interop.md).
+"""`dsv4 import-hf`: a DeepSeek-V4 directory -> a dsv4 checkpoint (model weights only) and the spec of
+its model (docs/interop.md). The layout is detected (hf_names.detect_layout): what HF transformers'
+`save_pretrained` writes, or the public release's (original names, legacy config keys, `mtp.*`
+tensors, FP8 / FP4 weights with their scales: dequantized while streaming, dequant.py).
 
     HF_DIR/config.json [+ generation_config.json, tokenizer.json]   read (never written)
     HF_DIR/*.safetensors [+ model.safetensors.index.json]          read one tensor at a time
@@ -22,15 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
-from dsv4cli.infer.hf_names import Placement, layer_table, mtp_index, placements
-from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream, tensor_sources
+from dsv4cli.infer.hf_names import Placement, detect_layout, layer_table, mtp_index, placements
+from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream_scaled, tensor_sources
+from dsv4cli.infer.toy import ToyError, cut_config, cut_sources
 
 SPEC_NAME = "spec.toml"
 TOKENIZER = "tokenizer.json"
 SOURCE_CONFIG = "hf_config.json"
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+DEQUANTIZED_DEFAULT = "bfloat16"
 
 
 class ImportHFError(ValueError):
@@ -49,6 +56,9 @@ class ImportPlan:
     sources: dict[str, SourceTensor]
     tokenizer: Optional[Path]
     notes: list[str] = field(default_factory=list)
+    layout: str = "hf"
+    mtp_depth: int = 0
+    block: tuple[int, int] = DEFAULT_BLOCK
 
 
 def _relative(target: Path, start: Path) -> str:
@@ -68,8 +78,10 @@ def _check_paths(hf_dir: Path, out: Path, spec_file: Path) -> None:
         raise ImportHFError(f"{hf_dir} is inside {out}")
 
 
-def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None) -> ImportPlan:
-    """Read config.json and the tensor headers, build the spec, check names. ImportHFError when bad."""
+def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
+                layers: Optional[int] = None, experts: Optional[int] = None) -> ImportPlan:
+    """Read config.json and the tensor headers, build the spec, check names. ImportHFError when bad.
+    `layers` / `experts`: a toy variant with the first K layers and E experts (toy.py)."""
     from dsv4cli.spec.load import spec_to_toml
     from dsv4cli.spec.schema import Spec
 
@@ -80,15 +92,25 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
         cfg = read_json(hf_dir / "config.json")
         generation = read_json(hf_dir / "generation_config.json") if (hf_dir / "generation_config.json").is_file() else None
         sources = tensor_sources(hf_dir)
-    except (HFConfigError, SafetensorsError) as e:
+        layout = detect_layout(sources)
+        sources = fold_scales(sources)
+        toy_notes = []
+        if layers is not None or experts is not None:
+            cfg, toy_notes = cut_config(cfg, layers, experts)
+            sources = cut_sources(sources, cfg["num_hidden_layers"], cfg["n_routed_experts"])
+    except (HFConfigError, SafetensorsError, DequantError, ToyError) as e:
         raise ImportHFError(str(e)) from None
+    except ValueError as e:  # detect_layout: mixed layouts
+        raise ImportHFError(f"{hf_dir}: {e}") from None
     mtp = sorted({k for name in sources if (k := mtp_index(name)) is not None})
-    if mtp:
-        raise ImportHFError(f"{hf_dir} holds MTP tensors (mtp.{mtp[0]}.*): importing MTP layers is not supported yet")
+    if mtp != list(range(len(mtp))):
+        raise ImportHFError(f"{hf_dir}: MTP tensors of depths {[k + 1 for k in mtp]} (mtp.K.* with K = {mtp}): "
+                            "the depths must be 1..D")
     for source in sources.values():
-        _torch_dtype(source.dtype)
+        if source.scale is None:
+            _torch_dtype(source.dtype)
     table = layer_table()
-    unknown = [name for name in sources if placements(name, table) is None]
+    unknown = [name for name, source in sources.items() if placements(name, table, source.shape) is None]
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise ImportHFError(f"unknown tensor {unknown[0]} in {sources[unknown[0]].file.name}{more}: "
@@ -96,7 +118,7 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
     tokenizer = hf_dir / TOKENIZER if (hf_dir / TOKENIZER).is_file() else None
     tok_value = _relative(out, spec_file.parent) + "/" + TOKENIZER if tokenizer else "byte"
     try:
-        data = spec_data(cfg, mtp_depth=0, eos=eos_token_ids(cfg, generation), name=hf_dir.resolve().name,
+        data = spec_data(cfg, mtp_depth=len(mtp), eos=eos_token_ids(cfg, generation), name=hf_dir.resolve().name,
                          tokenizer=tok_value, checkpoint_dir=_relative(out, spec_file.parent))
         spec = Spec.model_validate(data, strict=True)
     except HFConfigError as e:
@@ -104,15 +126,18 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
     except ValueError as e:  # pydantic's ValidationError
         raise ImportHFError(f"config.json gives a spec dsv4 rejects: {e}") from None
     header = (f"# Imported by `dsv4 import-hf` from {hf_dir.resolve()}\n"
+              + "".join(f"# {note}\n" for note in toy_notes)
               + ("" if tokenizer else "# No tokenizer.json there: data.tokenizer = \"byte\" is a placeholder.\n"))
-    return ImportPlan(hf_dir, out, spec_file, header + spec_to_toml(spec), spec, sources, tokenizer, notes_on(cfg))
+    return ImportPlan(hf_dir, out, spec_file, header + spec_to_toml(spec), spec, sources, tokenizer,
+                      toy_notes + notes_on(cfg),
+                      layout, len(mtp), block_size(cfg))
 
 
 def _torch_dtype(name: str):
     import torch
 
     if name not in SAFETENSORS_DTYPES:
-        raise ImportHFError(f"stored dtype {name} is not supported (quantized weights are not imported yet)")
+        raise ImportHFError(f"stored dtype {name} is not supported without a scale tensor next to it")
     return getattr(torch, SAFETENSORS_DTYPES[name])
 
 
@@ -128,33 +153,39 @@ def _region(target_shape: tuple, placement: Placement, source_shape: tuple) -> t
     return slice(None), tuple(target_shape)
 
 
-def assign(model, sources: dict[str, SourceTensor], dtype=None) -> None:
+def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int, int] = DEFAULT_BLOCK) -> None:
     """Stream every source tensor into its place in `model` (checked from headers first).
 
     Each receiving parameter or buffer is replaced by a zero tensor of the source's dtype (or
-    `dtype` for floating tensors the model does not keep fp32) before the copies, so padding rows
-    stay zero. ImportHFError for a missing target, a shape mismatch, or model tensors no source fills."""
+    `dtype` for floating tensors; a quantized source: `dtype`, default bfloat16) before the copies,
+    so padding rows stay zero. Quantized sources are dequantized as they stream (`block`: the
+    config's block size). ImportHFError for a missing target, a shape mismatch, or model tensors no
+    source fills."""
     import torch
 
-    if dtype is not None:
-        model.to(dtype)  # the tensors the model keeps fp32 stay fp32 (model/fp32_params.py): never rounded
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    fp32 = kept_fp32(model, state)
     table = layer_table()
     plan: list[tuple[SourceTensor, Placement, str, slice]] = []
     dtypes: dict[str, object] = {}
     written: dict[str, set] = {}
     for source in sources.values():
-        for p in placements(source.name, table):
+        for p in placements(source.name, table, source.shape):
             target = next((t for t in p.targets if t in state), None)
             if target is None:
                 raise ImportHFError(f"{source.name}: the model built from config.json has no {p.targets[0]}")
             rows, want = _region(tuple(state[target].shape), p, source.shape)
-            got = tuple(source.shape) if p.element is None else (1,)
+            got = tuple(source.shape) if p.element is None else (tuple(source.shape[1:]) or (1,))
             if got != want:
                 raise ImportHFError(f"{source.name} {list(source.shape)} does not fit {target} "
                                     f"{list(state[target].shape)} ({p.part})")
-            stored = _torch_dtype(source.dtype)
-            dtypes[target] = state[target].dtype if dtype is not None and stored.is_floating_point else stored
+            if target in fp32:  # the model keeps it fp32 whatever --dtype says
+                dtypes[target] = torch.float32
+            elif source.scale is not None:
+                dtypes[target] = dtype if dtype is not None else getattr(torch, DEQUANTIZED_DEFAULT)
+            else:
+                stored = _torch_dtype(source.dtype)
+                dtypes[target] = dtype if dtype is not None and stored.is_floating_point else stored
             written.setdefault(target, set()).add(p.part if p.element is None else p.element)
             plan.append((source, p, target, rows))
     missing = sorted(set(state) - set(written))
@@ -169,15 +200,37 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None) -> None:
     for source, p, target, rows in plan:
         by_source.setdefault(source.name, []).append((p, target, rows))
     with torch.no_grad():
-        for source, tensor in stream([sources[n] for n in by_source]):
+        for source, tensor, scale in stream_scaled([sources[n] for n in by_source]):
+            if scale is not None:
+                try:
+                    tensor = dequantize(tensor, scale, dtypes[by_source[source.name][0][1]], block)
+                except DequantError as e:
+                    raise ImportHFError(f"{source.name}: {e}") from None
+            if source.rows is not None:
+                tensor = tensor[: source.rows]
+            if source.modulo is not None:
+                tensor = tensor % source.modulo
             for p, target, rows in by_source[source.name]:
-                value = tensor if p.element is None else tensor[p.element].reshape(1)
+                value = tensor if p.element is None else tensor[p.element].reshape(state[target].data[rows].shape)
                 state[target].data[rows].copy_(value)
 
 
+def kept_fp32(model, state: dict) -> set[str]:
+    """The state names the model keeps fp32 under any cast: its KeepFp32Params modules' fp32 parameters
+    (mHC, contraction, sinks, compressor position biases) and the routers' expert_bias."""
+    from dsv4cli.model.fp32_params import KeepFp32Params
+
+    names = {k for k in state if k.endswith("expert_bias")}
+    for prefix, module in model.named_modules():
+        if isinstance(module, KeepFp32Params):
+            names.update(f"{prefix}.{n}" if prefix else n for n in module.fp32_param_names())
+    return names & set(state)
+
+
 def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
-              dtype: Optional[str] = None) -> dict:
-    """Import; -> {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "notes"}."""
+              dtype: Optional[str] = None, layers: Optional[int] = None, experts: Optional[int] = None) -> dict:
+    """Import; -> {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "layout",
+    "dequantized", "notes"}."""
     import torch
 
     from dsv4cli.build import UnsupportedSpecError
@@ -186,7 +239,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
     from dsv4cli.spec.layout import ParallelDims, single_process_spec
 
-    plan = plan_import(hf_dir, out, spec_out)
+    plan = plan_import(hf_dir, out, spec_out, layers, experts)
     cast = getattr(torch, dtype) if dtype else None
     tmp = plan.out.parent / f".{plan.out.name}.tmp{os.getpid()}"
     plan.out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +250,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
                 model = build_model_chunks(single_process_spec(plan.spec))[0]
             except UnsupportedSpecError as e:
                 raise ImportHFError(f"dsv4 cannot build this model yet: {e}") from None
-            assign(model, plan.sources, cast)
+            assign(model, plan.sources, cast, plan.block)
             model.to(next(model.parameters()).device)  # mHC / contraction parameters back to fp32 (fp32_params.py)
             dtypes = saved_dtypes(model)
             layout = ParallelDims.of(plan.spec, 1).checkpoint_layout()
@@ -218,7 +271,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
         write_text_atomic(plan.spec_file, plan.spec_text)
     return {"out": str(plan.out), "spec": str(plan.spec_file), "checkpoint": str(plan.out / iter_dir.name),
             "tensors": len(plan.sources), "bytes": _bytes(plan.sources),
-            "dtypes": dtypes, "mtp_depth": 0, "notes": plan.notes}
+            "dtypes": dtypes, "mtp_depth": plan.mtp_depth, "layout": plan.layout,
+            "dequantized": sum(s.scale is not None for s in plan.sources.values()), "notes": plan.notes}
 
 
 def saved_dtypes(model) -> dict[str, int]:
@@ -235,9 +289,11 @@ def saved_dtypes(model) -> dict[str, int]:
 
 
 def _bytes(sources: dict[str, SourceTensor]) -> int:
+    """Bytes stored (quantized weights: packed values + their scales)."""
     import math
 
-    import torch
+    def stored(s: SourceTensor) -> int:
+        packed = 2 if s.scale is not None and s.dtype == "I8" else 1  # two FP4 codes a byte
+        return math.prod(s.shape) * STORED_BYTES.get(s.dtype, 1) // packed + (stored(s.scale) if s.scale else 0)
 
-    return sum(math.prod(s.shape) * torch.empty((), dtype=_torch_dtype(s.dtype)).element_size()
-               for s in sources.values())
+    return sum(stored(s) for s in sources.values())

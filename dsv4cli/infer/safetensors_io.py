@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -22,12 +23,17 @@ class SafetensorsError(ValueError):
 @dataclass(frozen=True)
 class SourceTensor:
     """One stored tensor as its file's header describes it (no data read): its name, the file that
-    holds it, its shape and its safetensors dtype ("F32", "BF16", "I64", ...)."""
+    holds it, its shape and its safetensors dtype ("F32", "BF16", "I64", "F8_E4M3", ...). A quantized
+    weight carries its `scale` tensor, and `shape` is then its dequantized shape (dequant.py). A toy
+    variant (toy.py) reads only the first `rows` rows, or takes integer values `modulo` a number."""
 
     name: str
     file: Path
     shape: tuple[int, ...]
     dtype: str
+    scale: Optional["SourceTensor"] = None
+    rows: Optional[int] = None
+    modulo: Optional[int] = None
 
 
 def data_files(hf_dir: Path) -> list[Path]:
@@ -80,6 +86,14 @@ def tensor_sources(hf_dir: Path) -> dict[str, SourceTensor]:
 def stream(sources):
     """Yield (SourceTensor, tensor) for each of `sources`, one tensor in memory at a time (a CPU torch
     tensor in its stored dtype); each file is opened once."""
+    for source, tensor, _scale in stream_scaled(sources):
+        yield source, tensor
+
+
+def stream_scaled(sources):
+    """Yield (SourceTensor, tensor, scale tensor or None) for each of `sources`, one tensor in memory
+    at a time (CPU torch tensors in their stored dtypes); each file is opened once (a scale stored in
+    another file than its weight: that file once per scale)."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[SourceTensor]] = {}
@@ -88,4 +102,10 @@ def stream(sources):
     for path, group in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for source in group:
-                yield source, f.get_tensor(source.name)
+                scale = None
+                if source.scale is not None and source.scale.file == path:
+                    scale = f.get_tensor(source.scale.name)
+                elif source.scale is not None:
+                    with safe_open(str(source.scale.file), framework="pt") as other:
+                        scale = other.get_tensor(source.scale.name)
+                yield source, f.get_tensor(source.name), scale
