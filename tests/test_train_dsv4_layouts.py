@@ -1,0 +1,125 @@
+"""`specs/tiny-dsv4.toml` under torchrun with 2 CPU processes: pipeline, expert and data parallelism.
+
+Every layout is reached with `--set` alone (the overrides below are exactly what `dsv4 train --set`
+takes; `dsv4 validate` accepts each). From a common model-only initial checkpoint (fresh weights
+depend on the layout), 2 steps of 2 micro-batches of 4 sequences under
+- PP = 2 with `pp_layout` (the hash-routed layer 0 on stage 0, MTP with the loss on stage 1; and MTP
+  alone on the last stage), and PP = 2 split evenly (a 4-layer variant, no `pp_layout`),
+- EP = 2 (4 experts, 2 per rank; routers, hash table and expert bias replicated),
+- DP = 2 (micro batch 4)
+give the 1-process losses, MTP losses and grad norms (<= 1e-5), and the saved checkpoint evaluates in
+one process to the 1-process run's held-out loss (its keys, expert-sharded ones included, fit).
+An EP = 2 run stopped by `exit_interval` and resumed equals a straight EP = 2 run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_train_e2e import REPO, cli, metrics, save_model_only_checkpoint
+
+SPEC = REPO / "specs" / "tiny-dsv4.toml"
+TOL = 1e-5
+COMMON = ["train.steps=2", "train.eval_interval=0", "train.log_interval=1", "train.warmup_steps=1",
+          "train.micro_batch_size=4", "train.global_batch_size=8"]
+# 4 decoder layers (+ MTP) split evenly over 2 stages without a pp_layout
+EVEN = ["model.num_layers=4", 'model.attention.layer_types=["sliding", "csa", "hca", "sliding", "sliding"]',
+        "model.attention.compress_ratios=[0, 4, 16, 0, 0]"]
+LAYOUTS = {
+    "pp2_layout": ["parallel.pp=2", 'parallel.pp_layout="Et|ttmL"'],
+    "pp2_mtp_alone": ["parallel.pp=2", 'parallel.pp_layout="Ettt|mL"'],
+    "pp2_even": [*EVEN, "parallel.pp=2"],
+    "ep2": ["parallel.ep=2"],
+    "dp2": ["launch.nproc_per_node=2"],
+}
+
+
+def _sets(overrides) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _eval(load, model: list[str]) -> dict:
+    r = cli("eval", str(SPEC), "--load", str(load), "--batches", "1", "--json", *_sets(model))
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _ranks_train(overrides: list[str]) -> None:
+    from distributed import run_distributed
+
+    results = run_distributed("test_train_distributed:worker", {"spec": str(SPEC), "overrides": overrides})
+    assert [r["code"] for r in results] == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """model variant ("tiny" or "even") -> initial checkpoint, 1-process run dir and its eval (lazily)."""
+    tmp, made = tmp_path_factory.mktemp("dsv4_layouts"), {}
+
+    def get(variant: str) -> dict:
+        if variant not in made:
+            model = EVEN if variant == "even" else []
+            init, run = tmp / f"{variant}_init", tmp / f"{variant}_ref"
+            _save_init(model, init)
+            r = cli("train", str(SPEC), *_sets([*model, *COMMON, f"checkpoint.load={init}", f"checkpoint.dir={run}"]))
+            assert r.exit_code == 0, r.output
+            made[variant] = {"model": model, "init": init, "run": run, "eval": _eval(run, model), "tmp": tmp}
+        return made[variant]
+
+    return get
+
+
+def _save_init(model: list[str], init) -> None:
+    """A model-only checkpoint of fresh weights of tiny-dsv4 with the `model` overrides."""
+    if not model:
+        save_model_only_checkpoint(SPEC, init)
+        return
+    from dsv4cli.spec.load import load_spec, spec_to_toml
+
+    path = init.parent / (init.name + ".toml")
+    path.write_text(spec_to_toml(load_spec(str(SPEC), model)))
+    save_model_only_checkpoint(path, init)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_each_layout_validates_with_set_alone(name):
+    r = cli("validate", str(SPEC), *_sets([*LAYOUTS[name], *COMMON, "launch.nproc_per_node=2"]))
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_two_process_layout_matches_one_process(references, name):
+    ref = references("even" if name == "pp2_even" else "tiny")
+    run = ref["tmp"] / name
+    overrides = LAYOUTS[name] if name == "pp2_even" else [*ref["model"], *LAYOUTS[name]]
+    _ranks_train([*overrides, *COMMON, f"checkpoint.load={ref['init']}", f"checkpoint.dir={run}"])
+    a, b = metrics(ref["run"]), metrics(run)
+    assert [x["step"] for x in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= TOL, (x["step"], x["loss"], y["loss"])
+        assert len(y["mtp_losses"]) == 1 and abs(x["mtp_losses"][0] - y["mtp_losses"][0]) <= TOL
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * max(1.0, x["grad_norm"]), x["step"]
+    meta = json.loads((run / "iter_0000002" / "dsv4_meta.json").read_text())["parallel"]
+    assert meta["world"] == 2 and (meta["pp"], meta["ep"], meta["dp"]) == {
+        "ep2": (1, 2, 2), "dp2": (1, 1, 2)}.get(name, (2, 1, 1))
+    ev = _eval(run, ref["model"])  # one process reads the 2-process checkpoint (expert shards, router buffers)
+    assert abs(ev["loss"] - ref["eval"]["loss"]) <= TOL and ev["tokens"] == ref["eval"]["tokens"]
+
+
+@pytest.mark.slow
+def test_ep2_stopped_by_exit_interval_and_resumed_equals_a_straight_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["parallel.ep=2", *COMMON, "train.steps=3"]
+    _ranks_train([*common, f"checkpoint.dir={straight}"])
+    _ranks_train([*common, "train.exit_interval=2", f"checkpoint.dir={split}"])
+    assert (split / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert [x["step"] for x in metrics(split)] == [1, 2]
+    _ranks_train([*common, "train.exit_interval=2", f"checkpoint.dir={split}"])
+    a, b = metrics(straight), metrics(split)
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        for key in ("loss", "mtp_losses", "grad_norm", "lr"):
+            assert x[key] == y[key], (x["step"], key, x[key], y[key])
