@@ -8,8 +8,8 @@ depend on the layout), 3 steps of 2 micro-batches of 4 sequences under
 - PP = 2 split evenly (a 4-layer variant, no `pp_layout`),
 - EP = 2 (4 experts, 2 per rank; routers, hash table and expert bias replicated),
 - DP = 2 (micro batch 4)
-give the 1-process losses, MTP losses and grad norms (<= 1e-5), and the saved checkpoint evaluates in
-one process to the 1-process run's held-out loss (its keys, expert-sharded ones included, fit).
+give the 1-process losses, MTP losses and grad norms (<= 1e-5); the EP = 2 checkpoint and the PP = 2 one
+with the hash table on the last rank evaluate in one process to the 1-process run's held-out loss.
 An EP = 2 run stopped by `exit_interval` and resumed equals the straight EP = 2 run bit for bit.
 """
 
@@ -56,7 +56,7 @@ def _ranks_train(overrides: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """model variant ("tiny" or "even") -> initial checkpoint, 1-process run dir and its eval (lazily)."""
+    """model variant ("tiny" or "even") -> its overrides, initial checkpoint and 1-process run dir (lazily)."""
     tmp, made = tmp_path_factory.mktemp("dsv4_layouts"), {}
 
     def get(variant: str) -> dict:
@@ -66,7 +66,7 @@ def references(tmp_path_factory):
             _save_init(model, init)
             r = cli("train", str(SPEC), *_sets([*model, *COMMON, f"checkpoint.load={init}", f"checkpoint.dir={run}"]))
             assert r.exit_code == 0, r.output
-            made[variant] = {"model": model, "init": init, "run": run, "eval": _eval(run, model), "tmp": tmp}
+            made[variant] = {"model": model, "init": init, "run": run, "tmp": tmp}
         return made[variant]
 
     return get
@@ -120,8 +120,11 @@ def test_two_process_layout_matches_one_process(runs, name):
     meta = json.loads((run / "iter_0000003" / "dsv4_meta.json").read_text())["parallel"]
     assert meta["world"] == 2 and (meta["pp"], meta["ep"], meta["dp"]) == {
         "ep2": (1, 2, 2), "dp2": (1, 1, 2)}.get(name, (2, 1, 1))
-    ev = _eval(run, ref["model"])  # one process reads the 2-process checkpoint (expert shards, router buffers)
-    assert abs(ev["loss"] - ref["eval"]["loss"]) <= TOL and ev["tokens"] == ref["eval"]["tokens"]
+    if name in ("ep2", "pp2_hash_on_last"):  # one process reads the expert shards / the last rank's hash table
+        if "eval" not in ref:
+            ref["eval"] = _eval(ref["run"], ref["model"])
+        ev = _eval(run, ref["model"])
+        assert abs(ev["loss"] - ref["eval"]["loss"]) <= TOL and ev["tokens"] == ref["eval"]["tokens"]
 
 
 @pytest.mark.slow
