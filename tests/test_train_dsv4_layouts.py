@@ -90,6 +90,16 @@ def test_each_layout_validates_with_set_alone(name):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.parametrize("overrides, says", [
+    (["parallel.pp=2"], "model.num_layers (3) is not divisible by parallel.pp*parallel.vpp (2*1 = 2)"),
+    (["parallel.ep=2", "train.micro_batch_size=8"], "not divisible by micro_batch_size*dp = 8*2 = 16"),
+    (["parallel.ep=2", "parallel.pp=2", 'parallel.pp_layout="Et|ttmL"'], "expert grid etp*ep*pp = 1*2*2 = 4"),
+])
+def test_a_layout_that_cannot_work_exits_2_saying_why(overrides, says):
+    r = cli("validate", str(SPEC), *_sets([*overrides, "launch.nproc_per_node=2"]))
+    assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
+
+
 @pytest.fixture(scope="module")
 def runs(references):
     """layout name -> (its 1-process reference, its 2-process run dir), run once from the common start."""
