@@ -118,13 +118,20 @@ hash_layers = 2
 """
 
 
-def test_hash_layers_must_be_on_the_first_pipeline_stage(tmp_path):
+def test_hash_layers_must_be_on_a_pipeline_rank_that_reads_batches(tmp_path):
+    """Only the first and the last pipeline rank have the token ids (embedding; loss and MTP)."""
     text = BASE.replace("num_layers = 3", "num_layers = 4").replace(
         '["sliding", "csa", "hca", "csa"]', '["sliding", "csa", "hca", "csa", "hca"]').replace(
         "compress_ratios = [0, 4, 16, 4]", "") + MOE
     problems = _problems(tmp_path, text, "parallel.pp=2", "launch.nproc_per_node=2", "model.mtp.depth=1")
-    assert not any("first pipeline stage" in m for m in _messages(problems, "error")), _messages(problems)
+    assert not any("hash-routed decoder layer" in m for m in _messages(problems, "error")), _messages(problems)
+    # pp = 2: both ranks read batches, so a hash layer on the second stage is fine
     problems = _problems(tmp_path, text.replace("hash_layers = 2", "hash_layers = 3"),
                          "parallel.pp=2", "launch.nproc_per_node=2")
-    assert any("hash_layers (3) exceeds the decoder layers of the first pipeline stage (2)" in m
+    assert not any("hash-routed decoder layer" in m for m in _messages(problems, "error")), _messages(problems)
+    four = ["parallel.pp=4", "launch.nproc_per_node=4"]
+    assert not any("hash-routed decoder layer" in m for m in _messages(_problems(
+        tmp_path, text.replace("hash_layers = 2", "hash_layers = 1"), *four), "error"))
+    problems = _problems(tmp_path, text, *four)
+    assert any("hash-routed decoder layer 1 sits on pipeline rank 1 of 4, which has no token ids" in m
                for m in _messages(problems, "error")), _messages(problems)

@@ -70,22 +70,31 @@ def _ratio_rules(a, layers: int, where: str, f) -> None:
                   f"layer {i} is '{t}' but model.attention.compress_ratios[{i}] = {r} (must be >= 2)")
 
 
-def first_stage_layers(spec: Spec) -> int:
-    """Decoder layers held by the first pipeline stage (its first virtual chunk): the ones that see token ids."""
+def decoder_layer_ranks(spec: Spec) -> list[int]:
+    """The pipeline rank of every decoder layer (stage i of pp_layout, or of the even split over
+    pp*vpp stages, lives on pp rank i % pp); [] when the layers do not split (another rule says so)."""
     m, p = spec.model, spec.parallel
     if p.pp_layout:
         try:
-            return parse_pp_layout(p.pp_layout)[0].count("t")
+            stages = parse_pp_layout(p.pp_layout)
         except ValueError:
-            return m.num_layers
-    return m.num_layers // (p.pp * p.vpp) if p.pp > 1 else m.num_layers
+            return []
+        return [i % p.pp for i, stage in enumerate(stages) for c in stage if c == "t"]
+    if m.num_layers % (p.pp * p.vpp):
+        return []
+    per = m.num_layers // (p.pp * p.vpp)
+    return [(layer // per) % p.pp for layer in range(m.num_layers)]
 
 
 def _hash_layer_rules(spec: Spec, f) -> None:
-    """Hash-routed layers look up token ids: they must sit on the first pipeline stage, which has them."""
+    """Hash-routed layers look up token ids: only the first and the last pipeline rank read batches
+    (the embedding and the loss / MTP need the tokens), so those are the ranks that can hold them."""
     moe, p = spec.model.moe, spec.parallel
-    held = first_stage_layers(spec)
-    if p.pp > 1 and moe.hash_layers > held:
+    ranks = decoder_layer_ranks(spec)[: moe.hash_layers]
+    blind = [(layer, r) for layer, r in enumerate(ranks) if r not in (0, p.pp - 1)]
+    if p.pp > 1 and blind:
+        layer, r = blind[0]
         f.err(f.pick("model.moe.hash_layers", "parallel.pp_layout", "parallel.pp"),
-              f"model.moe.hash_layers ({moe.hash_layers}) exceeds the decoder layers of the first pipeline stage "
-              f"({held}): hash routing needs the token ids, which only the first stage has")
+              f"model.moe.hash_layers ({moe.hash_layers}): hash-routed decoder layer {layer} sits on pipeline rank "
+              f"{r} of {p.pp}, which has no token ids (only the first and the last pipeline rank read batches); "
+              "use fewer hash layers or a parallel.pp_layout that puts them on the first rank")
