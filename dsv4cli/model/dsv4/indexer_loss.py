@@ -77,11 +77,6 @@ def set_iteration(chunks: Iterable[torch.nn.Module], iteration: int) -> None:
         m.iteration = iteration
 
 
-def trains_indexer(chunks: Iterable[torch.nn.Module]) -> bool:
-    """Whether any compressed sparse attention layer here has an indexer loss (weight > 0)."""
-    return any(m.indexer is not None and m.settings.indexer_loss_weight > 0 for m in attention_modules(chunks))
-
-
 def take_indexer_losses(chunks: Iterable[torch.nn.Module]) -> tuple[float, int]:
     """(sum over this rank's csa layers of the layer's mean loss over its micro-batches, layer count);
     clears the layers' accumulators."""
