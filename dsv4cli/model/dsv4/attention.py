@@ -7,7 +7,8 @@
     scores = q . [kv ; c] * D^-1/2, allowed keys:
         the local kv within the sliding window (0 <= t - j < window),
         heavily compressed: every complete entry (w < (t + 1) // ratio),
-        compressed sparse: the indexer's top-k of those entries
+        compressed sparse: the indexer's top-k of those entries (all of them during the dense
+        warm-up; the indexer's KL loss against the dense attention: indexer_loss.py)
     softmax over [scores, sink_h] (one learned fp32 logit per head absorbs probability), sink dropped
     o [s, b, H, D] -> inverse RoPE on its rope slice (V carried K's rotation)
       -> heads split into o_groups groups, each [H*D/G] -> o_lora_rank (linear_o_down, block-diagonal)
