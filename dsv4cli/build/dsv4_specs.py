@@ -43,6 +43,8 @@ def attention_settings(spec: Spec, index: int):
         index_n_heads=a.index_n_heads,
         index_head_dim=a.index_head_dim,
         index_topk=a.index_topk,
+        indexer_loss_weight=a.indexer_loss_weight,
+        indexer_warmup_steps=a.indexer_warmup_steps,
         main_rope=RopeSettings(theta=m.rotary_base),
         compress_rope=compress_rope,
     )

@@ -90,6 +90,12 @@ class AttentionSpec(_Section):
     index_n_heads: int = Field(64, ge=1, description="Query heads of the lightning indexer ('csa' layers).")
     index_head_dim: int = Field(128, ge=1, description="Head dim of the lightning indexer.")
     index_topk: int = Field(512, ge=1, description="Compressed entries each query keeps ('csa' layers).")
+    indexer_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of the indexer's KL loss against the dense attention ('csa' layers; it "
+                               "trains the indexer only). 0 = the indexer is not trained.")
+    indexer_warmup_steps: int = Field(
+        0, ge=0, description="Iterations at the start of training in which 'csa' layers attend densely (every "
+                             "visible compressed entry) while the indexer learns; sparse top-k afterwards.")
     compress_rope_theta: float = Field(160000.0, gt=0, description="RoPE base of compressed layers (main: model.rotary_base).")
     yarn_factor: float = Field(1.0, ge=1, description="YaRN scaling of the compressed layers' RoPE (1 = off).")
     yarn_original_max_position: int = Field(65536, ge=1, description="YaRN's original context length.")

@@ -67,7 +67,9 @@ def train(spec, log=print) -> int:
     from dsv4cli.train.data import build_sources
     from dsv4cli.train.feeding import BatchFeeder
     from dsv4cli.train.metrics import MetricsLogger, format_line, mfu, peak_memory_gb
+    from dsv4cli.model.dsv4.indexer_loss import set_iteration
     from dsv4cli.train.runtime import build_runtime, heldout_loss, params_synced, reduce_step_values, run_microbatches
+    from dsv4cli.train.runtime import reduce_indexer_loss
     from dsv4cli.train.summary import nothing_to_do, shown, summary_lines
 
     t = spec.train
@@ -129,11 +131,13 @@ def train(spec, log=print) -> int:
             for m in rt.model:
                 m.zero_grad_buffer()
             rt.optimizer.zero_grad()
+            set_iteration(rt.chunks, progress.iteration)  # the indexer's dense warm-up follows it
             losses = run_microbatches(rt, batches, forward_only=False)
             ok, grad_norm, _ = rt.optimizer.step()
             if ok:
                 rt.scheduler.step(increment=1)
             loss, mtp, stop_now = reduce_step_values(rt, losses, len(batches), stop.signum is not None)
+            indexer_loss = reduce_indexer_loss(rt)
             device.synchronize()
             dt = time.perf_counter() - t0
             grad_norm = float(grad_norm) if grad_norm is not None else None
@@ -174,6 +178,8 @@ def train(spec, log=print) -> int:
                     "peak_mem_gb": peak_memory_gb(),
                     "tokens_seen": progress.tokens_seen,
                 }
+                if indexer_loss is not None:
+                    rec["indexer_loss"] = indexer_loss
                 util = mfu(flops_per_token, tps, rt.dims.world)
                 if util is not None:
                     rec["mfu"] = util

@@ -62,6 +62,8 @@ def format_line(rec: dict, total_steps: int) -> str:
     parts = [f"step {rec['step']}/{total_steps}", f"loss {_fmt(rec.get('loss'))}"]
     if rec.get("mtp_losses"):
         parts.append("mtp " + ",".join(_fmt(x) for x in rec["mtp_losses"]))
+    if rec.get("indexer_loss") is not None:
+        parts.append(f"idx {_fmt(rec['indexer_loss'])}")
     if rec.get("eval_loss") is not None:
         parts.append(f"eval_loss {_fmt(rec['eval_loss'])}")
     parts += [

@@ -177,6 +177,8 @@ def run_microbatches(rt: Runtime, batches: list[dict], forward_only: bool) -> li
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
+    if not forward_only:
+        set_indexer_loss_scale(rt.config, len(batches))
     iters = [iter(batches) for _ in rt.model] if len(rt.model) > 1 else iter(batches)
     s = rt.spec.model.seq_length
     return fb(
@@ -189,6 +191,37 @@ def run_microbatches(rt: Runtime, batches: list[dict], forward_only: bool) -> li
         decoder_seq_length=s,
         forward_only=forward_only,
     )
+
+
+def set_indexer_loss_scale(config, num_microbatches: int) -> None:
+    """The indexer loss's backward scale, the main loss's: optimizer loss scale / micro-batches
+    (megatron's schedule does the same for its MoE auxiliary and MTP losses)."""
+    from dsv4cli.model.dsv4.indexer_loss import IndexerLossAutoScaler
+
+    one = torch.ones(1, device=current_device())
+    scale = config.grad_scale_func(one) if config.grad_scale_func is not None else one
+    IndexerLossAutoScaler.set_loss_scale(scale / max(num_microbatches, 1))
+
+
+def reduce_indexer_loss(rt: Runtime) -> Optional[float]:
+    """This step's indexer loss, mean over the csa layers of every stage (and data-parallel replica);
+    None when the spec trains no indexer. Clears the layers' accumulators. Every rank calls it."""
+    from megatron.core import parallel_state as ps
+
+    from dsv4cli.model.dsv4.indexer_loss import take_indexer_losses
+
+    a = rt.spec.model.attention
+    if a is None or a.indexer_loss_weight <= 0 or "csa" not in a.layer_types:
+        return None
+    total, layers = take_indexer_losses(rt.chunks)
+    if ps.get_tensor_model_parallel_rank() != 0 or ps.get_context_parallel_rank() != 0:
+        total, layers = 0.0, 0
+    vec = torch.tensor([total, float(layers)], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        v = vec.to(current_device())
+        dist.all_reduce(v)
+        vec = v.cpu()
+    return vec[0].item() / vec[1].item() if vec[1].item() > 0 else None
 
 
 def take_mtp_losses(depth: int, num_microbatches: int) -> torch.Tensor:

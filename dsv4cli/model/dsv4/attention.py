@@ -7,7 +7,8 @@
     scores = q . [kv ; c] * D^-1/2, allowed keys:
         the local kv within the sliding window (0 <= t - j < window),
         heavily compressed: every complete entry (w < (t + 1) // ratio),
-        compressed sparse: the indexer's top-k of those entries
+        compressed sparse: the indexer's top-k of those entries (all of them during the dense
+        warm-up; the indexer's KL loss against the dense attention: indexer_loss.py)
     softmax over [scores, sink_h] (one learned fp32 logit per head absorbs probability), sink dropped
     o [s, b, H, D] -> inverse RoPE on its rope slice (V carried K's rotation)
       -> heads split into o_groups groups, each [H*D/G] -> o_lora_rank (linear_o_down, block-diagonal)
@@ -32,6 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from dsv4cli.model.dsv4 import compressor as comp
 from dsv4cli.model.dsv4.attention_settings import Dsv4AttentionSettings
 from dsv4cli.model.dsv4.indexer import INDEXER_TENSOR_NAMES, Dsv4Indexer, selected_entries
+from dsv4cli.model.dsv4.indexer_loss import IndexerLossAutoScaler, indexer_kl
 from dsv4cli.model.dsv4.norm import RMSNorm, rms_normalize
 from dsv4cli.model.dsv4.rope import Rotation
 from dsv4cli.model.fp32_params import KeepFp32Params
@@ -69,16 +71,27 @@ def sliding_causal_mask(seq_len: int, window: int, device=None) -> Tensor:
     return (distance >= 0) & (distance < window)
 
 
-def attention_with_sinks(q: Tensor, kv: Tensor, allowed: Tensor, sinks: Tensor, scale: float) -> Tensor:
-    """softmax([q.k * scale, sink]) minus the sink column, times v; K and V are the same tensor.
+def attention_probs(q: Tensor, kv: Tensor, allowed: Tensor, sinks: Tensor, scale: float) -> Tensor:
+    """softmax([q.k * scale, sink]) minus the sink column, fp32 (the sinks are fp32).
 
-    q [s, b, H, D], kv [m, b, D], allowed [s, m] or [s, b, m] bool, sinks [H] -> [s, b, H, D]."""
-    logits = (torch.einsum("sbhd,mbd->bhsm", q, kv) * scale).float()  # softmax with the fp32 sinks in fp32
+    q [s, b, H, D], kv [m, b, D], allowed [s, m] or [s, b, m] bool, sinks [H] -> [b, H, s, m]."""
+    logits = (torch.einsum("sbhd,mbd->bhsm", q, kv) * scale).float()
     mask = allowed[None, None] if allowed.dim() == 2 else allowed.permute(1, 0, 2)[:, None]
     logits = logits.masked_fill(~mask, float("-inf"))
     b, heads, s, _ = logits.shape
     sink = sinks.float().view(1, heads, 1, 1).expand(b, heads, s, 1)
-    probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+
+
+def attention_with_sinks(q: Tensor, kv: Tensor, allowed: Tensor, sinks: Tensor, scale: float) -> Tensor:
+    """`attention_probs` times v; K and V are the same tensor.
+
+    q [s, b, H, D], kv [m, b, D], allowed [s, m] or [s, b, m] bool, sinks [H] -> [s, b, H, D]."""
+    return weighted_values(attention_probs(q, kv, allowed, sinks, scale), kv)
+
+
+def weighted_values(probs: Tensor, kv: Tensor) -> Tensor:
+    """probs [b, H, s, m], kv [m, b, D] -> [s, b, H, D]."""
     return torch.einsum("bhsm,mbd->sbhd", probs.to(kv.dtype), kv)
 
 
@@ -146,6 +159,8 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
             )
         if settings.kind == "compressed_sparse":
             self.indexer = Dsv4Indexer(config, settings)
+        self.iteration: Optional[int] = None  # set by the training loop (indexer_loss.set_iteration)
+        self.indexer_loss_sum, self.indexer_loss_count = 0.0, 0  # this step's losses (logging)
 
     # megatron's SelfAttention.forward keywords; those with a value here are refused, the rest unused
     MEGATRON_KWARGS = ("key_value_states", "inference_context", "rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin",
@@ -181,16 +196,47 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
         kv = rotation.rotate(self.kv_norm(self.linear_kv(x)))  # [s, b, D]
         allowed = sliding_causal_mask(s, cfg.sliding_window, device=x.device)  # [s, s]
         if self.compressor is not None:
-            entries = self.compressor(x)  # [n, b, D]
-            n = entries.shape[0]
-            if self.indexer is not None:
-                visible = selected_entries(self.indexer(x, q_residual).topk, n)  # [s, b, n]
-                allowed = torch.cat([allowed[:, None, :].expand(s, b, s), visible], dim=-1)
-            else:
-                allowed = torch.cat([allowed, comp.compressed_causal_mask(s, n, cfg.compress_ratio, x.device)], dim=-1)
-            kv_all = torch.cat([kv, entries], dim=0)
+            kv = torch.cat([kv, self.compressor(x)], dim=0)  # [s + n, b, D]: tokens, then compressed entries
+        if self.indexer is not None:
+            out = self.attend_sparse(x, q_residual, q, kv, allowed)
         else:
-            kv_all = kv
-        out = attention_with_sinks(q, kv_all, allowed, self.sinks, self.head_dim**-0.5)
+            if self.compressor is not None:
+                visible = comp.compressed_causal_mask(s, kv.shape[0] - s, cfg.compress_ratio, x.device)
+                allowed = torch.cat([allowed, visible], dim=-1)
+            out = attention_with_sinks(q, kv, allowed, self.sinks, self.head_dim**-0.5)
         out = rotation.rotate(out, inverse=True).reshape(s, b, self.n_heads * self.head_dim)
         return self.linear_o_up(grouped_projection(out, self.linear_o_down.weight, cfg.o_groups))
+
+    def dense_now(self) -> bool:
+        """True during the dense warm-up: the iteration the training loop set is below the warm-up."""
+        return self.iteration is not None and self.iteration < self.settings.indexer_warmup_steps
+
+    def attend_sparse(self, x: Tensor, q_residual: Tensor, q: Tensor, kv_all: Tensor, window: Tensor) -> Tensor:
+        """Compressed sparse attention: x [s, b, h], q_residual [s, b, q_lora], q [s, b, H, D],
+        kv_all [s + n, b, D] (tokens, then compressed entries), window [s, s] -> [s, b, H, D].
+
+        Keys: the window plus the indexer's top-k entries (every visible entry during the dense
+        warm-up). With an indexer loss (training, grad enabled) the KL of `indexer_loss` is attached."""
+        s, b = q.shape[:2]
+        n = kv_all.shape[0] - s
+        weight = self.settings.indexer_loss_weight
+        with_loss = weight > 0 and self.training and torch.is_grad_enabled()
+        scale = self.head_dim**-0.5
+        if with_loss:  # the loss trains the indexer alone
+            x, q_residual = x.detach(), q_residual.detach()
+        index = self.indexer(x, q_residual)
+        window = window[:, None, :].expand(s, b, s)
+        every_visible = torch.cat([window, index.visible[:, None, :].expand(s, b, n)], dim=-1)
+        dense = self.dense_now()
+        allowed = every_visible if dense else torch.cat([window, selected_entries(index.topk, n)], dim=-1)
+        probs = attention_probs(q, kv_all, allowed, self.sinks, scale)  # [b, H, s, s + n]
+        out = weighted_values(probs, kv_all)
+        if not with_loss:
+            return out
+        if not dense:  # the target is the dense attention, whatever this step attends to
+            with torch.no_grad():
+                probs = attention_probs(q, kv_all, every_visible, self.sinks, scale)
+        loss = indexer_kl(index.scores, probs[..., s:], index.visible)
+        self.indexer_loss_sum = self.indexer_loss_sum + loss.detach()
+        self.indexer_loss_count += 1
+        return IndexerLossAutoScaler.apply(out, loss * weight)

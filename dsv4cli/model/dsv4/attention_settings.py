@@ -60,6 +60,8 @@ class Dsv4AttentionSettings:
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 512
+    indexer_loss_weight: float = 0.0  # 0: the indexer gets no loss (frozen)
+    indexer_warmup_steps: int = 0  # iterations < this attend densely ('compressed_sparse' layers)
     main_rope: RopeSettings = field(default_factory=lambda: MAIN_ROPE)
     compress_rope: RopeSettings = field(default_factory=lambda: COMPRESS_ROPE)
 
@@ -79,6 +81,8 @@ class Dsv4AttentionSettings:
         for name in ("q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_topk"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.indexer_loss_weight < 0 or self.indexer_warmup_steps < 0:
+            problems.append("indexer_loss_weight and indexer_warmup_steps must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
 
