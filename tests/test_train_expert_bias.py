@@ -175,7 +175,18 @@ def test_rate_validation_and_warning():
 
     with pytest.raises(SpecError):
         load_spec(SPEC, ["model.moe.expert_bias_update_rate=-1"])
-    assert load_spec(SPEC).model.moe.expert_bias_update_rate == 1e-3
+    from dsv4cli.spec.schema import MoeSpec
+
+    assert MoeSpec(num_experts=4, top_k=2, expert_ffn_hidden_size=8).expert_bias_update_rate == 1e-3  # DeepSeek's
+    assert load_spec(SPEC).model.moe.expert_bias_update_rate == 0.01  # tiny-dsv4: a faster rate for its short run
     r = cli("validate", SPEC, "--set", 'model.moe.score_function="softmax"', "--set", "model.moe.hash_layers=0",
             "--set", "model.moe.expert_bias_update_rate=0.01")
     assert "expert_bias_update_rate" in r.output and "no effect" in r.output
+
+
+def test_progress_line_shows_the_worst_layer():
+    from dsv4cli.train.metrics import format_line
+
+    rec = {"step": 3, "loss": 2.0, "lr": 1e-3, "moe_load_max_over_mean": [1.25, 1.75, 1.5]}
+    assert "moe load max/mean 1.75" in format_line(rec, 10)
+    assert "moe load" not in format_line({**rec, "moe_load_max_over_mean": None}, 10)
