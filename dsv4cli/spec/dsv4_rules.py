@@ -20,6 +20,14 @@ def dsv4_rules(spec: Spec, f) -> None:
         _expert_bias_rules(spec.model.moe, f)
 
 
+def _expert_bias_rules(moe, f) -> None:
+    """An update rate set for routers that have no expert bias does nothing: say so."""
+    if "expert_bias_update_rate" in moe.model_fields_set and moe.score_function != "sqrtsoftplus":
+        f.warn("model.moe.expert_bias_update_rate",
+               f"model.moe.expert_bias_update_rate ({moe.expert_bias_update_rate}) has no effect with "
+               f"model.moe.score_function = '{moe.score_function}': only 'sqrtsoftplus' routers carry an expert bias")
+
+
 def _attention_rules(spec: Spec, f) -> None:
     m, p, a = spec.model, spec.parallel, spec.model.attention
     layers = m.num_layers + m.mtp.depth
@@ -91,11 +99,3 @@ def _hash_layer_rules(spec: Spec, f) -> None:
         f.err(f.pick("model.moe.hash_layers", "parallel.pp_layout", "parallel.pp"),
               f"model.moe.hash_layers ({moe.hash_layers}) exceeds the decoder layers of the first pipeline stage "
               f"({held}): hash routing needs the token ids, which only the first stage has")
-
-
-def _expert_bias_rules(moe, f) -> None:
-    """An update rate set for routers that have no expert bias does nothing: say so."""
-    if "expert_bias_update_rate" in moe.model_fields_set and moe.score_function != "sqrtsoftplus":
-        f.warn("model.moe.expert_bias_update_rate",
-               f"model.moe.expert_bias_update_rate ({moe.expert_bias_update_rate}) has no effect with "
-               f"model.moe.score_function = '{moe.score_function}': only 'sqrtsoftplus' routers carry an expert bias")
