@@ -112,6 +112,8 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
             moe_router_pre_softmax=moe.top_k == 1 and moe.score_function == "softmax",
             moe_router_topk_scaling_factor=moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else None,
             moe_aux_loss_coeff=moe.aux_loss_coeff,
+            # read by dsv4cli.model.dsv4.expert_bias (megatron's own update needs sigmoid scores)
+            moe_router_bias_update_rate=moe.expert_bias_update_rate,
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_token_dispatcher_type="alltoall",
         )

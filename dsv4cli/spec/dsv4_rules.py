@@ -16,6 +16,16 @@ def dsv4_rules(spec: Spec, f) -> None:
         _attention_rules(spec, f)
     if spec.model.moe is not None and spec.model.moe.hash_layers:
         _hash_layer_rules(spec, f)
+    if spec.model.moe is not None:
+        _expert_bias_rules(spec.model.moe, f)
+
+
+def _expert_bias_rules(moe, f) -> None:
+    """An update rate set for routers that have no expert bias does nothing: say so."""
+    if "expert_bias_update_rate" in moe.model_fields_set and moe.score_function != "sqrtsoftplus":
+        f.warn("model.moe.expert_bias_update_rate",
+               f"model.moe.expert_bias_update_rate ({moe.expert_bias_update_rate}) has no effect with "
+               f"model.moe.score_function = '{moe.score_function}': only 'sqrtsoftplus' routers carry an expert bias")
 
 
 def _attention_rules(spec: Spec, f) -> None:

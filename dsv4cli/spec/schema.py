@@ -55,6 +55,12 @@ class MoeSpec(_Section):
     routed_scaling_factor: float = Field(1.0, gt=0, description="Scale of the routed experts' output.")
     hash_layers: int = Field(0, ge=0, description="Leading layers routed by a fixed token-id -> expert table.")
     aux_loss_coeff: float = Field(0.0, ge=0, description="Load-balancing auxiliary loss coefficient.")
+    expert_bias_update_rate: float = Field(
+        1e-3, ge=0, le=1,
+        description="No-aux-loss expert bias ('sqrtsoftplus' top-k routers): after each training step every "
+                    "bias moves by this much against its expert's load over all ranks (up when under the mean "
+                    "load, down when over); 1e-3 as in DeepSeek-V3; 0 = frozen.",
+    )
     swiglu_limit: float = Field(
         0.0, ge=0, description="Clamp of the experts' SwiGLU inputs (gate <= limit, |up| <= limit); 0 = off."
     )

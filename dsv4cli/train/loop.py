@@ -63,6 +63,7 @@ def train(spec, log=print) -> int:
     from dsv4cli.ckpt.layout import iter_dir_name, latest_iteration
     from dsv4cli.ckpt.load import load_checkpoint
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
+    from dsv4cli.model.dsv4.expert_bias import has_expert_bias, update_expert_bias
     from dsv4cli.spec.load import spec_to_toml
     from dsv4cli.train.data import build_sources
     from dsv4cli.train.feeding import BatchFeeder
@@ -136,6 +137,7 @@ def train(spec, log=print) -> int:
             ok, grad_norm, _ = rt.optimizer.step()
             if ok:
                 rt.scheduler.step(increment=1)
+            moe_loads = update_expert_bias(rt.chunks, rt.config) if has_expert_bias(rt.config) else None
             loss, mtp, stop_now = reduce_step_values(rt, losses, len(batches), stop.signum is not None)
             indexer_loss = reduce_indexer_loss(rt)
             device.synchronize()
@@ -183,6 +185,8 @@ def train(spec, log=print) -> int:
                 util = mfu(flops_per_token, tps, rt.dims.world)
                 if util is not None:
                     rec["mfu"] = util
+                if moe_loads:
+                    rec["moe_load_max_over_mean"] = moe_loads
                 if eval_loss is not None:
                     rec["eval_loss"] = eval_loss
                     rec["eval_mtp_losses"] = eval_mtp

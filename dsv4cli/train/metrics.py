@@ -2,7 +2,9 @@
 
 Only rank 0 constructs a `MetricsLogger`. One JSON object per logged step:
 `step`, `loss`, `mtp_losses`, `grad_norm`, `lr`, `tokens_per_s`, `step_time_s`, `peak_mem_gb`,
-`mfu` (GPU only) and `eval_loss` when a held-out evaluation ran at that step.
+`mfu` (GPU only), `eval_loss` when a held-out evaluation ran at that step, and with DeepSeek-V4's
+top-k routers `moe_load_max_over_mean`: per layer with an expert bias (layer order, MTP last) the
+busiest expert's token count over the mean count in that step, summed over all ranks (1 = even).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def format_line(rec: dict, total_steps: int) -> str:
         parts.append(f"idx {_fmt(rec['indexer_loss'])}")
     if rec.get("eval_loss") is not None:
         parts.append(f"eval_loss {_fmt(rec['eval_loss'])}")
+    if rec.get("moe_load_max_over_mean"):
+        parts.append(f"moe load max/mean {max(rec['moe_load_max_over_mean']):.2f}")
     parts += [
         f"grad_norm {_fmt(rec.get('grad_norm'))}",
         f"lr {rec.get('lr', 0):.3e}",
@@ -133,6 +137,8 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{k}", rec[k], rec["step"])
             for i, v in enumerate(rec.get("mtp_losses") or []):
                 self._tb.add_scalar(f"train/mtp_{i + 1}_loss", v, rec["step"])
+            for i, v in enumerate(rec.get("moe_load_max_over_mean") or []):
+                self._tb.add_scalar(f"train/moe_load_max_over_mean_{i}", v, rec["step"])
 
     def close(self) -> None:
         if self._progress is not None:

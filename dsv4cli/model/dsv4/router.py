@@ -20,8 +20,9 @@ same meaning: `num_moe_experts`, `moe_router_topk`, `moe_router_topk_scaling_fac
 scaling factor), `moe_router_dtype` (the dtype of the logits).
 
 `expert_bias` ([E], fp32, saved in checkpoints) and `local_tokens_per_expert` ([E], not saved,
-tokens routed to each expert while gradients are on) carry megatron's names, so its no-aux-loss
-bias update (`get_updated_expert_bias`) applies as it is; that update is not wired yet.
+tokens routed to each expert while gradients are on) carry megatron's names; the no-aux-loss bias
+update after each training step (megatron's `get_updated_expert_bias`, summed over every routing
+rank) is `dsv4cli.model.dsv4.expert_bias.update_expert_bias`. Hash routers have no bias.
 
 Token ids for hash routing. Megatron's MoELayer calls its router with the hidden states alone, so
 the token ids reach a `HashRouter` in one of two ways:
