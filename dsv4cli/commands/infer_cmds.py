@@ -20,6 +20,19 @@ def _parse_tokens(text: str) -> list[int]:
         fail(f"error: --tokens must be comma-separated integers, got {text!r}")
 
 
+def _report(result: dict, as_json: bool, head: str, where: str = "") -> bool:
+    """--json: print the result object (False); else '<head>: N tensors, SIZE<where> (dtype: count, ...)'
+    and True, for the command's further text lines."""
+    if as_json:
+        typer.echo(json.dumps(result))
+        return False
+    from dsv4cli.commands.common import human_bytes
+
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result["dtypes"].items()))
+    typer.echo(f"{head}: {result['tensors']} tensors, {human_bytes(result['bytes'])}{where} ({kinds})")
+    return True
+
+
 @app.command("generate")
 def generate(
     spec: str = spec_argument("Spec of the checkpoint's model."),
@@ -108,14 +121,8 @@ def import_hf(
         result = run(hf_dir, out, spec_out, dtype, layers, experts)
     except ImportHFError as e:
         fail(f"error: {e}")
-    if as_json:
-        typer.echo(json.dumps(result))
+    if not _report(result, as_json, f"imported {hf_dir} -> {result['checkpoint']}"):
         return
-    from dsv4cli.commands.common import human_bytes
-
-    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result["dtypes"].items()))
-    typer.echo(f"imported {hf_dir} -> {result['checkpoint']}: {result['tensors']} tensors, "
-               f"{human_bytes(result['bytes'])} ({kinds})")
     typer.echo(f"layout: {result['layout']}, MTP depth {result['mtp_depth']}, dequantized {result['dequantized']} weights")
     typer.echo(f"spec: {result['spec']}")
     for note in result["notes"]:
@@ -208,13 +215,8 @@ def export_hf(
                 result = run(ckpt, out, dtype, shard, advance)
     except (ExportHFError, CheckpointError, UnsupportedSpecError) as e:
         fail(f"error: {e}")
-    if as_json:
-        typer.echo(json.dumps(result))
+    if not _report(result, as_json, f"exported {result['checkpoint']} -> {result['out']}",
+                   f" in {result['shards']} file(s)"):
         return
-    from dsv4cli.commands.common import human_bytes
-
-    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result["dtypes"].items()))
-    typer.echo(f"exported {result['checkpoint']} -> {result['out']}: {result['tensors']} tensors, "
-               f"{human_bytes(result['bytes'])} in {result['shards']} file(s) ({kinds})")
     if result["config_source"] is None:
         typer.echo("note: no hf_config.json with the checkpoint: keys the spec does not hold have transformers' defaults")

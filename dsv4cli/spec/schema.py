@@ -88,10 +88,15 @@ class AttentionSpec(_Section):
         None, description="Per layer compression ratio (0 for 'sliding'); default 4 for 'csa', 128 for 'hca'."
     )
     head_dim: int = Field(512, ge=2, description="Head dim of queries and of the shared KV head.")
-    rope_head_dim: int = Field(64, ge=2, description="Trailing dims of each head that get (interleaved) RoPE.")
+    rope_head_dim: int = Field(
+        64, ge=2, multiple_of=2, description="Trailing dims of each head that get (interleaved) RoPE (even)."
+    )
     q_lora_rank: int = Field(1024, ge=1, description="Rank of the low-rank query projection.")
     o_groups: int = Field(8, ge=1, description="Head groups of the grouped output projection.")
-    o_lora_rank: int = Field(1024, ge=1, description="Per-group rank of the grouped output projection.")
+    o_lora_rank: int = Field(
+        1024, ge=1, description="Per-group rank of the grouped output projection (each group of heads is projected "
+                                "to this rank, then all groups together to the hidden size)."
+    )
     sliding_window: int = Field(128, ge=1, description="Tokens each query sees uncompressed (incl. itself).")
     index_n_heads: int = Field(64, ge=1, description="Query heads of the lightning indexer ('csa' layers).")
     index_head_dim: int = Field(128, ge=1, description="Head dim of the lightning indexer.")
