@@ -190,12 +190,12 @@ def _mappings_fwd(x, w, alpha, bias, n, iterations, eps):
     return x2, s[:, :n] + eps, s[:, n:] * 2.0, h_res, mix, r, dt
 
 
-def _mappings_bwd(ctx, g_pre, g_post, g_res, pre_from_x=None):
-    """Backward of `_mappings_fwd` from ctx (saved x, w, alpha, bias, mix, r; cfg n, iterations, eps, dt)
+def _mappings_bwd(saved, cfg, g_pre, g_post, g_res, pre_from_x=None):
+    """Backward of `_mappings_fwd` from the saved (x, w, alpha, bias, mix, r, ...) and cfg (n, iterations, eps, dt)
     -> the grads of (x, w, alpha, bias). `pre_from_x(xs [T, n, h], h_pre [T, n]) -> (dxs, g_pre)` lets a
     fused consumer of h_pre (the aggregate) add its x-gradient and supply g_pre from the recomputed h_pre."""
-    x, w, alpha, bias, mix, r = ctx.saved_tensors[:6]
-    n, iterations, eps, dt = ctx.cfg
+    x, w, alpha, bias, mix, r = saved[:6]
+    n, iterations, eps, dt = cfg
     x2, wd, gate = _flat(x, n, dt), w.to(dt), _mapping_gate(alpha.to(dt), n)
     z = _gated(mix, r, gate, bias.to(dt))
     T = x2.shape[0]
@@ -226,7 +226,7 @@ class _MhcMappings(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_pre, g_post, g_res):
-        return (*_mappings_bwd(ctx, g_pre, g_post, g_res), None, None, None)
+        return (*_mappings_bwd(ctx.saved_tensors, ctx.cfg, g_pre, g_post, g_res), None, None, None)
 
 
 class _MhcPre(torch.autograd.Function):
@@ -257,9 +257,10 @@ class _MhcPre(torch.autograd.Function):
     @staticmethod
     def backward(ctx, du, g_post, g_third):
         n, dt = ctx.cfg[0], ctx.cfg[3]
-        mixed = len(ctx.saved_tensors) == 7
+        saved = ctx.saved_tensors  # once: under checkpointing each access unpacks again
+        mixed = len(saved) == 7
         if mixed:
-            x, h_res = ctx.saved_tensors[0], ctx.saved_tensors[6]
+            x, h_res = saved[0], saved[6]
             xs = _streams(x, n, dt)
             g3 = g_third.reshape(xs.shape).to(dt)
             g_res = torch.bmm(xs, g3.transpose(1, 2))  # <x_j, g_k>
@@ -270,7 +271,7 @@ class _MhcPre(torch.autograd.Function):
             dxs, g_pre = _wsum_bwd(xs, h_pre, du.reshape(xs.shape[0], -1).to(dt))
             return (dxs.baddbmm_(h_res, g3) if mixed else dxs), g_pre  # dx_j += sum_k h_res[j, k] g_k
 
-        return (*_mappings_bwd(ctx, None, g_post, g_res, pre_from_x), None, None, None, None)
+        return (*_mappings_bwd(saved, ctx.cfg, None, g_post, g_res, pre_from_x), None, None, None, None)
 
 
 def mhc_pre(
