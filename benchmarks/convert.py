@@ -7,8 +7,8 @@ Builds a synthetic legacy (average-contraction) checkpoint with per-parameter Ad
 Megatron's stored layout (dsv4cli/ckpt/synthetic.py; no model is built), reads it once so the
 page cache is warm, then times in one run: `cp -r SRC`, `dsv4 convert-ckpt SRC DST` and
 `dsv4 convert-ckpt SRC DST --link` (each a fresh process, in --reps rounds of every command, medians;
-outputs deleted between runs,
-`sync` before each, untimed) and prints the ratios and each process's peak memory (max RSS). The convert-ckpt
+outputs deleted between runs, `sync` before each, untimed) and prints the ratios and each process's
+peak memory (max RSS). The convert-ckpt
 rows include the process start (Python and the torch + torch.distributed.checkpoint imports it
 needs to read DCP metadata); the "start-up" row times those imports alone and the "conversion
 only" row times `convert_checkpoint()` inside a process after them.

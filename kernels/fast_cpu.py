@@ -12,8 +12,13 @@ one call is one autograd node instead of tens, and keep only O(1) tensors per ca
 - `mhc_mappings`: RMS, projection, gating, sigmoids and Sinkhorn in one Function; saves x, the
   projection [T, M] and the rsqrt [T, 1] (as the Triton kernel does) and recomputes the rest.
 - `learned_output_contract`: the same projection helper, sigmoid and weighted stream sum.
-- `mhc_aggregate`, `mhc_post_res`: one Function each; batched matmuls where both per-token operands
-  have >= n rows and columns, broadcasts where one is a single column (CPU `bmm` loops over tokens).
+- `mhc_pre` (mappings + aggregate) and `mhc_pre_mix` (+ the residual mix sum_j h_res[j,k] x_j, taken
+  while x is in cache; `mhc_post` then adds h_post (x) f in place): one Function each.
+- `mhc_aggregate`, `mhc_post_res`: one Function each; per-token batched matmuls, the one-column
+  products as a `bmm` with a row view (a [T, h, 1] column view takes a slow copy path), broadcasts for
+  outer products.
+- Sinkhorn's divisor (sum + eps along an axis) is one BLAS call with a ones vector: these ops are so
+  small (n*n*T values) that each op's fixed cost dominates.
 
 Shapes: T tokens (all leading dims flattened), n streams, h hidden, K = n*h, M mapping width.
 All math runs in reference.compute_dtype (fp32, fp64 for fp64 inputs); gradients come back in
