@@ -6,8 +6,9 @@
 Builds a synthetic legacy (average-contraction) checkpoint with per-parameter Adam state in
 Megatron's stored layout (dsv4cli/ckpt/synthetic.py; no model is built), reads it once so the
 page cache is warm, then times in one run: `cp -r SRC`, `dsv4 convert-ckpt SRC DST` and
-`dsv4 convert-ckpt SRC DST --link` (each a fresh process, median of --reps runs, outputs deleted
-between runs) and prints the ratios and each process's peak memory (max RSS). The convert-ckpt
+`dsv4 convert-ckpt SRC DST --link` (each a fresh process, in --reps rounds of every command, medians;
+outputs deleted between runs, `sync` before each, untimed) and prints the ratios and each process's
+peak memory (max RSS). The convert-ckpt
 rows include the process start (Python and the torch + torch.distributed.checkpoint imports it
 needs to read DCP metadata); the "start-up" row times those imports alone and the "conversion
 only" row times `convert_checkpoint()` inside a process after them.
@@ -84,6 +85,8 @@ def timed(argv: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024  # Linux: KiB
 
 
+_ONLY = "convert-ckpt, conversion only (after imports)"
+
 _IN_PROCESS = """
 import sys, time, json
 import torch.distributed.checkpoint
@@ -130,23 +133,24 @@ def main(argv=None) -> int:
         "start-up (python, torch + DCP imports)": lambda dst: [sys.executable, "-c",
                                                              "import torch.distributed.checkpoint"],
     }
-    results = {}
-    for name, make in runs.items():
-        walls, rss = [], []
-        for _ in range(args.reps):
+    load_before = os.getloadavg()
+    walls = {name: [] for name in [*runs, _ONLY]}
+    rss = {name: [] for name in runs}
+    for _ in range(args.reps):  # rounds: every command once per round, so a shared machine's load hits all alike
+        for name, make in runs.items():
             shutil.rmtree(work, ignore_errors=True)
+            os.sync()  # untimed: the previous command's dirty pages are not written back during this one
             wall, peak = timed(make(work))
-            walls.append(wall)
-            rss.append(peak)
-        results[name] = {"wall_s": statistics.median(walls), "peak_rss_mib": max(rss), "runs": walls}
-    walls = []
-    for _ in range(args.reps):
+            walls[name].append(wall)
+            rss[name].append(peak)
         shutil.rmtree(work, ignore_errors=True)
+        os.sync()
         out = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(src), str(work)], check=True,
                              capture_output=True, text=True).stdout
-        walls.append(json.loads(out.strip().splitlines()[-1]))
-    results["convert-ckpt, conversion only (after imports)"] = {
-        "wall_s": statistics.median(walls), "peak_rss_mib": float("nan"), "runs": walls}
+        walls[_ONLY].append(json.loads(out.strip().splitlines()[-1]))
+    results = {name: {"wall_s": statistics.median(w), "peak_rss_mib": max(rss[name]) if name in rss else float("nan"),
+                      "runs": w} for name, w in walls.items()}
+    loads = [round(v, 2) for v in (*load_before, *os.getloadavg())]
     shutil.rmtree(work, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
@@ -154,10 +158,11 @@ def main(argv=None) -> int:
     for r in results.values():
         r["vs_cp"] = r["wall_s"] / base
     if args.json:
-        print(json.dumps({"bytes": size, "results": results}, indent=2))
+        print(json.dumps({"bytes": size, "results": results, "loadavg_before_after": loads}, indent=2))
         return 0
     print(f"checkpoint: {size / GIB:.2f} GiB ({spec.model.num_layers} layers, h {spec.model.hidden_size}, n = 4, "
-          f"fp32 + Adam moments), page cache warm; median of {args.reps} runs each")
+          f"fp32 + Adam moments), page cache warm; median of {args.reps} interleaved rounds; "
+          f"load average before {loads[:3]} after {loads[3:]}")
     print(f"{'command':<44} {'wall s':>8} {'vs cp -r':>9} {'peak RSS MiB':>13}")
     for name, r in results.items():
         print(f"{name:<44} {r['wall_s']:>8.3f} {r['vs_cp']:>8.2f}x {r['peak_rss_mib']:>13.0f}")

@@ -22,7 +22,7 @@ from . import fast_cpu, reference
 
 # The ops every backend implements: the reference's public functions but its two helpers.
 OPS = tuple(name for name in reference.__all__ if name not in ("compute_dtype", "stream_rms_rsqrt"))
-__all__ = [*OPS, "mhc_pre", "resolve_impl", "triton_available"]
+__all__ = [*OPS, "mhc_pre", "mhc_pre_mix", "mhc_post", "resolve_impl", "triton_available"]
 
 _IMPLS = ("auto", "torch", "triton")
 
@@ -105,6 +105,20 @@ def mhc_pre(
         h_pre, h_post, h_res = mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps, impl="triton")
         return mhc_aggregate(x, h_pre, n, impl="triton"), h_post, h_res
     return fast_cpu.mhc_pre(x, proj_weight, alpha, bias, n, iterations, eps)
+
+
+def mhc_pre_mix(
+    x: Tensor, proj_weight: Tensor, alpha: Tensor, bias: Tensor, n: int, iterations: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """[..., n*h] -> (u [..., h], h_post [..., n], r [..., n*h]): mhc_pre with the residual mix
+    r_k = sum_j h_res[j, k] x_j in place of h_res (the torch path: where resolve_impl gives "torch").
+    `mhc_post(r, f, h_post, n)` completes mhc_post_res; together they equal mhc_pre + mhc_post_res."""
+    return fast_cpu.mhc_pre_mix(x, proj_weight, alpha, bias, n, iterations, eps)
+
+
+def mhc_post(r: Tensor, f: Tensor, h_post: Tensor, n: int, out_dtype=None) -> Tensor:
+    """r [..., n*h] from mhc_pre_mix, f [..., h], h_post [..., n] -> r + h_post (x) f (r updated in place)."""
+    return fast_cpu.mhc_post(r, f, h_post, n, out_dtype)
 
 
 def sinkhorn(logits: Tensor, iterations: int, eps: float, impl: str = "auto") -> Tensor:

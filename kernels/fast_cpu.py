@@ -12,8 +12,13 @@ one call is one autograd node instead of tens, and keep only O(1) tensors per ca
 - `mhc_mappings`: RMS, projection, gating, sigmoids and Sinkhorn in one Function; saves x, the
   projection [T, M] and the rsqrt [T, 1] (as the Triton kernel does) and recomputes the rest.
 - `learned_output_contract`: the same projection helper, sigmoid and weighted stream sum.
-- `mhc_aggregate`, `mhc_post_res`: one Function each; batched matmuls where both per-token operands
-  have >= n rows and columns, broadcasts where one is a single column (CPU `bmm` loops over tokens).
+- `mhc_pre` (mappings + aggregate) and `mhc_pre_mix` (+ the residual mix sum_j h_res[j,k] x_j, taken
+  while x is in cache; `mhc_post` then adds h_post (x) f in place): one Function each.
+- `mhc_aggregate`, `mhc_post_res`: one Function each; per-token batched matmuls, the one-column
+  products as a `bmm` with a row view (a [T, h, 1] column view takes a slow copy path), broadcasts for
+  outer products.
+- Sinkhorn's divisor (sum + eps along an axis) is one BLAS call with a ones vector: these ops are so
+  small (n*n*T values) that each op's fixed cost dominates.
 
 Shapes: T tokens (all leading dims flattened), n streams, h hidden, K = n*h, M mapping width.
 All math runs in reference.compute_dtype (fp32, fp64 for fp64 inputs); gradients come back in
@@ -27,7 +32,8 @@ from torch import Tensor
 
 from .reference import compute_dtype
 
-__all__ = ["sinkhorn", "mhc_mappings", "mhc_pre", "mhc_aggregate", "mhc_post_res", "learned_output_contract"]
+__all__ = ["sinkhorn", "mhc_mappings", "mhc_pre", "mhc_pre_mix", "mhc_aggregate", "mhc_post_res", "mhc_post",
+           "learned_output_contract"]
 
 # ------------------------------------------------------------------------------------------ Sinkhorn core
 
@@ -47,12 +53,28 @@ def _eps_like(t: Tensor, eps: float) -> Tensor:
     return torch.full((), eps, dtype=t.dtype, device=t.device)
 
 
+def _divisor(p: Tensor, k: int, e: Tensor, ones: Tensor) -> Tensor:
+    """sum(p) + eps along step k's axis of p [n, n, T], as ONE BLAS call (a sum then an add are two ops,
+    and these ops are so small that the per-op cost dominates): even k (columns, sum over i)
+    ones[1, n] @ p[n, n*T] -> [1, n, T]; odd k (rows, sum over j) ones[n, 1, n] @ p -> [n, 1, T].
+    `ones`: [n, 1, n] ones of p's dtype."""
+    n = p.shape[0]
+    if _step_dim(k) == 0:
+        return torch.addmm(e, ones[0], p.view(n, -1)).view(1, n, -1)
+    return torch.baddbmm(e, ones, p)
+
+
+def _ones(zt: Tensor) -> Tensor:
+    n = zt.shape[0]
+    return torch.ones(n, 1, n, dtype=zt.dtype, device=zt.device)
+
+
 def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
     """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax."""
-    e = _eps_like(zt, eps)
+    e, ones = _eps_like(zt, eps), _ones(zt)
     p = torch.softmax(zt, dim=1).add_(e)
     for k in range(2 * iterations - 1):
-        p.div_(p.sum(_step_dim(k), keepdim=True).add_(e))
+        p.div_(_divisor(p, k, e, ones))
     return p
 
 
@@ -61,12 +83,12 @@ def sinkhorn_bwd_t(zt: Tensor, gt: Tensor, iterations: int, eps: float) -> Tenso
 
     Recomputes the forward (bit-identical ops) keeping each step's output y_k and divisor c_k
     (transient, freed on return), then walks the steps backwards; the softmax's eps is a shift."""
-    e = _eps_like(zt, eps)
+    e, ones = _eps_like(zt, eps), _ones(zt)
     sm = torch.softmax(zt, dim=1)
     p = sm + e
     outs, divs = [], []
     for k in range(2 * iterations - 1):
-        c = p.sum(_step_dim(k), keepdim=True).add_(e)
+        c = _divisor(p, k, e, ones)
         p = p / c
         outs.append(p)
         divs.append(c)
@@ -173,12 +195,12 @@ def _mappings_fwd(x, w, alpha, bias, n, iterations, eps):
     return x2, s[:, :n] + eps, s[:, n:] * 2.0, h_res, mix, r, dt
 
 
-def _mappings_bwd(ctx, g_pre, g_post, g_res, pre_from_x=None):
-    """Backward of `_mappings_fwd` from ctx (saved x, w, alpha, bias, mix, r; cfg n, iterations, eps, dt)
+def _mappings_bwd(saved, cfg, g_pre, g_post, g_res, pre_from_x=None):
+    """Backward of `_mappings_fwd` from the saved (x, w, alpha, bias, mix, r, ...) and cfg (n, iterations, eps, dt)
     -> the grads of (x, w, alpha, bias). `pre_from_x(xs [T, n, h], h_pre [T, n]) -> (dxs, g_pre)` lets a
     fused consumer of h_pre (the aggregate) add its x-gradient and supply g_pre from the recomputed h_pre."""
-    x, w, alpha, bias, mix, r = ctx.saved_tensors
-    n, iterations, eps, dt = ctx.cfg
+    x, w, alpha, bias, mix, r = saved[:6]
+    n, iterations, eps, dt = cfg
     x2, wd, gate = _flat(x, n, dt), w.to(dt), _mapping_gate(alpha.to(dt), n)
     z = _gated(mix, r, gate, bias.to(dt))
     T = x2.shape[0]
@@ -209,29 +231,52 @@ class _MhcMappings(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_pre, g_post, g_res):
-        return (*_mappings_bwd(ctx, g_pre, g_post, g_res), None, None, None)
+        return (*_mappings_bwd(ctx.saved_tensors, ctx.cfg, g_pre, g_post, g_res), None, None, None)
 
 
 class _MhcPre(torch.autograd.Function):
-    """mappings + aggregate in one node: x -> (u, h_post, h_res); h_pre never leaves the Function."""
+    """mappings + aggregate in one node: x -> (u, h_post, h_res); h_pre never leaves the Function.
+
+    With `mix`, the third output is the residual mix r [..., n*h], r_k = sum_j h_res[j, k] x_j, instead of
+    h_res: computed here, while x is still in cache, rather than after the sub-layer (post-res would read
+    x again from memory); its backward adds h_res g to this node's one x-gradient (no second x-sized
+    gradient for autograd to sum). `_Post` then adds h_post (x) f to r in place."""
 
     @staticmethod
-    def forward(ctx, x, w, alpha, bias, n, iterations, eps):
-        x2, h_pre, h_post, h_res, mix, r, dt = _mappings_fwd(x, w, alpha, bias, n, iterations, eps)
-        u = _wsum(x2.view(x2.shape[0], n, -1), h_pre)
-        ctx.save_for_backward(x, w, alpha, bias, mix, r)
+    def forward(ctx, x, w, alpha, bias, n, iterations, eps, mix):
+        x2, h_pre, h_post, h_res, proj, r, dt = _mappings_fwd(x, w, alpha, bias, n, iterations, eps)
+        T = x2.shape[0]
+        xs = x2.view(T, n, -1)
+        u = _wsum(xs, h_pre)
         ctx.cfg = (n, iterations, eps, dt)
         lead = x.shape[:-1]
-        return u.view(*lead, u.shape[-1]).to(x.dtype), h_post.view(*lead, n), h_res.view(*lead, n, n)
+        if mix:
+            third = torch.empty(x.shape, dtype=dt, device=x.device)  # not a view: _Post adds to it in place
+            torch.bmm(h_res.transpose(1, 2), xs, out=third.view(T, n, -1))
+            ctx.save_for_backward(x, w, alpha, bias, proj, r, h_res)
+        else:
+            third = h_res.view(*lead, n, n)
+            ctx.save_for_backward(x, w, alpha, bias, proj, r)
+        return u.view(*lead, u.shape[-1]).to(x.dtype), h_post.view(*lead, n), third
 
     @staticmethod
-    def backward(ctx, du, g_post, g_res):
-        dt = ctx.cfg[3]
+    def backward(ctx, du, g_post, g_third):
+        n, dt = ctx.cfg[0], ctx.cfg[3]
+        saved = ctx.saved_tensors  # once: under checkpointing each access unpacks again
+        mixed = len(saved) == 7
+        if mixed:
+            x, h_res = saved[0], saved[6]
+            xs = _streams(x, n, dt)
+            g3 = g_third.reshape(xs.shape).to(dt)
+            g_res = torch.bmm(xs, g3.transpose(1, 2))  # <x_j, g_k>
+        else:
+            g_res = g_third
 
         def pre_from_x(xs, h_pre):
-            return _wsum_bwd(xs, h_pre, du.reshape(xs.shape[0], -1).to(dt))
+            dxs, g_pre = _wsum_bwd(xs, h_pre, du.reshape(xs.shape[0], -1).to(dt))
+            return (dxs.baddbmm_(h_res, g3) if mixed else dxs), g_pre  # dx_j += sum_k h_res[j, k] g_k
 
-        return (*_mappings_bwd(ctx, None, g_post, g_res, pre_from_x), None, None, None)
+        return (*_mappings_bwd(saved, ctx.cfg, None, g_post, g_res, pre_from_x), None, None, None, None)
 
 
 def mhc_pre(
@@ -240,7 +285,17 @@ def mhc_pre(
     """[..., n*h] -> (u [..., h] (x's dtype), h_post [..., n], h_res [..., n, n]): mhc_mappings then
     mhc_aggregate with its h_pre, as one autograd node (one x-sized gradient instead of two summed)."""
     _check_iterations(iterations)
-    return _MhcPre.apply(x, proj_weight, alpha.reshape(3), bias, n, int(iterations), float(eps))
+    return _MhcPre.apply(x, proj_weight, alpha.reshape(3), bias, n, int(iterations), float(eps), False)
+
+
+def mhc_pre_mix(
+    x: Tensor, proj_weight: Tensor, alpha: Tensor, bias: Tensor, n: int, iterations: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """[..., n*h] -> (u [..., h] (x's dtype), h_post [..., n], r [..., n*h] (compute dtype)): mhc_pre with the
+    residual mix r_k = sum_j h_res[j, k] x_j in place of h_res; `mhc_post(r, f, h_post, n)` completes
+    mhc_post_res (the same values: mhc_post(mhc_pre_mix(x)...) == mhc_post_res(x, f, h_post, h_res))."""
+    _check_iterations(iterations)
+    return _MhcPre.apply(x, proj_weight, alpha.reshape(3), bias, n, int(iterations), float(eps), True)
 
 
 def mhc_mappings(
@@ -260,10 +315,15 @@ def _wsum(xs: Tensor, w: Tensor) -> Tensor:
 
 
 def _wsum_bwd(xs: Tensor, w: Tensor, du: Tensor) -> tuple[Tensor, Tensor]:
-    """Backward of `_wsum` for du [T, h] -> (dxs [T, n, h] = w_i du, dw [T, n] = <xs_i, du>), as broadcasts
-    (a batched matmul with one-column operands loops over the tokens on CPU)."""
+    """Backward of `_wsum` for du [T, h] -> (dxs [T, n, h] = w_i du (a broadcast), dw [T, n] = <xs_i, du>)."""
     du3 = du.unsqueeze(1)
-    return w.unsqueeze(2) * du3, (xs * du3).sum(-1)
+    return w.unsqueeze(2) * du3, _dots(xs, du)
+
+
+def _dots(xs: Tensor, v: Tensor) -> Tensor:
+    """xs [T, n, h], v [T, h] -> [T, n] = <xs_i, v> per token: one batched matmul with v as a [T, h, 1] view
+    of a row (strides (h, 1, h); the [T, h, 1] view with unit last stride takes a slow copy path)."""
+    return torch.bmm(xs, v.unsqueeze(1).transpose(1, 2)).squeeze(2)
 
 
 def _streams(x: Tensor, n: int, dt: torch.dtype) -> Tensor:
@@ -318,7 +378,7 @@ class _PostRes(torch.autograd.Function):
         g3 = g.reshape(T, n, h).to(dt)
         dx = torch.bmm(res, g3)  # dx_j = sum_k h_res[j, k] g_k
         dres = torch.bmm(xs, g3.transpose(1, 2))  # <x_j, g_k>
-        dpost = (g3 * f2.unsqueeze(1)).sum(-1)  # <g_k, f>
+        dpost = _dots(g3, f2)  # <g_k, f>
         df = _wsum(g3, post)  # sum_k h_post[k] g_k
         return (dx.view(x.shape).to(x.dtype), df.view(f.shape).to(f.dtype), dpost.view(h_post.shape).to(h_post.dtype),
                 dres.view(h_res.shape).to(h_res.dtype), None)  # fmt: skip
@@ -327,6 +387,39 @@ class _PostRes(torch.autograd.Function):
 def mhc_post_res(x: Tensor, f: Tensor, h_post: Tensor, h_res: Tensor, n: int) -> Tensor:
     """[..., n*h], f [..., h], h_post [..., n], h_res [..., n, n] -> [..., n*h] (x's dtype); see reference."""
     return _PostRes.apply(x, f, h_post, h_res, n)
+
+
+class _Post(torch.autograd.Function):
+    """r [T, n*h] (mhc_pre_mix's residual mix, compute dtype) += h_post (x) f, in place; -> out_dtype."""
+
+    @staticmethod
+    def forward(ctx, r, f, h_post, n, out_dtype):
+        dt = r.dtype
+        T = f.numel() // f.shape[-1]
+        post, f2 = h_post.reshape(T, n, 1).to(dt), f.reshape(T, 1, -1).to(dt)
+        ctx.save_for_backward(f, h_post)
+        ctx.cfg = (n, dt)
+        if out_dtype == dt:
+            ctx.mark_dirty(r)
+            r.view(T, n, -1).addcmul_(post, f2)
+            return r
+        return torch.addcmul(r.view(T, n, -1), post, f2).view(r.shape).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        f, h_post = ctx.saved_tensors
+        n, dt = ctx.cfg
+        T = f.numel() // f.shape[-1]
+        g3 = g.reshape(T, n, -1).to(dt)
+        df = _wsum(g3, h_post.reshape(T, n).to(dt))  # sum_k h_post[k] g_k
+        dpost = _dots(g3, f.reshape(T, -1).to(dt))  # <g_k, f>
+        return g3.view(g.shape), df.view(f.shape).to(f.dtype), dpost.view(h_post.shape).to(h_post.dtype), None, None
+
+
+def mhc_post(r: Tensor, f: Tensor, h_post: Tensor, n: int, out_dtype: torch.dtype | None = None) -> Tensor:
+    """r [..., n*h] from mhc_pre_mix, f [..., h], h_post [..., n] -> x' = r + h_post (x) f [..., n*h] in
+    out_dtype (default r's); r is updated in place (and returned) when no cast is needed."""
+    return _Post.apply(r, f, h_post, n, out_dtype or r.dtype)
 
 
 # ------------------------------------------------------------------------------------------ learned contraction

@@ -11,7 +11,7 @@ from importlib.metadata import version
 from dsv4cli.compat import megatron_patches as mp
 
 PATCH_MODULES = ("dsv4cli.compat.cpu", "dsv4cli.compat.cpu_rng", "dsv4cli.compat.cpu_megatron",
-                 "dsv4cli.compat.distopt", "dsv4cli.compat.versions")
+                 "dsv4cli.compat.distopt", "dsv4cli.compat.multi_tensor", "dsv4cli.compat.versions")
 
 
 def _patch_functions(module_name: str) -> set[str]:

@@ -177,6 +177,58 @@ def test_pre_gradient_of_u_alone():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _mix_then_post(x, w, alpha, bias, f, n, iterations, out_dtype=None):
+    u, h_post, r = fast_cpu.mhc_pre_mix(x, w, alpha, bias, n, iterations, EPS)
+    return u, fast_cpu.mhc_post(r, f, h_post, n, out_dtype)
+
+
+def _ref_layer(x, w, alpha, bias, f, n, iterations):
+    """u and x' of one sub-layer whose output is u * f (so f's gradient also flows through u)."""
+    u, h_post, h_res = _pre_composed(x, w, alpha, bias, n, iterations)
+    return u, reference.mhc_post_res(x, u * f, h_post, h_res, n)
+
+
+@pytest.mark.parametrize("n,h,iterations", [(2, 5, 4), (4, 16, 20)])
+def test_pre_mix_then_post_equals_reference_pre_post_res_fp32(n, h, iterations):
+    """mhc_pre_mix + mhc_post (the residual mix taken in pre) == mappings, aggregate, post_res: values and
+    the gradients of x (which now gets the residual's share from pre), w, alpha, bias and f."""
+    args = _mapping_args(n, h)
+    f = torch.randn(3, 5, h, generator=_gen(7)).requires_grad_()
+
+    def fast_layer(x, w, alpha, bias, f):
+        u, h_post, r = fast_cpu.mhc_pre_mix(x, w, alpha, bias, n, iterations, EPS)
+        return u, fast_cpu.mhc_post(r, u * f, h_post, n)
+
+    fast, ref = fast_layer(*args, f), _ref_layer(*args, f, n, iterations)
+    _assert_same(fast, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(_grads(fast, [*args, f]), _grads(ref, [*args, f]), strict=True):
+        assert b.abs().max() > 1e-3
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_pre_mix_and_post_gradcheck_fp64_and_post_is_in_place():
+    n, h = 3, 2
+    args = _mapping_args(n, h, lead=(2, 3), dtype=torch.float64)
+    f = torch.randn(2, 3, h, generator=_gen(8), dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: _mix_then_post(*a, n, 4), [*args, f])
+    u, h_post, r = fast_cpu.mhc_pre_mix(*args, n, 4, EPS)
+    assert r.shape == args[0].shape and fast_cpu.mhc_post(r, f, h_post, n) is r
+    assert _saved_count(fast_cpu.mhc_pre_mix, *args, n, 4, EPS) == 7  # mhc_pre's six + h_res
+
+
+def test_pre_mix_keeps_bf16_activations():
+    args = _mapping_args(4, 8)
+    xb = args[0].detach().to(torch.bfloat16).requires_grad_()
+    f = torch.randn(3, 5, 8, generator=_gen(9), dtype=torch.bfloat16).requires_grad_()
+    u, out = _mix_then_post(xb, *args[1:], f, 4, 5, out_dtype=torch.bfloat16)
+    h_pre, h_post, h_res = reference.mhc_mappings(xb.float(), *args[1:], 4, 5, EPS)
+    ref = reference.mhc_post_res(xb.float(), f.float(), h_post, h_res, 4)
+    assert u.dtype == out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.to(torch.bfloat16).float(), atol=2e-2, rtol=2e-2)
+    gx, gf = torch.autograd.grad(out, [xb, f], torch.ones_like(out))
+    assert gx.dtype == gf.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- aggregate, post + residual, contraction
 
 
