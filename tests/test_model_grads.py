@@ -318,7 +318,9 @@ def test_deepseek_v4_attention_trains_in_every_layer_kind(tiny_spec, other):
     model = _build(spec)
     kinds = [layer.self_attention.settings.kind for layer in model.decoder.layers]
     assert kinds == ["compressed_sparse", "heavily_compressed"]
-    assert model.mtp.layers[0].transformer_layer.self_attention.settings.kind == "sliding"
+    mtp_layer = model.mtp.layers[0]  # megatron-core >= 0.17 names the inner layer mtp_model_layer
+    inner = getattr(mtp_layer, "mtp_model_layer", None) or mtp_layer.transformer_layer
+    assert inner.self_attention.settings.kind == "sliding"
     loss, _ = _fwd_bwd(model)
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all((g is None) == (".indexer." in n) for n, g in grads.items()), [n for n, g in grads.items() if g is None]
