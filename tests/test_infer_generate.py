@@ -118,3 +118,12 @@ def test_cli_bad_arguments_exit_2_with_one_line(saved):
     assert out_of_vocab.exit_code == 2 and "token ids" in out_of_vocab.output
     missing = _run(saved["spec_file"], "--load", saved["root"].parent / "nothing", "--tokens", "1,2")
     assert missing.exit_code == 2 and "Traceback" not in missing.output
+
+
+def test_top_p_zero_keeps_the_most_likely_token(saved):
+    """A nucleus of probability 0 still holds the top token: sampling then equals greedy decoding."""
+    from dsv4cli.infer.generate import Sampling, generate
+
+    out = generate(saved["spec"], str(saved["root"]), PROMPT,
+                   Sampling(max_new_tokens=STEPS, temperature=1.0, top_p=0.0, seed=1))
+    assert out["tokens"] == saved["greedy"]

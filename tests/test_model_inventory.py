@@ -122,3 +122,17 @@ def test_inspect_model_handles_a_13b_spec_without_allocating():
     assert report.total > 12e9
     assert sorted(report.params) == sorted((n, tuple(s)) for n, s in param_inventory(spec))
     assert time.perf_counter() - start < 60
+
+
+def test_inspect_model_stays_on_meta_where_the_builder_would_place_parameters_on_a_gpu(monkeypatch):
+    """On a GPU machine the builder asks for dsv4's own parameters on CUDA (config.param_device);
+    inspection builds on the meta device all the same (no allocation, no CUDA call)."""
+    from dsv4cli.build.model_summary import inspect_model
+    from dsv4cli.compat import device
+    from dsv4cli.spec.estimate import param_inventory
+    from dsv4cli.spec.load import load_spec
+
+    monkeypatch.setattr(device, "on_cpu", lambda: False)  # what transformer_config reads
+    spec = load_spec(TINY.replace("tiny.toml", "tiny-dsv4.toml"), [], rules=False)
+    report = inspect_model(spec)
+    assert sorted(report.params) == sorted((n, tuple(s)) for n, s in param_inventory(spec))

@@ -135,3 +135,16 @@ def test_hash_layers_must_be_on_a_pipeline_rank_that_reads_batches(tmp_path):
     problems = _problems(tmp_path, text, *four)
     assert any("hash-routed decoder layer 1 sits on pipeline rank 1 of 4, which has no token ids" in m
                for m in _messages(problems, "error")), _messages(problems)
+
+
+def test_rope_dims_must_fit_the_indexer_head_too(tmp_path):
+    errors = _messages(_problems(tmp_path, BASE, "model.attention.index_head_dim=4"), "error")
+    assert any("rope_head_dim (8) must be even and at most head_dim (32) and index_head_dim (4)" in e
+               for e in errors), errors
+
+
+def test_selective_moe_recompute_with_hash_routing_is_refused_at_validation(tmp_path):
+    text = BASE + MOE.replace("hash_layers = 2", "hash_layers = 1\nscore_function = \"sqrtsoftplus\"")
+    problems = _problems(tmp_path, text, 'train.recompute=["moe"]')
+    assert any(p.key == "train.recompute" and "selective 'moe' recompute" in p.message for p in problems), \
+        _messages(problems)

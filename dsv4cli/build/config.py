@@ -44,6 +44,7 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
     import torch
     import torch.nn.functional as F
 
+    from dsv4cli.build.dsv4_specs import uses_dsv4_router
     from dsv4cli.build.gpu_settings import gpu_settings, probe
     from dsv4cli.compat import device
     from dsv4cli.model.config import Dsv4TransformerConfig
@@ -106,7 +107,8 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
             moe_shared_expert_intermediate_size=(
                 moe.num_shared_experts * moe.expert_ffn_hidden_size if moe.num_shared_experts else None
             ),
-            # "sqrtsoftplus": read by nobody (DeepSeek-V4's routers compute it; dsv4_specs.py builds them)
+            # "sqrtsoftplus": megatron's routers never see it (DeepSeek-V4's routers compute it;
+            # dsv4_specs.py builds them); dsv4cli.model.dsv4.expert_bias reads it
             moe_router_score_function=moe.score_function,
             # megatron refuses softmax-after-top-k for k = 1 (the weight would always be 1, no gradient)
             moe_router_pre_softmax=moe.top_k == 1 and moe.score_function == "softmax",
@@ -121,7 +123,7 @@ def transformer_config(spec: Spec, world_size: Optional[int] = None):
             from dsv4cli.model.dsv4.experts import clamped_swiglu_config
 
             kwargs.update(clamped_swiglu_config(moe.swiglu_limit))
-    if m.attention is not None or (m.moe is not None and m.moe.score_function == "sqrtsoftplus"):
+    if m.attention is not None or uses_dsv4_router(spec):
         # DeepSeek-V4's layers differ (attention kind, compression ratio, hash router): checkpoint keys
         # per layer, `decoder.layers.{i}.<rest>`, not stacked over a leading layer dimension
         kwargs["hetereogenous_dist_checkpoint"] = True

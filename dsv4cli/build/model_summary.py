@@ -72,6 +72,7 @@ def inspect_model(spec: Spec) -> ModelReport:
         flat = single_process_spec(spec)  # one process holds everything, vocabulary padded as under tp
         config = transformer_config(flat)
         config.use_cpu_initialization = True  # allocate with the default device: meta below
+        config.param_device = None  # dsv4's own parameters too (on a GPU machine the builder says "cuda")
         config.perform_initialization = False
         local = Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
         with torch.device("meta"):  # shapes only: inspecting a 300B-parameter spec needs no memory

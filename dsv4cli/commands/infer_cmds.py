@@ -20,8 +20,8 @@ def _parse_tokens(text: str) -> list[int]:
         fail(f"error: --tokens must be comma-separated integers, got {text!r}")
 
 
-def _report(result: dict, as_json: bool, head: str, where: str = "") -> bool:
-    """--json: print the result object (False); else '<head>: N tensors, SIZE<where> (dtype: count, ...)'
+def _report(result: dict, as_json: bool, head: str, where: str = "", noun: str = "tensors") -> bool:
+    """--json: print the result object (False); else '<head>: N <noun>, SIZE<where> (saved: dtype: count, ...)'
     and True, for the command's further text lines."""
     if as_json:
         typer.echo(json.dumps(result))
@@ -29,7 +29,7 @@ def _report(result: dict, as_json: bool, head: str, where: str = "") -> bool:
     from dsv4cli.commands.common import human_bytes
 
     kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result["dtypes"].items()))
-    typer.echo(f"{head}: {result['tensors']} tensors, {human_bytes(result['bytes'])}{where} ({kinds})")
+    typer.echo(f"{head}: {result['tensors']} {noun}, {human_bytes(result['bytes'])}{where} (saved: {kinds})")
     return True
 
 
@@ -121,7 +121,7 @@ def import_hf(
         result = run(hf_dir, out, spec_out, dtype, layers, experts)
     except ImportHFError as e:
         fail(f"error: {e}")
-    if not _report(result, as_json, f"imported {hf_dir} -> {result['checkpoint']}"):
+    if not _report(result, as_json, f"imported {hf_dir} -> {result['checkpoint']}", noun="source tensors"):
         return
     typer.echo(f"layout: {result['layout']}, MTP depth {result['mtp_depth']}, dequantized {result['dequantized']} weights")
     typer.echo(f"spec: {result['spec']}")

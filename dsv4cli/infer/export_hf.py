@@ -22,10 +22,12 @@ import math
 import os
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from dsv4cli.ckpt.keys import EMBEDDING_KEY
 from dsv4cli.infer.import_hf import SOURCE_CONFIG
 from dsv4cli.infer.hf_names import MODEL_PREFIX, TOP_LEVEL, layer_table, placements
 from dsv4cli.infer.safetensors_io import INDEX_FILE
@@ -204,7 +206,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
         source = read_json(kept[0]) if kept else None
         cast = getattr(torch, DTYPES[dtype]) if dtype else None
         stored = {n: e.dtype for n, e in info.tensors.items()}
-        config = config_from_spec(spec, DTYPES[dtype] if dtype else stored.get("embedding.word_embeddings.weight", "float32"),
+        config = config_from_spec(spec, DTYPES[dtype] if dtype else stored.get(EMBEDDING_KEY, "float32"),
                                   source)
     except HFConfigError as e:
         raise ExportHFError(str(e)) from None
@@ -221,24 +223,25 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
             keep = {n: any(p.target in fp32_kept for p in ps) for n, ps in pieces.items()}
             size_of = {n: math.prod(shapes[n]) * _itemsize(state[p[0].target], cast, keep[n]) for n, p in pieces.items()}
             shards = shard_plan(size_of, max_shard_bytes)
-            weight_map, done, counted = {}, [0, 0], {}
+            total_bytes = sum(size_of.values())
+            weight_map, done, counted = {}, [0, 0], Counter()
             for k, names in enumerate(shards):
                 tensors = {}
                 for name in names:
                     tensors[name] = hf_tensor(state, pieces[name], m.vocab_size, cast, keep[name])
-                    counted[dtype_name(tensors[name].dtype)] = counted.get(dtype_name(tensors[name].dtype), 0) + 1
+                    counted[dtype_name(tensors[name].dtype)] += 1
                     weight_map[name] = shard_file(k, len(shards))
                     done[0] += size_of[name]
                     done[1] += 1
                     if progress is not None:
-                        progress(done[0], done[1], sum(size_of.values()), len(pieces))
+                        progress(done[0], done[1], total_bytes, len(pieces))
                 save_file(tensors, str(tmp / shard_file(k, len(shards))), metadata={"format": "pt"})
                 del tensors
         if len(shards) > 1:
             params = sum(math.prod(shapes[n]) for n, p in pieces.items()
                          if isinstance(state[p[0].target], torch.nn.Parameter))  # as HF counts: no buffers
             index = {"metadata": {"total_parameters": params,
-                                  "total_size": sum(size_of.values())},
+                                  "total_size": total_bytes},
                      "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -251,8 +254,8 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
         fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "checkpoint": str(iter_dir), "tensors": len(pieces), "bytes": sum(size_of.values()),
-            "shards": len(shards), "dtypes": counted, "config_source": str(kept[0]) if kept else None}
+    return {"out": str(out), "checkpoint": str(iter_dir), "tensors": len(pieces), "bytes": total_bytes,
+            "shards": len(shards), "dtypes": dict(counted), "config_source": str(kept[0]) if kept else None}
 
 
 def _shape(state: dict, pieces: list[Piece], vocab: int) -> tuple:

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-EMBEDDING_KEY = "embedding.word_embeddings.weight"
+from dsv4cli.ckpt.keys import EMBEDDING_KEY
+
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def choose(row, sampling: Sampling, generator) -> int:
     if sampling.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < sampling.top_p  # the smallest set reaching top_p
+        keep[0] = True  # the most likely token always stays (top_p = 0 means greedy among the draws)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator).item())
 

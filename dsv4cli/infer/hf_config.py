@@ -24,9 +24,6 @@ LAYER_KINDS = {
     "compressed_sparse_attention": "csa",
     "heavily_compressed_attention": "hca",
 }
-LEGACY_RATIO_KINDS = {0: "sliding", 4: "csa", 128: "hca"}
-"""The release's ratios. As in DeepSeek's reference, ratio 4 is the one with an indexer (csa), any
-other ratio > 0 compresses without one (hca), 0 is sliding-window only."""
 DEFAULT_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
 DEFAULT_HASH_LAYERS = 3
 DEFAULT_ROPE_FRACTION = 64 / 512
@@ -61,6 +58,8 @@ def _need(cfg: dict, key: str) -> Any:
 
 
 def _legacy_kind(ratio: int) -> str:
+    """A legacy `compress_ratios` entry -> its kind. As in DeepSeek's reference, ratio 4 is the one
+    with an indexer (csa), any other ratio > 0 compresses without one (hca), 0 is sliding-window only."""
     return "sliding" if ratio == 0 else "csa" if ratio == 4 else "hca"
 
 

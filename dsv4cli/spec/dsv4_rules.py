@@ -50,9 +50,12 @@ def _attention_rules(spec: Spec, f) -> None:
                f"model.attention.index_topk ({a.index_topk}) selects every compressed entry "
                f"(model.seq_length {m.seq_length} / ratio {min(csa)} = {m.seq_length // min(csa)} at most): "
                "the indexer chooses nothing")
-    if a.rope_head_dim > a.head_dim or a.rope_head_dim % 2:
+    if a.rope_head_dim > min(a.head_dim, a.index_head_dim) or a.rope_head_dim % 2:
         f.err("model.attention.rope_head_dim",
-              f"model.attention.rope_head_dim ({a.rope_head_dim}) must be even and at most head_dim ({a.head_dim})")
+              f"model.attention.rope_head_dim ({a.rope_head_dim}) must be even and at most head_dim ({a.head_dim}) "
+              f"and index_head_dim ({a.index_head_dim})")
+    if m.rotary_base <= 1:
+        f.err("model.rotary_base", f"model.rotary_base ({m.rotary_base}) must be > 1 with [model.attention]")
     if m.num_attention_heads % a.o_groups:
         f.err(f.pick("model.attention.o_groups", "model.num_attention_heads"),
               f"model.attention.o_groups ({a.o_groups}) does not divide model.num_attention_heads "

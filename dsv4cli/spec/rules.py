@@ -32,6 +32,12 @@ UNSUPPORTED: tuple[tuple[str, Callable[[Spec], bool], str], ...] = (
         "does not pass the token ids on",
     ),
     (
+        "train.recompute",
+        lambda s: _hash_routed(s) and isinstance(s.train.recompute, list) and "moe" in s.train.recompute,
+        "selective 'moe' recompute is not supported with hash routing (hash_layers > 0): megatron re-runs the "
+        "MoE in backward without the token ids (use 'full' or leave 'moe' out)",
+    ),
+    (
         "model.moe.aux_loss_coeff",
         lambda s: s.model.moe is not None and s.model.moe.score_function == "sqrtsoftplus"
         and s.model.moe.aux_loss_coeff > 0,

@@ -66,10 +66,6 @@ class MoeSpec(_Section):
     )
 
 
-ATTENTION_LAYER_TYPES = ("sliding", "csa", "hca")
-"""DeepSeek-V4 attention kinds per layer: sliding window only, compressed sparse (overlapping
-compressor + indexer top-k), heavily compressed (non-overlapping compressor, every entry)."""
-
 DEFAULT_COMPRESS_RATIO = {"sliding": 0, "csa": 4, "hca": 128}
 """The release's compression ratio of each attention kind (used where compress_ratios is not set)."""
 
@@ -107,7 +103,7 @@ class AttentionSpec(_Section):
     indexer_warmup_steps: int = Field(
         0, ge=0, description="Iterations at the start of training in which 'csa' layers attend densely (every "
                              "visible compressed entry) while the indexer learns; sparse top-k afterwards.")
-    compress_rope_theta: float = Field(160000.0, gt=0, description="RoPE base of compressed layers (main: model.rotary_base).")
+    compress_rope_theta: float = Field(160000.0, gt=1, description="RoPE base of compressed layers (main: model.rotary_base).")
     yarn_factor: float = Field(1.0, ge=1, description="YaRN scaling of the compressed layers' RoPE (1 = off).")
     yarn_original_max_position: int = Field(65536, ge=1, description="YaRN's original context length.")
     yarn_beta_fast: float = Field(32.0, gt=0, description="YaRN beta_fast.")
