@@ -19,18 +19,10 @@ def build_model(spec: Spec, pre_process: bool = True, post_process: bool = True,
     yet, this does it (torchrun's environment, or a one-process group).
     """
     from dsv4cli.build.config import transformer_config
+    from dsv4cli.build.parallel import ensure_parallel
 
-    _ensure_parallel(spec)
+    ensure_parallel(spec)
     return build_model_from_config(spec, transformer_config(spec), pre_process, post_process, vp_stage)
-
-
-def _ensure_parallel(spec: Spec) -> None:
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        from dsv4cli.build.parallel import initialize_parallel
-
-        initialize_parallel(spec)
 
 
 def build_model_from_config(spec: Spec, config, pre_process: bool = True, post_process: bool = True,

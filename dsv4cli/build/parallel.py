@@ -99,6 +99,14 @@ def destroy_parallel() -> None:
         dist.destroy_process_group()
 
 
+def ensure_parallel(spec: Spec) -> None:
+    """initialize_parallel(spec) unless megatron's parallel state is already set up (by a caller)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        initialize_parallel(spec)
+
+
 def build_model_chunks(spec: Spec) -> list:
     """This rank's unwrapped model chunks, one per virtual pipeline stage (one without VPP):
     pre/post_process from megatron's parallel_state, on this process's device, every parameter
@@ -110,8 +118,7 @@ def build_model_chunks(spec: Spec) -> list:
     from dsv4cli.build.model import build_model
     from dsv4cli.compat.device import cuda_available, current_device
 
-    if not ps.model_parallel_is_initialized():
-        initialize_parallel(spec)
+    ensure_parallel(spec)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     chunks = []
     for i in range(vpp):

@@ -6,7 +6,7 @@ Called by `dsv4cli.spec.rules.check_rules` with its findings collector `f` (`f.e
 
 from __future__ import annotations
 
-from dsv4cli.spec.layout import parse_pp_layout
+from dsv4cli.spec.layout import layer_pipeline_ranks
 from dsv4cli.spec.schema import Spec
 
 
@@ -84,19 +84,12 @@ def _ratio_rules(a, layers: int, where: str, f) -> None:
 
 
 def decoder_layer_ranks(spec: Spec) -> list[int]:
-    """The pipeline rank of every decoder layer (stage i of pp_layout, or of the even split over
-    pp*vpp stages, lives on pp rank i % pp); [] when the layers do not split (another rule says so)."""
+    """The pipeline rank of every decoder layer (`layout.layer_pipeline_ranks`); [] when the layers
+    do not split evenly without a pp_layout (another rule says so)."""
     m, p = spec.model, spec.parallel
-    if p.pp_layout:
-        try:
-            stages = parse_pp_layout(p.pp_layout)
-        except ValueError:
-            return []
-        return [i % p.pp for i, stage in enumerate(stages) for c in stage if c == "t"]
-    if m.num_layers % (p.pp * p.vpp):
+    if not p.pp_layout and m.num_layers % (p.pp * p.vpp):
         return []
-    per = m.num_layers // (p.pp * p.vpp)
-    return [(layer // per) % p.pp for layer in range(m.num_layers)]
+    return layer_pipeline_ranks(spec)[0]
 
 
 def _hash_layer_rules(spec: Spec, f) -> None:

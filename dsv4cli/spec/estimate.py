@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from dsv4cli.spec import dsv4_estimate
-from dsv4cli.spec.layout import ParallelDims, parse_pp_layout
+from dsv4cli.spec.layout import ParallelDims, layer_pipeline_ranks
 from dsv4cli.spec.schema import Spec
 
 Shape = tuple[int, ...]
@@ -255,23 +255,6 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
 
-def _layer_stages(spec: Spec) -> tuple[list[int], int]:
-    """(pipeline rank of each decoder layer, pipeline rank holding the MTP layers)."""
-    m, p = spec.model, spec.parallel
-    chunks = p.pp * p.vpp
-    if p.pp_layout:
-        try:
-            stages = parse_pp_layout(p.pp_layout)
-        except ValueError:
-            stages = []
-        ranks = [i % p.pp for i, s in enumerate(stages) for c in s if c == "t"]
-        mtp = [i % p.pp for i, s in enumerate(stages) if "m" in s]
-        if len(ranks) == m.num_layers:
-            return ranks, (mtp[0] if mtp else p.pp - 1)
-    per_chunk = max(1, math.ceil(m.num_layers / chunks))
-    return [min(i // per_chunk, chunks - 1) % p.pp for i in range(m.num_layers)], p.pp - 1
-
-
 def _param_rank_and_shard(spec: Spec, name: str, layer_rank: list[int], mtp_rank: int) -> tuple[list[int], int]:
     """(pipeline ranks holding this parameter, number of ranks one copy is split over)."""
     p, m = spec.parallel, spec.model
@@ -356,7 +339,7 @@ def memory_per_rank(spec: Spec, world_size: Optional[int] = None,
     bf16 = t.precision == "bf16"
     if distributed_optimizer is None:
         distributed_optimizer = t.distributed_optimizer == "on" or (t.distributed_optimizer == "auto" and sizes.dp > 1)
-    layer_rank, mtp_rank = _layer_stages(spec)
+    layer_rank, mtp_rank = layer_pipeline_ranks(spec)
     act_bytes = 2 if bf16 else 4
 
     per_rank = [dict(params=0.0, weights=0.0, grads=0.0, optimizer=0.0) for _ in range(p.pp)]

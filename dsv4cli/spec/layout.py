@@ -3,6 +3,7 @@ spec, and Megatron's pp_layout strings."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -128,3 +129,22 @@ def parse_pp_layout(layout: str) -> list[str]:
                 known = ", ".join(f"{c} ({n})" for c, n in LAYOUT_CHARS.items())
                 raise ValueError(f"invalid layout character {char!r}; known: {known}, | stage separator")
     return stages
+
+
+def layer_pipeline_ranks(spec: Spec) -> tuple[list[int], int]:
+    """(pipeline rank of each decoder layer, pipeline rank holding the MTP layers): stage i of
+    pp_layout, or of the split over pp*vpp stages (the last one shorter when it does not divide),
+    lives on pp rank i % pp."""
+    m, p = spec.model, spec.parallel
+    chunks = p.pp * p.vpp
+    if p.pp_layout:
+        try:
+            stages = parse_pp_layout(p.pp_layout)
+        except ValueError:
+            stages = []
+        ranks = [i % p.pp for i, s in enumerate(stages) for c in s if c == "t"]
+        mtp = [i % p.pp for i, s in enumerate(stages) if "m" in s]
+        if len(ranks) == m.num_layers:
+            return ranks, (mtp[0] if mtp else p.pp - 1)
+    per_chunk = max(1, math.ceil(m.num_layers / chunks))
+    return [min(i // per_chunk, chunks - 1) % p.pp for i in range(m.num_layers)], p.pp - 1
