@@ -9,10 +9,11 @@ A save killed midway leaves only its `.tmp_iter_*` directory, which the next sav
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from dsv4cli.ckpt.layout import TMP_PREFIX, TRACKER_FILE, iter_dir_name, iteration_of, latest_iteration
 
@@ -92,3 +93,26 @@ def prune(root: Path, keep_last: int) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
+
+
+def is_unusable_output(out: Path) -> bool:
+    """True when `out` exists and is not an empty directory (a new directory may not replace it)."""
+    return out.exists() and (not out.is_dir() or any(out.iterdir()))
+
+
+@contextlib.contextmanager
+def new_directory(out: Path) -> Iterator[Path]:
+    """Assemble a new directory `out` atomically: yields a hidden sibling to fill, renamed to `out`
+    (an empty one is replaced) when the block ends without an error; removed in every case."""
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty: callers check is_unusable_output first
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from dsv4cli.ckpt.atomic import is_unusable_output
 from dsv4cli.ckpt.keys import EMBEDDING_KEY
 from dsv4cli.infer.import_hf import SOURCE_CONFIG
 from dsv4cli.infer.hf_names import MODEL_PREFIX, TOP_LEVEL, layer_table, placements
@@ -122,7 +121,7 @@ def shard_file(k: int, n: int) -> str:
 def _check_paths(ckpt: Path, out: Path) -> None:
     if not ckpt.exists():
         raise ExportHFError(f"{ckpt}: no such checkpoint")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if is_unusable_output(out):
         raise ExportHFError(f"{out} exists and is not an empty directory")
     src, dst = ckpt.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
@@ -188,7 +187,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
     from safetensors.torch import save_file
 
     from dsv4cli.build.parallel import single_process
-    from dsv4cli.ckpt.atomic import fsync_dir
+    from dsv4cli.ckpt.atomic import new_directory
     from dsv4cli.ckpt.integrity import check_integrity
     from dsv4cli.ckpt.metadata import dtype_name, read_checkpoint_info
     from dsv4cli.infer.hf_config import HFConfigError, read_json
@@ -210,11 +209,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
                                   source)
     except HFConfigError as e:
         raise ExportHFError(str(e)) from None
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with new_directory(out) as tmp:
         with single_process(spec, seed=0), torch.no_grad():
             state, fp32_kept = _load_model(iter_dir, spec, stored, cast)
             m = spec.model
@@ -248,12 +243,6 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
         generation = generation_config(config)
         if generation is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "checkpoint": str(iter_dir), "tensors": len(pieces), "bytes": total_bytes,
             "shards": len(shards), "dtypes": dict(counted), "config_source": str(kept[0]) if kept else None}
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dsv4cli.ckpt.atomic import is_unusable_output
 from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
 from dsv4cli.infer.hf_names import Placement, detect_layout, layer_table, mtp_index, placements
@@ -68,7 +69,7 @@ def _relative(target: Path, start: Path) -> str:
 def _check_paths(hf_dir: Path, out: Path, spec_file: Path) -> None:
     if not (hf_dir / "config.json").is_file():
         raise ImportHFError(f"{hf_dir}: no config.json (not a saved HF model directory)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if is_unusable_output(out):
         raise ImportHFError(f"{out} exists and is not an empty directory")
     src, dst, spec = hf_dir.resolve(), out.resolve(), spec_file.resolve()
     for path in (dst, spec):
@@ -235,16 +236,14 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
 
     from dsv4cli.build import UnsupportedSpecError
     from dsv4cli.build.parallel import build_model_chunks, single_process
-    from dsv4cli.ckpt.atomic import fsync_dir, write_text_atomic
+    from dsv4cli.ckpt.atomic import new_directory, write_text_atomic
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
     from dsv4cli.spec.layout import ParallelDims, single_process_spec
 
     plan = plan_import(hf_dir, out, spec_out, layers, experts)
     cast = getattr(torch, dtype) if dtype else None
-    tmp = plan.out.parent / f".{plan.out.name}.tmp{os.getpid()}"
-    plan.out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    inside = plan.spec_file.resolve().parent == plan.out.resolve()
+    with new_directory(plan.out) as tmp:
         with single_process(plan.spec, seed=0):
             try:
                 model = build_model_chunks(single_process_spec(plan.spec))[0]
@@ -258,15 +257,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
         if plan.tokenizer is not None:
             shutil.copyfile(plan.tokenizer, tmp / TOKENIZER)
         shutil.copyfile(plan.hf_dir / "config.json", tmp / SOURCE_CONFIG)  # for export-hf's config.json
-        inside = plan.spec_file.resolve().parent == plan.out.resolve()
         if inside:
             write_text_atomic(tmp / plan.spec_file.name, plan.spec_text)
-        if plan.out.exists():
-            plan.out.rmdir()  # empty (checked in plan_import)
-        os.rename(tmp, plan.out)
-        fsync_dir(plan.out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not inside:
         write_text_atomic(plan.spec_file, plan.spec_text)
     return {"out": str(plan.out), "spec": str(plan.spec_file), "checkpoint": str(plan.out / iter_dir.name),
