@@ -185,3 +185,12 @@ def test_finetuned_import_exports_and_hf_runs_it_with_dsv4s_logits(tmp_path):
     with single_process(spec, seed=0):
         ours = logits_of(load_for_inference(spec, str(tmp_path / "ft")), prompt, 256)
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_both_commands_take_the_same_dtype_spellings():
+    """import-hf and export-hf read --dtype through one table: fp32/bf16/fp16 and torch's names alike."""
+    from dsv4cli.commands.infer_cmds import _dtype_name
+
+    assert _dtype_name("bf16") == _dtype_name("bfloat16") == "bfloat16"
+    assert _dtype_name("fp32") == _dtype_name("float32") == "float32"
+    assert _dtype_name(None) is None

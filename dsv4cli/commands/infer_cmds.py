@@ -20,6 +20,15 @@ def _parse_tokens(text: str) -> list[int]:
         fail(f"error: --tokens must be comma-separated integers, got {text!r}")
 
 
+def _dtype_name(dtype: Optional[str]) -> Optional[str]:
+    """--dtype of import-hf / export-hf (fp32|bf16|fp16, or torch's float32|bfloat16|float16) -> torch's name."""
+    from dsv4cli.infer.import_hf import DTYPE_NAMES
+
+    if dtype is None or dtype in DTYPE_NAMES:
+        return DTYPE_NAMES.get(dtype)
+    fail(f"error: --dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+
+
 def _report(result: dict, as_json: bool, head: str, where: str = "", noun: str = "tensors") -> bool:
     """--json: print the result object (False); else '<head>: N <noun>, SIZE<where> (saved: dtype: count, ...)'
     and True, for the command's further text lines."""
@@ -92,7 +101,7 @@ def import_hf(
     hf_dir: str = typer.Argument(..., metavar="HF_DIR", help="DeepSeek-V4 directory: save_pretrained's or the public release's layout (detected)."),
     out: str = typer.Argument(..., metavar="OUT", help="New checkpoint directory (must not exist, or be empty)."),
     spec_out: Optional[str] = typer.Option(None, "--spec-out", metavar="FILE", help="Where to write the spec (default OUT/spec.toml)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="float32|bfloat16|float16",
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="fp32|bf16|fp16",
                                         help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 weights: bfloat16)."),
     as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "layout", '
                                   '"dequantized", "notes"}.'),
@@ -114,8 +123,7 @@ def import_hf(
     from dsv4cli.infer.import_hf import ImportHFError, import_hf as run
     from dsv4cli.noise import quiet_known_noise
 
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        fail(f"error: --dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    dtype = _dtype_name(dtype)
     quiet_known_noise(verbose)
     try:
         result = run(hf_dir, out, spec_out, dtype, layers, experts)
@@ -170,7 +178,7 @@ def _byte_progress(label: str):
 def export_hf(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint root (-> latest) or one iter_* directory."),
     out: str = typer.Argument(..., metavar="OUT", help="New HF model directory (must not exist, or be empty)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="bf16|fp32",
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="bf16|fp32|fp16",
                                         help="Cast floating tensors (default: keep each stored dtype; sinks, mHC, "
                                              "position biases and router bias stay fp32)."),
     layout: str = typer.Option("hf", "--layout", metavar="hf", help="Tensor names and config keys: hf (what "
@@ -193,7 +201,7 @@ def export_hf(
     """
     from dsv4cli.build import UnsupportedSpecError
     from dsv4cli.ckpt.errors import CheckpointError
-    from dsv4cli.infer.export_hf import DTYPES, ExportHFError, export_hf as run
+    from dsv4cli.infer.export_hf import ExportHFError, export_hf as run
     from dsv4cli.noise import quiet_known_noise
 
     if layout == "original":
@@ -203,8 +211,7 @@ def export_hf(
         fail(f"error: --layout must be hf, got {layout!r}")
     if dtype == "fp8":
         fail("error: --dtype fp8 (128x128 block re-quantization) is not supported yet; use bf16 or fp32")
-    if dtype is not None and dtype not in DTYPES:
-        fail(f"error: --dtype must be bf16 or fp32, got {dtype!r}")
+    dtype = _dtype_name(dtype)
     shard = _shard_bytes(max_shard_size)
     quiet_known_noise(verbose)
     try:

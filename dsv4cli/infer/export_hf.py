@@ -27,13 +27,12 @@ from typing import Callable, Optional
 
 from dsv4cli.ckpt.atomic import is_unusable_output
 from dsv4cli.ckpt.keys import EMBEDDING_KEY
-from dsv4cli.infer.import_hf import SOURCE_CONFIG
+from dsv4cli.infer.import_hf import DTYPE_NAMES, SOURCE_CONFIG
 from dsv4cli.infer.hf_names import MODEL_PREFIX, TOP_LEVEL, layer_table, placements
 from dsv4cli.infer.safetensors_io import INDEX_FILE
 
 UNPREFIXED = ("head.weight",)
 """Names transformers writes without the `model.` prefix (its lm_head sits outside the model)."""
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 DEFAULT_SHARD = 5 * 1000**3
 STACKED_EXPERTS = re.compile(r"\.local_experts\.\d+\.")
 """A SequentialMLP expert's state name -> its checkpoint key: `mlp.experts.local_experts.E.linear_fc1.weight`
@@ -178,8 +177,9 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
               progress: Optional[Callable[[int, int, int, int], None]] = None) -> dict:
     """Export; -> {"out", "checkpoint", "tensors", "bytes", "shards", "dtypes", "config_source"}.
 
-    `dtype`: "bf16" / "fp32" casts floating tensors except those the model keeps fp32 (mHC, sinks,
-    position biases, the router bias, ...: model/fp32_params.py), as import-hf --dtype does
+    `dtype`: a key of DTYPE_NAMES ("bf16", "float32", ...) casts floating tensors except those the
+    model keeps fp32 (mHC, sinks, position biases, the router bias, ...: model/fp32_params.py), as
+    import-hf --dtype does
     (default: each tensor keeps its stored dtype). `progress(bytes, tensors, total bytes, total
     tensors)` is called after each tensor is placed in a shard.
     ExportHFError / CheckpointError for bad input."""
@@ -203,9 +203,9 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
     kept = source_config(info)
     try:
         source = read_json(kept[0]) if kept else None
-        cast = getattr(torch, DTYPES[dtype]) if dtype else None
+        cast = getattr(torch, DTYPE_NAMES[dtype]) if dtype else None
         stored = {n: e.dtype for n, e in info.tensors.items()}
-        config = config_from_spec(spec, DTYPES[dtype] if dtype else stored.get(EMBEDDING_KEY, "float32"),
+        config = config_from_spec(spec, DTYPE_NAMES[dtype] if dtype else stored.get(EMBEDDING_KEY, "float32"),
                                   source)
     except HFConfigError as e:
         raise ExportHFError(str(e)) from None

@@ -31,6 +31,9 @@ from dsv4cli.infer.hf_names import Placement, detect_layout, layer_table, mtp_in
 from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream_scaled, tensor_sources
 from dsv4cli.infer.toy import ToyError, cut_config, cut_sources
 
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+"""--dtype spellings of import-hf and export-hf -> torch's dtype name."""
 SPEC_NAME = "spec.toml"
 TOKENIZER = "tokenizer.json"
 SOURCE_CONFIG = "hf_config.json"
