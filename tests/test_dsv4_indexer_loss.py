@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from test_dsv4_attention import SEQ, mcore_config, randomise, settings
-from test_train_e2e import REPO, cli, metrics
+from test_train_dsv4 import straight_and_resumed
+from test_train_e2e import REPO
 
 from dsv4cli.model.dsv4.indexer_loss import set_iteration
 
@@ -166,18 +167,11 @@ def test_dense_warmup_lowers_the_indexer_loss_and_aligns_its_top_k(megatron_1pro
 
 @pytest.mark.slow
 def test_resume_in_the_middle_of_the_dense_warmup_is_bit_exact(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["--set", "train.steps=4", "--set", "train.eval_interval=0", "--set", "train.log_interval=1",
               "--set", "train.warmup_steps=1", "--set", "model.attention.indexer_warmup_steps=3",
               "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=2"]
-    assert cli("train", SPEC, *common, "--set", f"checkpoint.dir={straight}").exit_code == 0
-    first = cli("train", SPEC, *common, "--set", f"checkpoint.dir={split}", "--set", "train.exit_interval=2")
-    assert first.exit_code == 0, first.output
-    second = cli("train", SPEC, *common, "--set", f"checkpoint.dir={split}")
-    assert second.exit_code == 0 and "resumed from" in second.stdout, second.output
+    a, b, second = straight_and_resumed(tmp_path, common)
     assert "idx " in second.stdout  # the progress line shows it
-    a, b = metrics(straight), metrics(split)
-    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         for key in ("loss", "mtp_losses", "grad_norm", "indexer_loss"):
             assert x[key] == y[key], (x["step"], key, x[key], y[key])

@@ -42,6 +42,13 @@ def _assert_same(fast, ref, atol, rtol=0.0):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
+def _assert_same_gradients(fast, ref, args) -> None:
+    """Every input's gradient through `fast` equals the one through `ref` (fp32 tolerance), none ~0."""
+    for a, b in zip(_grads(fast, args), _grads(ref, args)):
+        assert b.abs().max() > 1e-3
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def _saved_count(fn, *args) -> int:
     """How many tensors the autograd graph of fn(*args) keeps for backward."""
     count = 0
@@ -107,10 +114,7 @@ def test_mappings_equal_reference_forward_and_gradients_fp32(n, h, iterations):
     fast = fast_cpu.mhc_mappings(*args, n, iterations, EPS)
     ref = reference.mhc_mappings(*args, n, iterations, EPS)
     _assert_same(fast, ref, atol=1e-6)
-    g_fast, g_ref = _grads(fast, args), _grads(ref, args)
-    for a, b in zip(g_fast, g_ref):
-        assert b.abs().max() > 1e-3
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _assert_same_gradients(fast, ref, args)
 
 
 def test_mappings_gradcheck_fp64():
@@ -156,10 +160,7 @@ def test_pre_equals_reference_mappings_then_aggregate_fp32(n, h, iterations):
     fast = fast_cpu.mhc_pre(*args, n, iterations, EPS)
     ref = _pre_composed(*args, n, iterations)
     _assert_same(fast, ref, atol=1e-5, rtol=1e-5)
-    g_fast, g_ref = _grads(fast, args), _grads(ref, args)
-    for a, b in zip(g_fast, g_ref):
-        assert b.abs().max() > 1e-3
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _assert_same_gradients(fast, ref, args)
 
 
 def test_pre_gradcheck_fp64_and_saves_six_tensors():

@@ -94,12 +94,10 @@ def test_eval_accepts_a_checkpoint_with_router_buffers(tmp_path):
     assert abs(out["loss"] - metrics(run)[-1]["eval_loss"]) <= 1e-6
 
 
-@pytest.mark.slow
-def test_tiny_dsv4_resume_after_exit_interval_is_bit_exact(tmp_path):
+def straight_and_resumed(tmp_path, common: list[str]) -> tuple[list[dict], list[dict], object]:
+    """tiny-dsv4 for 4 steps (`common` --set items) straight, and stopped by exit_interval after step 2
+    then resumed -> (straight metrics, stopped+resumed metrics, the resuming run's CLI result)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["--set", "train.steps=4", "--set", "train.eval_interval=2", "--set", "train.eval_batches=1",
-              "--set", "train.log_interval=1", "--set", "train.warmup_steps=1",
-              "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=2"]
     assert cli("train", SPEC, *common, "--set", f"checkpoint.dir={straight}").exit_code == 0
     first = cli("train", SPEC, *common, "--set", f"checkpoint.dir={split}", "--set", "train.exit_interval=2")
     assert first.exit_code == 0, first.output
@@ -109,6 +107,15 @@ def test_tiny_dsv4_resume_after_exit_interval_is_bit_exact(tmp_path):
     assert "resumed from" in second.stdout
     a, b = metrics(straight), metrics(split)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4]
+    return a, b, second
+
+
+@pytest.mark.slow
+def test_tiny_dsv4_resume_after_exit_interval_is_bit_exact(tmp_path):
+    common = ["--set", "train.steps=4", "--set", "train.eval_interval=2", "--set", "train.eval_batches=1",
+              "--set", "train.log_interval=1", "--set", "train.warmup_steps=1",
+              "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=2"]
+    a, b, _ = straight_and_resumed(tmp_path, common)
     for x, y in zip(a, b):
         for key in ("loss", "mtp_losses", "grad_norm", "lr", "eval_loss"):
             assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
