@@ -8,11 +8,10 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_train_e2e import REPO, _env, cli, metrics
+from test_train_e2e import REPO, _env, cli, metrics, signal_when
 
 from dsv4cli.spec.estimate import param_counts
 from dsv4cli.sweep.grid import SweepError, parse_axes, split_values, variants
@@ -212,16 +211,8 @@ def test_a_sweep_stopped_by_ctrl_c_after_its_first_variant_completes_the_rest_on
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "dsv4cli.cli", *args], cwd=str(REPO), env=_env(),
                                 stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            second = mine / "streams-2_depth-2" / "sweep.json"  # written as the second variant starts
-            deadline = time.time() + 240
-            while time.time() < deadline and proc.poll() is None and not second.is_file():
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        second = mine / "streams-2_depth-2" / "sweep.json"  # written as the second variant starts
+        signal_when(proc, second.is_file, signal.SIGINT, poll=0.02)
     text = log.read_text()
     assert proc.returncode == 0 and "sweep stopped at streams-2_depth-2" in text, text[-3000:]
     assert not (mine / "streams-2_depth-2" / "latest_checkpointed_iteration.txt").is_file() or \

@@ -99,6 +99,20 @@ def _env():
     return env
 
 
+def signal_when(proc, ready, sig, timeout: float = 240, poll: float = 0.05) -> None:
+    """Send `sig` to `proc` once `ready()` holds (or it exited, or `timeout` s passed), wait for it to
+    end; kill it if it is still running when this returns or raises."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(poll)
+        proc.send_signal(sig)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.slow
 def test_tiny_spec_trains_with_clearly_decreasing_loss(tmp_path):
     run = tmp_path / "tiny"
@@ -210,17 +224,10 @@ def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tmp_path):
             [sys.executable, "-m", "dsv4cli.cli", "train", str(spec), "--set", "train.steps=100000",
              "--set", "train.eval_interval=0", "--set", f"checkpoint.dir={run}"],
             cwd=str(REPO), env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline = time.time() + 240
-            while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2):
-                time.sleep(0.5)
-            assert (run / "metrics.jsonl").is_file(), "training did not start:\n" + log.read_text()[-3000:]
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        signal_when(proc, lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2, signal.SIGTERM,
+                    poll=0.5)
     out = log.read_text()
+    assert (run / "metrics.jsonl").is_file(), "training did not start:\n" + out[-3000:]
     assert proc.returncode == 0, out[-3000:]
     assert "stopped by signal" in out
     last = int((run / "latest_checkpointed_iteration.txt").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_e2e import REPO, _env, cli, metrics, write_small_spec
+from test_train_e2e import REPO, _env, cli, metrics, signal_when, write_small_spec
 
 from dsv4cli.train.runlock import LOCK_NAME, RunLock, RunLocked, check_free, holder_alive, read_holder
 
@@ -180,15 +180,7 @@ def test_lock_left_by_a_sigkilled_run_is_taken_over(tmp_path):
     spec = write_small_spec(tmp_path)
     run = tmp_path / "run"
     killed = _train_proc(spec, run, "--set", "train.steps=100000")
-    try:
-        deadline = time.time() + 120
-        while not (run / LOCK_NAME).is_file() and time.time() < deadline and killed.poll() is None:
-            time.sleep(0.05)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(timeout=60)
-    finally:
-        if killed.poll() is None:
-            killed.kill()
+    signal_when(killed, (run / LOCK_NAME).is_file, signal.SIGKILL, timeout=120)
     assert read_holder(run)["pid"] == killed.pid
     r = cli("train", str(spec), "--set", f"checkpoint.dir={run}", "--set", "train.steps=2",
             "--set", "train.eval_interval=0")
