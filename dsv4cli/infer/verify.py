@@ -89,9 +89,10 @@ def render(report: dict) -> list[str]:
         lines.append(f"model comparison: not run ({model['reason']})")
     else:
         tol = model["tolerance"]
+        judged = ("max abs diff <= {atol:g} + {rtol:g} x max|HF| and " if tol["atol"] is not None else "") + "cosine >= {min_cosine:g}"
         lines.append(f"model comparison, HF transformers vs dsv4 on {model['sequences']} sequences "
-                     f"(HF {model['dtype']['hf']}, dsv4 {model['dtype']['dsv4']}; a row passes with max abs diff "
-                     f"<= {tol['atol']:g} + {tol['rtol']:g} x max|HF| and cosine >= {tol['min_cosine']:g}):")
+                     f"(HF {model['dtype']['hf']}, dsv4 {model['dtype']['dsv4']}; a row passes with "
+                     + judged.format(**tol) + "):")
         rows = [*report["layers"], report["logits"]]
         lines += _table(["output", "max abs diff", "cosine", "limit", ""],
                         [[r["name"], _fmt(r["max_abs_diff"]), f"{r['cosine']:.8f}", _fmt(r["limit"]),
