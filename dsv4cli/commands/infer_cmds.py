@@ -136,7 +136,7 @@ def import_hf(
     spec_out: Optional[str] = typer.Option(None, "--spec-out", metavar="FILE", help="Where to write the spec (default OUT/spec.toml)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="fp32|bf16|fp16",
                                         help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 weights: bfloat16)."),
-    as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "layout", '
+    as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "forecast", "dtypes", "mtp_depth", "layout", '
                                   '"dequantized", "notes"}.'),
     layers: Optional[int] = typer.Option(None, "--layers", metavar="K", help="Toy variant: the first K layers (and MTP)."),
     experts: Optional[int] = typer.Option(None, "--experts", metavar="E", help="Toy variant: the first E experts of every MoE layer."),

@@ -29,7 +29,8 @@ from typing import Callable, Optional
 from dsv4cli.ckpt.atomic import is_unusable_output
 from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
-from dsv4cli.infer.hf_names import Placement, detect_layout, layer_table, mtp_index, placements
+from dsv4cli.infer.hf_names import (Placement, detect_layout, layer_table, mtp_index, original_name, placements,
+                                    strip_prefix)
 from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream_scaled, tensor_sources
 from dsv4cli.infer.toy import ToyError, cut_config, cut_sources
 
@@ -319,8 +320,10 @@ def stored_bytes(s: SourceTensor) -> int:
     return math.prod(s.shape) * STORED_BYTES.get(s.dtype, 1) // packed + (stored_bytes(s.scale) if s.scale else 0)
 
 
-KEPT_FP32 = re.compile(r"(attn_sink|\.ape|(^|\.)hc_[a-z_.]+|gate\.bias|e_score_correction_bias|sinks|position_bias|_hc\.\w+)$")
-"""Source names of the tensors dsv4 keeps fp32 whatever --dtype says (for the forecast, before the model exists)."""
+KEPT_FP32 = re.compile(r"(^|\.)(attn_sink|ape|hc_\w+|gate\.bias)$|(^|\.)attn\.([\w.]*\.)?(q_)?norm\.weight$")
+"""Original names (hf_names.original_name) of the tensors dsv4 keeps fp32 whatever --dtype says, for the
+forecast before the model exists: sinks, position biases, mHC / hc_head, router bias, the attention's
+q / kv / compressor norms (tests/test_infer_verify.py checks it against what an import saves)."""
 SAVED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -331,7 +334,7 @@ def forecast_bytes(sources: dict[str, SourceTensor], dtype: Optional[str] = None
     total = 0
     for s in sources.values():
         floating = s.scale is not None or s.dtype in ("F64", "F32", "F16", "BF16")
-        if floating and KEPT_FP32.search(s.name):
+        if floating and KEPT_FP32.search(original_name(strip_prefix(s.name))):
             size = 4
         elif s.scale is not None:
             size = SAVED_BYTES[dtype or DEQUANTIZED_DEFAULT]
