@@ -157,3 +157,28 @@ def test_not_enough_disk_space_is_exit_2_before_anything_is_written(imported, tm
     assert "not enough disk space" in result.output and "1000 bytes free" in result.output
     assert f"{imported[2]['forecast']} bytes needed" in result.output and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_release_imports_and_verifies_against_its_dequantized_values(imported, tmp_path):
+    """FP8 / FP4 weights (the release's layout): "matches original" = equal to the dequantized value in the
+    saved dtype (bf16); HF cannot load this directory, which the report says instead of comparing."""
+    from safetensors.torch import load_file
+
+    from test_infer_import_layouts import FP8_BLOCK, legacy_config, original_name, quantized_release, write_original
+
+    root = imported[0]
+    tensors = {original_name(k): v for k, v in load_file(str(root / "hf" / "model.safetensors")).items()}
+    cfg = {**legacy_config(json.loads((root / "hf" / "config.json").read_text())),
+           "quantization_config": {"quant_method": "fp8", "weight_block_size": FP8_BLOCK}}
+    src = write_original(tmp_path / "fp8", quantized_release(tensors), cfg)
+    result = _cli("import-hf", src, tmp_path / "out", "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    rows = out["verify"]["tensors"]
+    assert out["verify"]["ok"] and len(rows) == out["tensors"] and all(r["matches"] for r in rows)
+    quantized = [r for r in rows if "scale" in r["source"]]
+    assert len(quantized) == out["dequantized"] and {r["written"] for r in quantized} == {"bfloat16"}
+    assert any(r["source"].startswith("F8_E4M3 x ") for r in quantized) and any(r["source"] == "I8 x U8 scale" for r in quantized)
+    assert all(r["max_abs_diff"] == 0 for r in quantized)  # e4m3 / e2m1 x a power of two: exact in bf16
+    assert not out["verify"]["model"]["ran"] and out["verify"]["model"]["reason"]
+    assert out["forecast"] == sum(math.prod(r["shape"]) * ITEMSIZE[r["written"]] for r in rows)

@@ -36,7 +36,8 @@ _LAYER = re.compile(r"^(mtp\.layers|decoder\.layers)\.(\d+)\.")
 @dataclass
 class TensorRow:
     """One compared tensor. `written`: the dtype of the copy the command wrote; `source`: the dtype it
-    came from (a checkpoint tensor with no safetensors tensor: shape [] and `note` says so)."""
+    came from (a quantized one: its safetensors format, "F8_E4M3 x F32 scale"); a tensor that could not
+    be compared (no place, no counterpart) has "-" for both, max_abs_diff None and `note` says why."""
 
     name: str
     shape: list
@@ -152,7 +153,10 @@ def compare(sources: dict[str, SourceTensor], iter_dir: Path, written_is_checkpo
                                   "no place in dsv4's model"))
             continue
         written, original = (ours, tensor) if written_is_checkpoint else (tensor, ours)  # dequantized: fp32
-        rows.append(_compare(source.name, written, original, quantized and not written_is_checkpoint))
+        row = _compare(source.name, written, original, quantized and not written_is_checkpoint)
+        if quantized:  # the stored format, not the fp32 of its dequantized value
+            row.source = f"{source.dtype} x {source.scale.dtype} scale"
+        rows.append(row)
     position = {name: i for i, name in enumerate(sources)}
     rows.sort(key=lambda r: position[r.name])  # the source's order
     for name in sorted(set(ckpt.names) - ckpt.used):
