@@ -130,6 +130,18 @@ def dsv4_outputs(spec, load: str, seqs: list[list[int]]) -> tuple[list[dict], st
     return outs, dtype
 
 
+def common_dtype(hf_dir: Path, ours):
+    """The dtype HF's model runs in: the checkpoint's (`ours`), or the 16-bit dtype config.json's `dtype`
+    names when the checkpoint is fp32 (an export cast with --dtype: its files hold the rounded weights)."""
+    import torch
+
+    from dsv4cli.infer.hf_config import read_json
+
+    cfg = read_json(hf_dir / "config.json")
+    theirs = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"), torch.float32)
+    return theirs if ours == torch.float32 and theirs in (torch.bfloat16, torch.float16) else ours
+
+
 def _row(name: str, theirs: list, ours: list, tol: Tolerance) -> ModelRow:
     import torch
 
@@ -157,12 +169,11 @@ def compare_models(hf_dir: str | Path, spec, load: str, seqs: Optional[list[list
     seqs = seqs if seqs is not None else sequences(spec.model.vocab_size, min(SEQ_LEN, spec.model.seq_length))
     try:
         theirs, hf_dtype = hf_outputs(Path(hf_dir), seqs, local_device(),
-                                      checkpoint_dtype(resolve_checkpoint(load).iter_dir))
+                                      common_dtype(Path(hf_dir), checkpoint_dtype(resolve_checkpoint(load).iter_dir)))
     except Exception as e:  # transformers' own refusal (a config or layout it cannot load)
         return {"ran": False, "reason": f"transformers cannot load {hf_dir}: {type(e).__name__}: {e}".splitlines()[0]}
     ours, dtype = dsv4_outputs(spec, load, seqs)
-    kind = dtype if hf_dtype == "float32" else hf_dtype
-    tol = TOLERANCES.get(kind, TOLERANCES["bfloat16"])
+    tol = TOLERANCES.get(hf_dtype, TOLERANCES["bfloat16"])  # HF's is the lower precision of the two
     names = [k for k in theirs[0] if k != "logits"]
     layers = [_row(k, [t[k] for t in theirs], [o[k] for o in ours], tol) for k in names]
     logits = _row("logits", [t["logits"] for t in theirs], [o["logits"] for o in ours], tol)
