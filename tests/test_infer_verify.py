@@ -182,3 +182,15 @@ def test_quantized_release_imports_and_verifies_against_its_dequantized_values(i
     assert all(r["max_abs_diff"] == 0 for r in quantized)  # e4m3 / e2m1 x a power of two: exact in bf16
     assert not out["verify"]["model"]["ran"] and out["verify"]["model"]["reason"]
     assert out["forecast"] == sum(math.prod(r["shape"]) * ITEMSIZE[r["written"]] for r in rows)
+
+
+def test_export_cast_to_bf16_is_compared_in_bf16_and_passes_by_cosine(imported, tmp_path):
+    result = _cli("export-hf", imported[0] / "out", tmp_path / "bf16", "--dtype", "bf16", "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["verify"]
+    assert report["ok"] and all(r["matches"] for r in report["tensors"])
+    assert {r["written"] for r in report["tensors"]} == {"bfloat16", "float32", "int64"}
+    assert report["model"]["dtype"] == {"hf": "bfloat16", "dsv4": "float32"}
+    assert report["model"]["tolerance"]["atol"] is None  # 16 bits: judged by the cosine
+    rows = [*report["layers"], report["logits"]]
+    assert all(r["limit"] is None and 0.99 <= r["cosine"] < 1 for r in rows[1:])
