@@ -11,7 +11,8 @@ tensors, FP8 / FP4 weights with their scales: dequantized while streaming, dequa
 
 Steps: config.json -> Spec (hf_config.py); every source name -> its place in dsv4's model
 (hf_names.py; an unknown name is an error naming it), shapes and coverage checked from the headers
-before any data is read; dsv4's model is built from the spec in one process; each tensor is
+before any data is read; the size of OUT is forecast (forecast_bytes) and checked against the free
+space of its filesystem before anything is written; dsv4's model is built from the spec in one process; each tensor is
 streamed into place (in its stored dtype, or `dtype`); the checkpoint is saved with dsv4's own
 save into a hidden directory next to OUT that is renamed to OUT at the end.
 """
