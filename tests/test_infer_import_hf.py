@@ -261,14 +261,17 @@ def test_missing_or_misshaped_tensors_are_exit_2_naming_them(hf_dir, tmp_path):
 
 
 def test_dsv4cli_never_imports_transformers():
-    """Import and generate run dsv4's own model; transformers is a test-only dependency."""
+    """Import and generate run dsv4's own model; transformers is optional (the `hf` extra): only
+    --verify's model comparison imports it, inside its function (verify_model.py), never at module level."""
     import re
 
     root = Path(__file__).resolve().parents[1]
-    pattern = re.compile(r"^\s*(from|import)\s+transformers\b", re.M)
-    offenders = [str(p.relative_to(root)) for d in ("dsv4cli", "kernels") for p in (root / d).rglob("*.py")
-                 if pattern.search(p.read_text(encoding="utf-8"))]
-    assert offenders == []
+    pattern = re.compile(r"^(\s*)(from|import)\s+transformers\b", re.M)
+    found = {str(p.relative_to(root)): [m.group(1) for m in pattern.finditer(p.read_text(encoding="utf-8"))]
+             for d in ("dsv4cli", "kernels") for p in (root / d).rglob("*.py")}
+    offenders = {name: indents for name, indents in found.items() if indents}
+    assert list(offenders) == ["dsv4cli/infer/verify_model.py"]
+    assert all(indent for indent in offenders["dsv4cli/infer/verify_model.py"])  # lazily, inside functions
 
 
 def test_config_reading_imports_no_torch():

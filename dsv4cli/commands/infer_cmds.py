@@ -29,11 +29,44 @@ def _dtype_name(dtype: Optional[str]) -> Optional[str]:
     fail(f"error: --dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
 
 
-def _report(result: dict, as_json: bool, head: str, where: str = "", noun: str = "tensors") -> bool:
-    """--json: print the result object (False); else '<head>: N <noun>, SIZE<where> (saved: dtype: count, ...)'
-    and True, for the command's further text lines."""
+def verify_option(source: str):
+    """The `--verify` flag of import-hf / export-hf; `source`: what the written tensors are compared with."""
+    return typer.Option(False, "--verify", help=f"Afterwards compare every written tensor with {source}, and "
+                        "(with transformers installed) HF's model with dsv4's layer by layer; exit 1 when over "
+                        "tolerance. With --json: the object gets a \"verify\" report.")
+
+
+def _verify(check):
+    """Run a verify_* call; a failure to run it is exit 1 (what was written stays)."""
+    from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.infer.import_hf import ImportHFError
+    from dsv4cli.infer.safetensors_io import SafetensorsError
+
+    try:
+        return check()
+    except (CheckpointError, ImportHFError, SafetensorsError, ValueError) as e:
+        fail(f"error: verify could not run: {e}", code=1)
+
+
+def _verdict(report: Optional[dict], as_json: bool) -> None:
+    """Print --verify's tables (text mode) and exit 1 when it failed."""
+    if report is None:
+        return
+    if not as_json:
+        from dsv4cli.infer.verify import render
+
+        for line in render(report):
+            typer.echo(line)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _report(result: dict, as_json: bool, head: str, where: str = "", noun: str = "tensors",
+            verify: Optional[dict] = None) -> bool:
+    """--json: print the result object, with `verify` as its "verify" key (False); else '<head>: N <noun>,
+    SIZE<where> (saved: dtype: count, ...)' and True, for the command's further text lines."""
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps({**result, "verify": verify} if verify is not None else result))
         return False
     from dsv4cli.commands.common import human_bytes
 
@@ -103,10 +136,11 @@ def import_hf(
     spec_out: Optional[str] = typer.Option(None, "--spec-out", metavar="FILE", help="Where to write the spec (default OUT/spec.toml)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="fp32|bf16|fp16",
                                         help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 weights: bfloat16)."),
-    as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "layout", '
+    as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "forecast", "dtypes", "mtp_depth", "layout", '
                                   '"dequantized", "notes"}.'),
     layers: Optional[int] = typer.Option(None, "--layers", metavar="K", help="Toy variant: the first K layers (and MTP)."),
     experts: Optional[int] = typer.Option(None, "--experts", metavar="E", help="Toy variant: the first E experts of every MoE layer."),
+    verify: bool = verify_option("HF_DIR's tensors (dequantized as imported)"),
     verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
 ) -> None:
     """Import a HF DeepSeek-V4 directory (config.json + safetensors) as a dsv4 checkpoint and spec.
@@ -120,22 +154,31 @@ def import_hf(
       dsv4 import-hf hf/DeepSeek-V4-tiny runs/imported
       dsv4 generate runs/imported/spec.toml --load runs/imported --tokens 0,17,42 --json
     """
+    from dsv4cli.commands.common import human_bytes
     from dsv4cli.infer.import_hf import ImportHFError, import_hf as run
+    from dsv4cli.infer.verify import verify_import
     from dsv4cli.noise import quiet_known_noise
 
     dtype = _dtype_name(dtype)
     quiet_known_noise(verbose)
+
+    def announce(forecast: int, free: int) -> None:
+        if not as_json:
+            typer.echo(f"forecast: OUT takes about {human_bytes(forecast)} ({human_bytes(free)} free there)")
+
     try:
-        result = run(hf_dir, out, spec_out, dtype, layers, experts)
+        with _byte_progress("importing", quiet=as_json) as advance:
+            result = run(hf_dir, out, spec_out, dtype, layers, experts, advance, announce)
     except ImportHFError as e:
         fail(f"error: {e}")
-    if not _report(result, as_json, f"imported {hf_dir} -> {result['checkpoint']}", noun="source tensors"):
-        return
-    typer.echo(f"layout: {result['layout']}, MTP depth {result['mtp_depth']}, dequantized {result['dequantized']} weights")
-    typer.echo(f"spec: {result['spec']}")
-    for note in result["notes"]:
-        typer.echo(f"note: {note}")
-    typer.echo(f"try: dsv4 generate {result['spec']} --load {result['out']} --tokens 0,1,2")
+    report = _verify(lambda: verify_import(hf_dir, result["checkpoint"], result["spec"], layers, experts)) if verify else None
+    if _report(result, as_json, f"imported {hf_dir} -> {result['checkpoint']}", noun="source tensors", verify=report):
+        typer.echo(f"layout: {result['layout']}, MTP depth {result['mtp_depth']}, dequantized {result['dequantized']} weights")
+        typer.echo(f"spec: {result['spec']}")
+        for note in result["notes"]:
+            typer.echo(f"note: {note}")
+        typer.echo(f"try: dsv4 generate {result['spec']} --load {result['out']} --tokens 0,1,2")
+    _verdict(report, as_json)
 
 
 def _shard_bytes(text: str) -> int:
@@ -158,11 +201,15 @@ def _shard_bytes(text: str) -> int:
 
 
 @contextlib.contextmanager
-def _byte_progress(label: str):
-    """A rich progress bar (bytes, tensors) on stderr; yields advance(bytes, tensors, total_bytes, total_tensors)."""
+def _byte_progress(label: str, quiet: bool = False):
+    """A rich progress bar (bytes, tensors) on stderr; yields advance(bytes, tensors, total_bytes, total_tensors)
+    (None when `quiet`)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if quiet:
+        yield None
+        return
     columns = (TextColumn(label), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]} tensors"),
                TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
@@ -185,6 +232,7 @@ def export_hf(
                                                                       "transformers' save_pretrained writes)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest safetensors file."),
     as_json: bool = json_option('Print {"out", "checkpoint", "tensors", "bytes", "shards", "dtypes", "config_source"}.'),
+    verify: bool = verify_option("the checkpoint tensor it came from"),
     verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
 ) -> None:
     """Export a dsv4 checkpoint as a directory DeepseekV4ForCausalLM.from_pretrained loads.
@@ -222,8 +270,10 @@ def export_hf(
                 result = run(ckpt, out, dtype, shard, advance)
     except (ExportHFError, CheckpointError, UnsupportedSpecError) as e:
         fail(f"error: {e}")
-    if not _report(result, as_json, f"exported {result['checkpoint']} -> {result['out']}",
-                   f" in {result['shards']} file(s)"):
-        return
-    if result["config_source"] is None:
+    from dsv4cli.infer.verify import verify_export
+
+    report = _verify(lambda: verify_export(result["checkpoint"], result["out"], layout)) if verify else None
+    if _report(result, as_json, f"exported {result['checkpoint']} -> {result['out']}",
+               f" in {result['shards']} file(s)", verify=report) and result["config_source"] is None:
         typer.echo("note: no hf_config.json with the checkpoint: keys the spec does not hold have transformers' defaults")
+    _verdict(report, as_json)

@@ -11,23 +11,27 @@ tensors, FP8 / FP4 weights with their scales: dequantized while streaming, dequa
 
 Steps: config.json -> Spec (hf_config.py); every source name -> its place in dsv4's model
 (hf_names.py; an unknown name is an error naming it), shapes and coverage checked from the headers
-before any data is read; dsv4's model is built from the spec in one process; each tensor is
+before any data is read; the size of OUT is forecast (forecast_bytes) and checked against the free
+space of its filesystem before anything is written; dsv4's model is built from the spec in one process; each tensor is
 streamed into place (in its stored dtype, or `dtype`); the checkpoint is saved with dsv4's own
 save into a hidden directory next to OUT that is renamed to OUT at the end.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from dsv4cli.ckpt.atomic import is_unusable_output
 from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
-from dsv4cli.infer.hf_names import Placement, detect_layout, layer_table, mtp_index, placements
+from dsv4cli.infer.hf_names import (Placement, detect_layout, layer_table, mtp_index, original_name, placements,
+                                    strip_prefix)
 from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream_scaled, tensor_sources
 from dsv4cli.infer.toy import ToyError, cut_config, cut_sources
 
@@ -82,19 +86,12 @@ def _check_paths(hf_dir: Path, out: Path, spec_file: Path) -> None:
         raise ImportHFError(f"{hf_dir} is inside {out}")
 
 
-def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
-                layers: Optional[int] = None, experts: Optional[int] = None) -> ImportPlan:
-    """Read config.json and the tensor headers, build the spec, check names. ImportHFError when bad.
-    `layers` / `experts`: a toy variant with the first K layers and E experts (toy.py)."""
-    from dsv4cli.spec.load import spec_to_toml
-    from dsv4cli.spec.schema import Spec
-
-    hf_dir, out = Path(hf_dir), Path(out)
-    spec_file = Path(spec_out) if spec_out is not None else out / SPEC_NAME
-    _check_paths(hf_dir, out, spec_file)
+def read_sources(hf_dir: Path, layers: Optional[int] = None,
+                 experts: Optional[int] = None) -> tuple[dict, dict[str, SourceTensor], str, list[str]]:
+    """config.json and the tensor headers of `hf_dir`, scales folded into their weights and cut to a toy
+    variant's first `layers` / `experts`. -> (config, sources, layout, toy notes); ImportHFError when bad."""
     try:
         cfg = read_json(hf_dir / "config.json")
-        generation = read_json(hf_dir / "generation_config.json") if (hf_dir / "generation_config.json").is_file() else None
         sources = tensor_sources(hf_dir)
         layout = detect_layout(sources)
         sources = fold_scales(sources)
@@ -106,6 +103,24 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
         raise ImportHFError(str(e)) from None
     except ValueError as e:  # detect_layout: mixed layouts
         raise ImportHFError(f"{hf_dir}: {e}") from None
+    return cfg, sources, layout, toy_notes
+
+
+def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
+                layers: Optional[int] = None, experts: Optional[int] = None) -> ImportPlan:
+    """Read config.json and the tensor headers, build the spec, check names. ImportHFError when bad.
+    `layers` / `experts`: a toy variant with the first K layers and E experts (toy.py)."""
+    from dsv4cli.spec.load import spec_to_toml
+    from dsv4cli.spec.schema import Spec
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    spec_file = Path(spec_out) if spec_out is not None else out / SPEC_NAME
+    _check_paths(hf_dir, out, spec_file)
+    cfg, sources, layout, toy_notes = read_sources(hf_dir, layers, experts)
+    try:
+        generation = read_json(hf_dir / "generation_config.json") if (hf_dir / "generation_config.json").is_file() else None
+    except HFConfigError as e:
+        raise ImportHFError(str(e)) from None
     mtp = sorted({k for name in sources if (k := mtp_index(name)) is not None})
     if mtp != list(range(len(mtp))):
         raise ImportHFError(f"{hf_dir}: MTP tensors of depths {[k + 1 for k in mtp]} (mtp.K.* with K = {mtp}): "
@@ -157,14 +172,15 @@ def _region(target_shape: tuple, placement: Placement, source_shape: tuple) -> t
     return slice(None), tuple(target_shape)
 
 
-def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int, int] = DEFAULT_BLOCK) -> None:
+def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int, int] = DEFAULT_BLOCK,
+           progress: Optional[Callable[[int, int, int, int], None]] = None) -> None:
     """Stream every source tensor into its place in `model` (checked from headers first).
 
     Each receiving parameter or buffer is replaced by a zero tensor of the source's dtype (or
     `dtype` for floating tensors; a quantized source: `dtype`, default bfloat16) before the copies,
     so padding rows stay zero. Quantized sources are dequantized as they stream (`block`: the
     config's block size). ImportHFError for a missing target, a shape mismatch, or model tensors no
-    source fills."""
+    source fills. `progress(bytes read, tensors read, total bytes, total tensors)` after each tensor."""
     import torch
 
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
@@ -203,6 +219,7 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
     by_source: dict[str, list] = {}
     for source, p, target, rows in plan:
         by_source.setdefault(source.name, []).append((p, target, rows))
+    total, done = sum(stored_bytes(sources[n]) for n in by_source), [0, 0]
     with torch.no_grad():
         for source, tensor, scale in stream_scaled([sources[n] for n in by_source]):
             if scale is not None:
@@ -217,6 +234,9 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
             for p, target, rows in by_source[source.name]:
                 value = tensor if p.element is None else tensor[p.element].reshape(state[target].data[rows].shape)
                 state[target].data[rows].copy_(value)
+            done[0], done[1] = done[0] + stored_bytes(source), done[1] + 1
+            if progress is not None:
+                progress(done[0], done[1], total, len(by_source))
 
 
 def kept_fp32(model, state: dict) -> set[str]:
@@ -232,9 +252,14 @@ def kept_fp32(model, state: dict) -> set[str]:
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path] = None,
-              dtype: Optional[str] = None, layers: Optional[int] = None, experts: Optional[int] = None) -> dict:
-    """Import; -> {"out", "spec", "checkpoint", "tensors", "bytes", "dtypes", "mtp_depth", "layout",
-    "dequantized", "notes"}."""
+              dtype: Optional[str] = None, layers: Optional[int] = None, experts: Optional[int] = None,
+              progress: Optional[Callable[[int, int, int, int], None]] = None,
+              announce: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Import; -> {"out", "spec", "checkpoint", "tensors", "bytes", "forecast", "dtypes", "mtp_depth",
+    "layout", "dequantized", "notes"}.
+
+    Before anything is written: `announce(forecast bytes of OUT, free bytes there)` and the disk check
+    (ImportHFError when the forecast exceeds the free space: nothing written). `progress`: assign's."""
     import torch
 
     from dsv4cli.build import UnsupportedSpecError
@@ -245,6 +270,13 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
 
     plan = plan_import(hf_dir, out, spec_out, layers, experts)
     cast = getattr(torch, dtype) if dtype else None
+    forecast = forecast_bytes(plan.sources, dtype)
+    free = free_bytes(plan.out)
+    if announce is not None:
+        announce(forecast, free)
+    if forecast > free:
+        raise ImportHFError(f"not enough disk space for {plan.out}: about {forecast} bytes needed, "
+                            f"{free} bytes free on its filesystem")
     inside = plan.spec_file.resolve().parent == plan.out.resolve()
     with new_directory(plan.out) as tmp:
         with single_process(plan.spec, seed=0):
@@ -252,7 +284,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
                 model = build_model_chunks(single_process_spec(plan.spec))[0]
             except UnsupportedSpecError as e:
                 raise ImportHFError(f"dsv4 cannot build this model yet: {e}") from None
-            assign(model, plan.sources, cast, plan.block)
+            assign(model, plan.sources, cast, plan.block, progress)
             model.to(next(model.parameters()).device)  # mHC / contraction parameters back to fp32 (fp32_params.py)
             dtypes = saved_dtypes(model)
             layout = ParallelDims.of(plan.spec, 1).checkpoint_layout()
@@ -265,7 +297,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
     if not inside:
         write_text_atomic(plan.spec_file, plan.spec_text)
     return {"out": str(plan.out), "spec": str(plan.spec_file), "checkpoint": str(plan.out / iter_dir.name),
-            "tensors": len(plan.sources), "bytes": _bytes(plan.sources),
+            "tensors": len(plan.sources), "bytes": sum(map(stored_bytes, plan.sources.values())), "forecast": forecast,
             "dtypes": dtypes, "mtp_depth": plan.mtp_depth, "layout": plan.layout,
             "dequantized": sum(s.scale is not None for s in plan.sources.values()), "notes": plan.notes}
 
@@ -283,12 +315,41 @@ def saved_dtypes(model) -> dict[str, int]:
     return counted
 
 
-def _bytes(sources: dict[str, SourceTensor]) -> int:
-    """Bytes stored (quantized weights: packed values + their scales)."""
-    import math
+def stored_bytes(s: SourceTensor) -> int:
+    """Bytes a source tensor takes in its file (quantized weights: packed values + their scale)."""
+    packed = 2 if s.scale is not None and s.dtype == "I8" else 1  # two FP4 codes a byte
+    return math.prod(s.shape) * STORED_BYTES.get(s.dtype, 1) // packed + (stored_bytes(s.scale) if s.scale else 0)
 
-    def stored(s: SourceTensor) -> int:
-        packed = 2 if s.scale is not None and s.dtype == "I8" else 1  # two FP4 codes a byte
-        return math.prod(s.shape) * STORED_BYTES.get(s.dtype, 1) // packed + (stored(s.scale) if s.scale else 0)
 
-    return sum(stored(s) for s in sources.values())
+KEPT_FP32 = re.compile(r"(^|\.)(attn_sink|ape|hc_\w+|gate\.bias)$|(^|\.)attn\.([\w.]*\.)?(q_)?norm\.weight$")
+"""Original names (hf_names.original_name) of the tensors dsv4 keeps fp32 whatever --dtype says, for the
+forecast before the model exists: sinks, position biases, mHC / hc_head, router bias, the attention's
+q / kv / compressor norms (tests/test_infer_verify.py checks it against what an import saves)."""
+SAVED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def forecast_bytes(sources: dict[str, SourceTensor], dtype: Optional[str] = None) -> int:
+    """Bytes of OUT's tensors: sum over sources of numel x the saved dtype's size (dequantized weights:
+    `dtype` or bfloat16; tensors dsv4 keeps fp32: 4; other floating ones: `dtype` or their stored size;
+    integer tables: their stored size). The vocabulary padding rows are not counted."""
+    total = 0
+    for s in sources.values():
+        floating = s.scale is not None or s.dtype in ("F64", "F32", "F16", "BF16")
+        if floating and KEPT_FP32.search(original_name(strip_prefix(s.name))):
+            size = 4
+        elif s.scale is not None:
+            size = SAVED_BYTES[dtype or DEQUANTIZED_DEFAULT]
+        elif floating and dtype is not None:
+            size = SAVED_BYTES[dtype]
+        else:
+            size = STORED_BYTES.get(s.dtype, 1)
+        total += math.prod(s.shape) * size
+    return total
+
+
+def free_bytes(out: Path) -> int:
+    """Free bytes on the filesystem that will hold `out` (its nearest existing parent's)."""
+    place = Path(out).resolve()
+    while not place.exists():
+        place = place.parent
+    return shutil.disk_usage(place).free
