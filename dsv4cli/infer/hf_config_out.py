@@ -141,12 +141,18 @@ def generation_config(config: dict) -> Optional[dict]:
 
 def export_config(spec, dtype: str, source: Optional[dict] = None, layout: str = "hf",
                   quantization: Optional[dict] = None) -> dict:
-    """config.json of an export: `config_from_spec`, with `num_nextn_predict_layers` = the MTP depth
-    when the model has one, `quantization_config` when given, legacy keys for layout "original"."""
+    """config.json of an export: `config_from_spec`, with, when the model has MTP depths, their number
+    (`num_nextn_predict_layers`) and their layers' kinds after the decoder's in `layer_types` (import-hf
+    reads them there; transformers keeps the first num_hidden_layers); `quantization_config` when
+    given; legacy keys for layout "original"."""
     config = config_from_spec(spec, dtype, source)
     depth = spec.model.mtp.depth
-    if depth:
-        config["num_nextn_predict_layers"] = depth
+    if depth:  # the MTP layers' kinds follow the decoder's in layer_types, as compress_ratios lists them
+        config["num_nextn_predict_layers"] = depth  # (transformers keeps the first num_hidden_layers)
+        a = spec.model.attention
+        kinds = list(a.layer_types)[: spec.model.num_layers + depth]
+        config["compress_rates"] = _compress_rates(kinds, a.ratios()[: len(kinds)])
+        config["layer_types"] = [HF_KIND[k] for k in kinds]
     if quantization is not None:
         config["quantization_config"] = quantization
     if layout == "original":
