@@ -252,7 +252,8 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, ma
     try:
         source = read_json(kept_config[0]) if kept_config else None
         quantization = {**FP8_QUANTIZATION, "weight_block_size": list(fp8_block)} if cast == FP8 else None
-        named_dtype = "bfloat16" if cast == FP8 else cast or tensors[EMBEDDING_KEY].dtype
+        stored = tensors[EMBEDDING_KEY].dtype if EMBEDDING_KEY in tensors else "float32"
+        named_dtype = "bfloat16" if cast == FP8 else cast or stored
         config = export_config(spec, named_dtype, source, layout, quantization)
     except HFConfigError as e:
         raise ExportHFError(str(e)) from None
