@@ -144,7 +144,7 @@ def test_bad_input_is_exit_2_and_nothing_is_written(chain, tmp_path):
     taken = _cli("export-hf", imported, busy)
     assert taken.exit_code == 2 and "not an empty directory" in taken.output
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
-    for option, said in ((["--layout", "original"], "not supported yet"), (["--dtype", "fp8"], "not supported yet"),
+    for option, said in ((["--layout", "release"], "--layout"), (["--dtype", "fp4"], "--dtype"),
                          (["--max-shard-size", "lots"], "--max-shard-size")):
         refused = _cli("export-hf", imported, tmp_path / "b", *option)
         assert refused.exit_code == 2 and said in refused.output, refused.output

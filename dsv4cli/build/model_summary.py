@@ -56,30 +56,38 @@ def inspect_model(spec: Spec) -> ModelReport:
 
     Raises UnsupportedSpecError for what the builder cannot build.
     """
-    import torch
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
-    from dsv4cli.build.config import transformer_config
-    from dsv4cli.build.layer_specs import Backend
-    from dsv4cli.build.model import build_model_from_config
     from dsv4cli.build.parallel import single_process
     from dsv4cli.model.inventory import module_tree, param_inventory
-    from dsv4cli.model.norms import SPNorm
-    from dsv4cli.model.sdpa_attention import SDPACoreAttention
-    from dsv4cli.spec.layout import single_process_spec
 
     with single_process(spec):
-        flat = single_process_spec(spec)  # one process holds everything, vocabulary padded as under tp
-        config = transformer_config(flat)
-        config.use_cpu_initialization = True  # allocate with the default device: meta below
-        config.param_device = None  # dsv4's own parameters too (on a GPU machine the builder says "cuda")
-        config.perform_initialization = False
-        local = Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
-        with torch.device("meta"):  # shapes only: inspecting a 300B-parameter spec needs no memory
-            model = build_model_from_config(flat, config, backend=local)
+        model = meta_model(spec)
         params = param_inventory(model)
         tree = module_tree(model, "model")
     by_group: dict[str, int] = {}
     for name, shape in params:
         by_group[_group(name)] = by_group.get(_group(name), 0) + math.prod(shape)
     return ModelReport(tree, params, sum(by_group.values()), by_group)
+
+
+def meta_model(spec: Spec):
+    """The spec's whole model with meta tensors (parallel sizes forced to 1, vocabulary padded as
+    under tp, local modules: SequentialMLP experts): names, shapes, dtypes and module types without
+    memory, on any machine. Call inside `dsv4cli.build.parallel.single_process(spec)`."""
+    import torch
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from dsv4cli.build.config import transformer_config
+    from dsv4cli.build.layer_specs import Backend
+    from dsv4cli.build.model import build_model_from_config
+    from dsv4cli.model.norms import SPNorm
+    from dsv4cli.model.sdpa_attention import SDPACoreAttention
+    from dsv4cli.spec.layout import single_process_spec
+
+    flat = single_process_spec(spec)  # one process holds everything, vocabulary padded as under tp
+    config = transformer_config(flat)
+    config.use_cpu_initialization = True  # allocate with the default device: meta below
+    config.param_device = None  # dsv4's own parameters too (on a GPU machine the builder says "cuda")
+    config.perform_initialization = False
+    local = Backend("local", SDPACoreAttention, SPNorm, ColumnParallelLinear)
+    with torch.device("meta"):  # shapes only: a 300B-parameter spec needs no memory
+        return build_model_from_config(flat, config, backend=local)

@@ -225,11 +225,12 @@ def _byte_progress(label: str, quiet: bool = False):
 def export_hf(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint root (-> latest) or one iter_* directory."),
     out: str = typer.Argument(..., metavar="OUT", help="New HF model directory (must not exist, or be empty)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="bf16|fp32|fp16",
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="bf16|fp32|fp16|fp8",
                                         help="Cast floating tensors (default: keep each stored dtype; sinks, mHC, "
-                                             "position biases and router bias stay fp32)."),
-    layout: str = typer.Option("hf", "--layout", metavar="hf", help="Tensor names and config keys: hf (what "
-                                                                      "transformers' save_pretrained writes)."),
+                                             "position biases and router bias stay fp32); fp8: linear weights "
+                                             "as FP8 e4m3 with 128x128 block scales, the rest bf16."),
+    layout: str = typer.Option("hf", "--layout", metavar="hf|original", help="Tensor names and config keys: hf "
+                               "(what transformers' save_pretrained writes) or original (the public release's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest safetensors file."),
     as_json: bool = json_option('Print {"out", "checkpoint", "tensors", "bytes", "shards", "dtypes", "config_source"}.'),
     verify: bool = verify_option("the checkpoint tensor it came from"),
@@ -252,22 +253,17 @@ def export_hf(
     from dsv4cli.infer.export_hf import ExportHFError, export_hf as run
     from dsv4cli.noise import quiet_known_noise
 
-    if layout == "original":
-        fail("error: --layout original (the public release's names and legacy config keys) is not supported yet; "
-             "use --layout hf")
-    if layout != "hf":
-        fail(f"error: --layout must be hf, got {layout!r}")
-    if dtype == "fp8":
-        fail("error: --dtype fp8 (128x128 block re-quantization) is not supported yet; use bf16 or fp32")
-    dtype = _dtype_name(dtype)
+    if layout not in ("hf", "original"):
+        fail(f"error: --layout must be hf or original, got {layout!r}")
+    dtype = dtype if dtype == "fp8" else _dtype_name(dtype)
     shard = _shard_bytes(max_shard_size)
     quiet_known_noise(verbose)
     try:
         if as_json:
-            result = run(ckpt, out, dtype, shard)
+            result = run(ckpt, out, dtype, shard, layout=layout)
         else:
             with _byte_progress("exporting") as advance:
-                result = run(ckpt, out, dtype, shard, advance)
+                result = run(ckpt, out, dtype, shard, advance, layout=layout)
     except (ExportHFError, CheckpointError, UnsupportedSpecError) as e:
         fail(f"error: {e}")
     from dsv4cli.infer.verify import verify_export

@@ -11,6 +11,10 @@ fp32 and cast once to the output dtype: the arithmetic of transformers' fine-gra
 The block size: `weight_block_size` of the config's quantization_config (default 128 x 128) when the
 scale grid is the ceiling-divided grid of that block (the last block row / column may be partial),
 else, like transformers, shape / grid when the grid divides the shape (the FP4 experts' [1, 32]).
+
+The other way (`dsv4 export-hf --dtype fp8`): `quantize_fp8` re-quantizes a weight to e4m3 with an
+fp32 inverse scale per 128 x 128 block, with the arithmetic of transformers' `Fp8Quantize` (scale =
+448 / block amax, stored inverse 1 / scale; partial last blocks are quantized as if zero-padded).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dsv4cli.infer.safetensors_io import SourceTensor
 SCALE_SUFFIXES = (".scale", ".weight_scale_inv")
 QUANTIZED_DTYPES = ("F8_E4M3", "F8_E5M2", "I8")
 DEFAULT_BLOCK = (128, 128)
+FP8_MAX = 448.0
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -107,3 +112,22 @@ def dequantize(stored, scale, dtype, block: tuple[int, int] = DEFAULT_BLOCK):
         values = full
     scaled = values.reshape(grid[0], bm, grid[1], bn) * factors[:, None, :, None]
     return scaled.reshape(grid[0] * bm, grid[1] * bn)[:rows, :cols].to(dtype)
+
+
+def quantize_fp8(weight, block: tuple[int, int] = DEFAULT_BLOCK):
+    """weight [r, c] (any float) -> (e4m3 [r, c], fp32 inverse scales [ceil(r/bm), ceil(c/bn)]) with
+    dequantize(q, s) ~ weight: per block, scale = 448 / amax (1 for an all-zero block), q = clamp(w x
+    scale) in fp32, stored inverse = 1 / scale (transformers' Fp8Quantize, bit for bit)."""
+    import torch
+
+    rows, cols = weight.shape
+    bm, bn = block
+    grid = (math.ceil(rows / bm), math.ceil(cols / bn))
+    values = weight.to(torch.float32)
+    if (rows, cols) != (grid[0] * bm, grid[1] * bn):  # partial last blocks: zeros change no amax
+        values = torch.nn.functional.pad(values, (0, grid[1] * bn - cols, 0, grid[0] * bm - rows))
+    blocks = values.reshape(grid[0], bm, grid[1], bn)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scales = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    quantized = (blocks * scales[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return quantized.reshape(grid[0] * bm, grid[1] * bn)[:rows, :cols].contiguous(), (1.0 / scales).to(torch.float32)

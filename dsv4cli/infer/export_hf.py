@@ -1,5 +1,6 @@
-"""`dsv4 export-hf`: a dsv4 checkpoint -> a directory `DeepseekV4ForCausalLM.from_pretrained` loads
-(docs/interop.md). The inverse of import_hf.py, through the same name table (hf_names.py).
+"""`dsv4 export-hf`: a dsv4 checkpoint -> a directory `DeepseekV4ForCausalLM.from_pretrained` loads, in
+transformers' layout or the public release's (docs/interop.md). The inverse of import_hf.py, through
+the same name table (hf_names.py).
 
     CKPT (run root -> latest, or an iter_* directory)   read only: dsv4_spec.toml, the model weights,
                                                         hf_config.json (kept by import-hf) when present
@@ -7,12 +8,15 @@
     OUT/model.safetensors                               one shard, or
     OUT/model-0000K-of-0000N.safetensors + model.safetensors.index.json
 
-Steps: the spec saved in the checkpoint builds dsv4's model in one process, whose tensors take the
-checkpoint's stored dtypes before the weights are loaded (as `dsv4 eval` loads them), so nothing is
-cast on the way; every model tensor gets its HF name(s) by running the import table backwards
-(`hf_pieces`); shards are filled tensor by tensor (a tensor is a view of the model's, or for the
-[3] mHC scales a concatenation) and each is written once full; all of it in a hidden directory next
-to OUT, renamed to OUT at the end.
+Steps, streaming (one exported tensor in memory at a time): the spec saved in the checkpoint builds
+dsv4's model on the meta device (names, which tensors the model keeps fp32, parameters vs buffers:
+no memory), checked against the checkpoint's metadata; every model tensor gets its exported name(s)
+by running the import table backwards (`hf_pieces`); the names, dtypes and shapes of every exported
+tensor are planned from the metadata alone and cut into shards; each shard's header is written
+first, then each tensor is read from the checkpoint (only the region it needs: one expert of a
+stacked expert weight, one half of a fused fc1, the real vocabulary rows; region_reader.py), cast or
+re-quantized to FP8 (dequant.quantize_fp8) and appended. All of it in a hidden directory next to
+OUT, renamed to OUT at the end.
 """
 
 from __future__ import annotations
@@ -27,25 +31,35 @@ from typing import Callable, Optional
 
 from dsv4cli.ckpt.atomic import is_unusable_output
 from dsv4cli.ckpt.keys import EMBEDDING_KEY
+from dsv4cli.infer.dequant import DEFAULT_BLOCK
+from dsv4cli.infer.hf_names import export_names, layer_table, layout_name, placements
 from dsv4cli.infer.import_hf import DTYPE_NAMES, SOURCE_CONFIG
-from dsv4cli.infer.hf_names import MODEL_PREFIX, TOP_LEVEL, layer_table, placements
 from dsv4cli.infer.safetensors_io import INDEX_FILE
 
-UNPREFIXED = ("head.weight",)
-"""Names transformers writes without the `model.` prefix (its lm_head sits outside the model)."""
+LAYOUTS = ("hf", "original")
+FP8 = "fp8"
+"""export_hf's `dtype` for FP8 e4m3 linear weights with 128 x 128 block scales (the rest as for bf16)."""
 DEFAULT_SHARD = 5 * 1000**3
-STACKED_EXPERTS = re.compile(r"\.local_experts\.\d+\.")
+STACKED_EXPERTS = re.compile(r"\.local_experts\.(\d+)\.")
 """A SequentialMLP expert's state name -> its checkpoint key: `mlp.experts.local_experts.E.linear_fc1.weight`
-is stored stacked over experts as `mlp.experts.experts.linear_fc1.weight`."""
+is stored stacked over experts as `mlp.experts.experts.linear_fc1.weight` [experts, ...]."""
+FP8_WEIGHTS = re.compile(r"(^|\.)(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]"
+                         r"|experts\.\d+\.w[123]|e_proj|h_proj)\.weight$")
+"""The linear weights an fp8 export quantizes (as the release stores them): attention projections, the
+indexer's query projection, shared and routed experts, MTP projections. Not quantized (bf16, as the
+release and transformers' `_keep_in_fp32_modules` have them): embeddings, head, routers, compressor
+projections, the indexer's weights projection."""
+SCALE_SUFFIX = {"hf": ".weight_scale_inv", "original": ".scale"}
+FLOATING = ("float64", "float32", "float16", "bfloat16")
 
 
 class ExportHFError(ValueError):
-    """Bad input to export-hf (exit 2): no checkpoint, an OUT in the way, a model HF cannot hold."""
+    """Bad input to export-hf (exit 2): no checkpoint, an OUT in the way, a model the layout cannot hold."""
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One dsv4 tensor's share of an HF tensor: `target` (dsv4 name), `part` ("all", "rows",
+    """One dsv4 tensor's share of an exported tensor: `target` (dsv4 name), `part` ("all", "rows",
     "gate", "up") and `element` (its index in a [3] mHC scale, else None)."""
 
     target: str
@@ -53,50 +67,92 @@ class Piece:
     element: Optional[int]
 
 
-def hf_pieces(state_names, num_layers: int, num_experts: int) -> dict[str, list[Piece]]:
-    """Every HF name of the model whose tensors are `state_names` -> the pieces it is made of.
+@dataclass(frozen=True)
+class Planned:
+    """One tensor of the export: its name, the pieces it is read from (none for an FP8 scale, made
+    with its weight), its shape and dtype (torch's name) as written, and whether it is FP8-quantized
+    (its scale is then the next Planned, named `scale`)."""
 
-    Runs the import table backwards: each HF name the table knows for these layers and experts
-    (the first spelling of each top-level tensor, which is transformers') whose targets the model
-    has. ExportHFError naming a model tensor that no HF name covers (e.g. MTP layers)."""
+    name: str
+    pieces: tuple
+    shape: tuple
+    dtype: str
+    scale: Optional[str] = None
+
+
+def hf_pieces(state_names, num_layers: int, num_experts: int, mtp_depth: int = 0,
+              layout: str = "hf") -> dict[str, list[Piece]]:
+    """Every exported name of the model whose tensors are `state_names` -> the pieces it is made of.
+
+    Runs the import table backwards: each name the table knows for these layers, experts and MTP
+    depths (top-level tensors in the layout's spelling, hf_names.EXPORT_TOP) whose targets the model
+    has. ExportHFError naming a model tensor that no exported name covers."""
     have = set(state_names)
     table = layer_table()
-    first: dict[tuple, str] = {}
-    for name, places in TOP_LEVEL.items():
-        first.setdefault(tuple(p.targets for p in places), name)
-    candidates = list(first.values())
-    for i in range(num_layers):
-        candidates += [f"layers.{i}.{k}" for k in table]
-        candidates += [f"layers.{i}.ffn.experts.{e}.{w}.weight" for e in range(num_experts) for w in ("w1", "w2", "w3")]
     out: dict[str, list[Piece]] = {}
-    for short in candidates:
+    for short in export_names(num_layers, num_experts, mtp_depth, layout):
         found = [(next((t for t in p.targets if t in have), None), p) for p in placements(short, table)]
         if all(t is not None for t, _ in found):
-            name = short if short in UNPREFIXED else MODEL_PREFIX + short
-            out[name] = [Piece(t, p.part, p.element) for t, p in found]
+            out[layout_name(short, layout)] = [Piece(t, p.part, p.element) for t, p in found]
     missing = sorted(have - {p.target for pieces in out.values() for p in pieces})
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ExportHFError(f"no HF tensor name for {missing[0]}{more}: the hf layout cannot hold it"
-                            + (" (HF's DeepseekV4ForCausalLM has no MTP layers)" if "mtp" in missing[0] else ""))
+        raise ExportHFError(f"no {layout}-layout tensor name for {missing[0]}{more}")
     return out
 
 
-def hf_tensor(state: dict, pieces: list[Piece], vocab: int, cast=None, keep_fp32: bool = False):
-    """The HF tensor made of `pieces` of the model's `state` (CPU, contiguous): the first `vocab`
-    rows of a padded table, one half of a fused [gate; up] fc1, or the [3] mHC scale rebuilt from
-    its elements. `cast`: a torch dtype for floating tensors (not when `keep_fp32`)."""
+def stored_region(piece: Piece, tensors: dict, vocab: int):
+    """Where a piece is stored -> (TensorEntry, offsets, sizes, shape of the piece): the first `vocab`
+    rows of a padded table, one half of a fused [gate; up] fc1, one expert of a stacked expert
+    weight (leading dimension), or the whole tensor."""
+    key, lead = piece.target, ()
+    m = STACKED_EXPERTS.search(key)
+    if key not in tensors and m:
+        key, lead = STACKED_EXPERTS.sub(".experts.", key), (int(m.group(1)),)
+    entry = tensors.get(key)
+    if entry is None or len(entry.shape) <= len(lead):
+        raise ExportHFError(f"the checkpoint has no tensor {key} (for {piece.target})")
+    rows = entry.shape[len(lead)]
+    start, count = {"rows": (0, min(vocab, rows)), "gate": (0, rows // 2), "up": (rows // 2, rows // 2)}.get(
+        piece.part, (0, rows))
+    return entry, lead + (start,), (1,) * len(lead) + (count,), (count, *entry.shape[len(lead) + 1:])
+
+
+def plan_export(pieces: dict[str, list[Piece]], tensors: dict, vocab: int, kept: set, cast: Optional[str],
+                layout: str = "hf", block: tuple[int, int] = DEFAULT_BLOCK) -> list[Planned]:
+    """Names, shapes and dtypes of every exported tensor, from the checkpoint's metadata alone.
+
+    Each tensor keeps its stored dtype; `cast` (torch's name, or FP8) casts floating tensors except
+    those the model keeps fp32 (`kept`: import_hf.kept_fp32 of the model); FP8 casts to bf16 and
+    quantizes FP8_WEIGHTS to e4m3, each followed by its fp32 inverse-scale grid. Integers never change."""
+    out = []
+    for name, ps in pieces.items():
+        regions = [stored_region(p, tensors, vocab) for p in ps]
+        stored = regions[0][0].dtype
+        shape = (len(ps),) if ps[0].element is not None else regions[0][3]
+        keep = cast is None or stored not in FLOATING or any(p.target in kept for p in ps)
+        dtype = stored if keep else "bfloat16" if cast == FP8 else cast
+        if cast == FP8 and not keep and FP8_WEIGHTS.search(name) and len(shape) == 2:
+            scale = name[: -len(".weight")] + SCALE_SUFFIX[layout]
+            out.append(Planned(name, tuple(ps), shape, "float8_e4m3fn", scale))
+            out.append(Planned(scale, (), tuple(math.ceil(s / b) for s, b in zip(shape, block)), "float32"))
+        else:
+            out.append(Planned(name, tuple(ps), shape, dtype))
+    return out
+
+
+def read_tensor(item: Planned, reader, tensors: dict, vocab: int):
+    """The tensor of a planned item (not a scale), in its stored dtype: its pieces read from the
+    checkpoint, the [3] mHC scale rebuilt from its elements."""
     import torch
 
-    if pieces[0].element is not None:
-        value = torch.cat([state[p.target].detach().reshape(1) for p in sorted(pieces, key=lambda p: p.element)])
-    else:
-        p, whole = pieces[0], state[pieces[0].target].detach()
-        half = whole.shape[0] // 2
-        value = {"rows": whole[:vocab], "gate": whole[:half], "up": whole[half:2 * half]}.get(p.part, whole)
-    if cast is not None and value.is_floating_point() and not keep_fp32:
-        value = value.to(cast)
-    return value.to("cpu").contiguous()
+    values = []
+    for p in sorted(item.pieces, key=lambda p: p.element or 0):
+        entry, offsets, sizes, shape = stored_region(p, tensors, vocab)
+        values.append(reader.read(entry, offsets, sizes).reshape(shape))
+    if item.pieces[0].element is not None:
+        return torch.cat([v.reshape(1) for v in values])
+    return values[0]
 
 
 def shard_plan(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -145,120 +201,112 @@ def source_config(info) -> list[Path]:
     return [d / SOURCE_CONFIG for d in places if d is not None and (d / SOURCE_CONFIG).is_file()][:1]
 
 
-def _load_model(iter_dir: Path, spec, stored: dict, cast=None):
-    """The spec's model with the checkpoint's weights, each tensor in its stored dtype (`stored`:
-    checkpoint key -> dtype name; others in the word embeddings' dtype). -> (state dict, the names
-    of the tensors the model keeps fp32 when cast to `cast`)."""
+def model_names(spec, iter_dir: Path) -> tuple[list[str], set[str], set[str]]:
+    """The spec's model built on the meta device (no memory), checked against the checkpoint's
+    tensors -> (its state names, those it keeps fp32 under any cast, its parameters' names)."""
     import torch
 
-    from dsv4cli.build.parallel import build_model_chunks
+    from dsv4cli.build.model_summary import meta_model
+    from dsv4cli.build.parallel import single_process
     from dsv4cli.ckpt.conformance import check_tensors, expected_shapes
-    from dsv4cli.ckpt.load import load_model_weights
-    from dsv4cli.infer.generate import checkpoint_dtype
-    from dsv4cli.spec.layout import single_process_spec
+    from dsv4cli.infer.import_hf import kept_fp32
 
-    chunks = build_model_chunks(single_process_spec(spec))
-    check_tensors(iter_dir, expected_shapes(chunks))
-    kept: set[str] = set()
-    if cast is not None:  # which tensors the model keeps fp32 when cast (model/fp32_params.py)
-        chunks[0].to(cast)
-        kept = {k for k, v in chunks[0].state_dict().items() if isinstance(v, torch.Tensor) and v.dtype == torch.float32}
-    chunks[0].to(checkpoint_dtype(iter_dir))
-    state = {k: v for k, v in chunks[0].state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
-    for name, tensor in state.items():
-        kind = stored.get(name) or stored.get(STACKED_EXPERTS.sub(".experts.", name))
-        if kind is not None:
-            tensor.data = torch.empty(tensor.shape, dtype=getattr(torch, kind), device=tensor.device)
-    load_model_weights(iter_dir, chunks)
-    return state, kept
+    with single_process(spec, seed=0):
+        model = meta_model(spec)
+        check_tensors(iter_dir, expected_shapes([model]))
+        state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+        return list(state), kept_fp32(model, state), {k for k, _ in model.named_parameters()}
 
 
 def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, max_shard_bytes: int = DEFAULT_SHARD,
-              progress: Optional[Callable[[int, int, int, int], None]] = None) -> dict:
-    """Export; -> {"out", "checkpoint", "tensors", "bytes", "shards", "dtypes", "config_source"}.
+              progress: Optional[Callable[[int, int, int, int], None]] = None, layout: str = "hf",
+              fp8_block: tuple[int, int] = DEFAULT_BLOCK) -> dict:
+    """Export; -> {"out", "checkpoint", "layout", "tensors", "bytes", "shards", "dtypes", "quantized",
+    "config_source"}.
 
     `dtype`: a key of DTYPE_NAMES ("bf16", "float32", ...) casts floating tensors except those the
-    model keeps fp32 (mHC, sinks, position biases, the router bias, ...: model/fp32_params.py), as
-    import-hf --dtype does
-    (default: each tensor keeps its stored dtype). `progress(bytes, tensors, total bytes, total
-    tensors)` is called after each tensor is placed in a shard.
+    model keeps fp32 (mHC, sinks, position biases, the router bias, the attention's norms:
+    import_hf.kept_fp32), as import-hf --dtype does; FP8 ("fp8") quantizes the linear weights
+    (FP8_WEIGHTS, blocks of `fp8_block`) and casts the rest as bf16 does (default: each tensor keeps
+    its stored dtype). `layout`: "hf" (transformers' save_pretrained) or "original" (the release).
+    `progress(bytes, tensors, total bytes, total tensors)` is called after each tensor is written.
     ExportHFError / CheckpointError for bad input."""
-    import torch
-    from safetensors.torch import save_file
-
-    from dsv4cli.build.parallel import single_process
     from dsv4cli.ckpt.atomic import new_directory
     from dsv4cli.ckpt.integrity import check_integrity
-    from dsv4cli.ckpt.metadata import dtype_name, read_checkpoint_info
+    from dsv4cli.ckpt.metadata import read_checkpoint_info
     from dsv4cli.infer.hf_config import HFConfigError, read_json
-    from dsv4cli.infer.hf_config_out import config_from_spec, generation_config
+    from dsv4cli.infer.hf_config_out import FP8_QUANTIZATION, export_config, generation_config
+    from dsv4cli.infer.region_reader import RegionReader
 
+    if layout not in LAYOUTS:
+        raise ExportHFError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     ckpt, out = Path(ckpt), Path(out)
     _check_paths(ckpt, out)
     info = read_checkpoint_info(ckpt)
     if info.spec is None:
         raise ExportHFError(f"{info.iter_dir}: no readable dsv4_spec.toml ({info.spec_error or 'missing'})")
-    spec, iter_dir = info.spec, info.iter_dir
+    spec, iter_dir, tensors = info.spec, info.iter_dir, info.tensors
     check_integrity(iter_dir, loading=True)
-    kept = source_config(info)
+    kept_config = source_config(info)
+    cast = dtype if dtype == FP8 else DTYPE_NAMES[dtype] if dtype else None
     try:
-        source = read_json(kept[0]) if kept else None
-        cast = getattr(torch, DTYPE_NAMES[dtype]) if dtype else None
-        stored = {n: e.dtype for n, e in info.tensors.items()}
-        config = config_from_spec(spec, DTYPE_NAMES[dtype] if dtype else stored.get(EMBEDDING_KEY, "float32"),
-                                  source)
+        source = read_json(kept_config[0]) if kept_config else None
+        quantization = {**FP8_QUANTIZATION, "weight_block_size": list(fp8_block)} if cast == FP8 else None
+        stored = tensors[EMBEDDING_KEY].dtype if EMBEDDING_KEY in tensors else "float32"
+        named_dtype = "bfloat16" if cast == FP8 else cast or stored
+        config = export_config(spec, named_dtype, source, layout, quantization)
     except HFConfigError as e:
         raise ExportHFError(str(e)) from None
+    names, kept, params = model_names(spec, iter_dir)
+    m = spec.model
+    pieces = hf_pieces(names, m.num_layers, m.moe.num_experts if m.moe else 0, m.mtp.depth, layout)
+    plan = plan_export(pieces, tensors, m.vocab_size, kept, cast, layout, fp8_block)
+    reader = RegionReader(iter_dir, info.dcp_metadata)
     with new_directory(out) as tmp:
-        with single_process(spec, seed=0), torch.no_grad():
-            state, fp32_kept = _load_model(iter_dir, spec, stored, cast)
-            m = spec.model
-            pieces = hf_pieces(state, m.num_layers, m.moe.num_experts if m.moe else 0)
-            shapes = {n: _shape(state, p, m.vocab_size) for n, p in pieces.items()}
-            keep = {n: any(p.target in fp32_kept for p in ps) for n, ps in pieces.items()}
-            size_of = {n: math.prod(shapes[n]) * _itemsize(state[p[0].target], cast, keep[n]) for n, p in pieces.items()}
-            shards = shard_plan(size_of, max_shard_bytes)
-            total_bytes = sum(size_of.values())
-            weight_map, done, counted = {}, [0, 0], Counter()
-            for k, names in enumerate(shards):
-                tensors = {}
-                for name in names:
-                    tensors[name] = hf_tensor(state, pieces[name], m.vocab_size, cast, keep[name])
-                    counted[dtype_name(tensors[name].dtype)] += 1
-                    weight_map[name] = shard_file(k, len(shards))
-                    done[0] += size_of[name]
-                    done[1] += 1
-                    if progress is not None:
-                        progress(done[0], done[1], total_bytes, len(pieces))
-                save_file(tensors, str(tmp / shard_file(k, len(shards))), metadata={"format": "pt"})
-                del tensors
-        if len(shards) > 1:
-            params = sum(math.prod(shapes[n]) for n, p in pieces.items()
-                         if isinstance(state[p[0].target], torch.nn.Parameter))  # as HF counts: no buffers
-            index = {"metadata": {"total_parameters": params,
-                                  "total_size": total_bytes},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        counted, total_bytes, shards = _write_shards(tmp, plan, reader, tensors, m.vocab_size, max_shard_bytes,
+                                                     params, fp8_block, progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = generation_config(config)
         if generation is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
-    return {"out": str(out), "checkpoint": str(iter_dir), "tensors": len(pieces), "bytes": total_bytes,
-            "shards": len(shards), "dtypes": dict(counted), "config_source": str(kept[0]) if kept else None}
+    return {"out": str(out), "checkpoint": str(iter_dir), "layout": layout, "tensors": len(plan), "bytes": total_bytes,
+            "shards": shards, "dtypes": dict(counted), "quantized": sum(p.scale is not None for p in plan),
+            "config_source": str(kept_config[0]) if kept_config else None}
 
 
-def _shape(state: dict, pieces: list[Piece], vocab: int) -> tuple:
-    if pieces[0].element is not None:
-        return (len(pieces),)
-    shape = tuple(state[pieces[0].target].shape)
-    if pieces[0].part == "rows":
-        return (min(vocab, shape[0]), *shape[1:])
-    if pieces[0].part in ("gate", "up"):
-        return (shape[0] // 2, *shape[1:])
-    return shape
+def _write_shards(tmp: Path, plan: list[Planned], reader, tensors: dict, vocab: int, max_bytes: int,
+                  params: set, block: tuple[int, int], progress) -> tuple[Counter, int, int]:
+    """Write the planned tensors into shards of at most max_bytes (+ the index when more than one),
+    one tensor in memory at a time (an FP8 weight and its scale: both). -> (dtype counts, bytes, shards)."""
+    import torch
 
+    from dsv4cli.infer.dequant import quantize_fp8
+    from dsv4cli.infer.safetensors_io import ShardWriter
 
-def _itemsize(tensor, cast, keep_fp32: bool) -> int:
-    if cast is not None and tensor.is_floating_point() and not keep_fp32:
-        return cast.itemsize
-    return tensor.element_size()
+    size_of = {p.name: math.prod(p.shape) * torch.empty((), dtype=getattr(torch, p.dtype)).element_size() for p in plan}
+    shards = shard_plan(size_of, max_bytes)
+    total, by_name = sum(size_of.values()), {p.name: p for p in plan}
+    weight_map, done, counted, pending = {}, [0, 0], Counter(), {}
+    for k, names in enumerate(shards):
+        file = shard_file(k, len(shards))
+        with ShardWriter(tmp / file, {n: (by_name[n].dtype, by_name[n].shape) for n in names}) as writer:
+            for name in names:
+                item = by_name[name]
+                if name not in pending:  # (an FP8 scale is made with its weight)
+                    value = read_tensor(item, reader, tensors, vocab)
+                    if item.scale is not None:
+                        pending[name], pending[item.scale] = quantize_fp8(value, block)
+                    else:
+                        pending[name] = value.to(getattr(torch, item.dtype))
+                writer.write(name, pending.pop(name))
+                counted[item.dtype] += 1
+                weight_map[name] = file
+                done[0] += size_of[name]
+                done[1] += 1
+                if progress is not None:
+                    progress(done[0], done[1], total, len(plan))
+    if len(shards) > 1:
+        count = sum(math.prod(p.shape) for p in plan if p.pieces and p.pieces[0].target in params)  # as HF: no buffers
+        index = {"metadata": {"total_parameters": count, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return counted, total, len(shards)

@@ -5,14 +5,17 @@ No torch import. Every key that shapes the computation comes from the spec; the 
 not hold (`bos_token_id`, `max_position_embeddings`, `router_aux_loss_coef`, ...) come from the
 source config kept with the checkpoint at import (`hf_config.json`), else from HF's defaults. The
 keys and their order are those of transformers 5.24 (new style: `layer_types`, `mlp_layer_types`,
-`compress_rates`, `rope_parameters` {"main", "compress"}).
+`compress_rates`, `rope_parameters` {"main", "compress"}). `export_config` adds the MTP depth, the
+quantization_config of an fp8 export, and for `--layout original` the release's legacy keys
+(`legacy_config`: `compress_ratios` per layer and MTP layer, `num_hash_layers`, `qk_rope_head_dim`,
+`rope_scaling`, ...), which import-hf reads back to the same spec.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from dsv4cli.infer.hf_config import DEFAULT_COMPRESS_RATES, LAYER_KINDS, HFConfigError
+from dsv4cli.infer.hf_config import DEFAULT_COMPRESS_RATES, LAYER_KINDS, HFConfigError, _legacy_kind
 
 TRANSFORMERS_VERSION = "5.24.0"
 HF_KIND = {ours: theirs for theirs, ours in LAYER_KINDS.items()}
@@ -29,6 +32,10 @@ PASSED_THROUGH: dict[str, Any] = {
     "use_cache": True,
 }
 """Keys the spec does not hold: the source config's value, else transformers' default."""
+FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+"""config.json's quantization_config of an fp8 export (the release's fine-grained FP8, fp32 inverse scales)."""
+NEW_STYLE_KEYS = ("layer_types", "mlp_layer_types", "compress_rates", "rope_parameters", "partial_rotary_factor")
+"""transformers' keys that the release's legacy keys replace."""
 
 
 def _compress_rates(kinds: list[str], ratios: list[int]) -> dict[str, int]:
@@ -130,3 +137,46 @@ def generation_config(config: dict) -> Optional[dict]:
     return {"_from_model_config": True, "bos_token_id": config.get("bos_token_id"),
             "eos_token_id": config["eos_token_id"], "output_attentions": False, "output_hidden_states": False,
             "transformers_version": TRANSFORMERS_VERSION, "use_cache": True}
+
+
+def export_config(spec, dtype: str, source: Optional[dict] = None, layout: str = "hf",
+                  quantization: Optional[dict] = None) -> dict:
+    """config.json of an export: `config_from_spec`, with, when the model has MTP depths, their number
+    (`num_nextn_predict_layers`) and their layers' kinds after the decoder's in `layer_types` (import-hf
+    reads them there; transformers keeps the first num_hidden_layers); `quantization_config` when
+    given; legacy keys for layout "original"."""
+    config = config_from_spec(spec, dtype, source)
+    depth = spec.model.mtp.depth
+    if depth:  # the MTP layers' kinds follow the decoder's in layer_types, as compress_ratios lists them
+        config["num_nextn_predict_layers"] = depth  # (transformers keeps the first num_hidden_layers)
+        a = spec.model.attention
+        kinds = list(a.layer_types)[: spec.model.num_layers + depth]
+        config["compress_rates"] = _compress_rates(kinds, a.ratios()[: len(kinds)])
+        config["layer_types"] = [HF_KIND[k] for k in kinds]
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    if layout == "original":
+        config = legacy_config(config, spec)
+    return dict(sorted(config.items()))
+
+
+def legacy_config(config: dict, spec) -> dict:
+    """transformers' config.json -> the release's keys: `compress_ratios` (one per layer, then one per
+    MTP layer), `num_hash_layers`, `qk_rope_head_dim`, `compress_rope_theta`, `rope_scaling` (YaRN),
+    `num_nextn_predict_layers`. HFConfigError when a layer's kind is not what its ratio says in the
+    legacy keys (ratio 4: csa, other ratios: hca, 0: sliding)."""
+    a, m = spec.model.attention, spec.model
+    kinds, ratios = list(a.layer_types), list(a.ratios())
+    wrong = next((i for i, (k, r) in enumerate(zip(kinds, ratios)) if _legacy_kind(r) != k), None)
+    if wrong is not None:
+        raise HFConfigError(f"layer {wrong} is {kinds[wrong]} with compression ratio {ratios[wrong]}: the legacy "
+                            "compress_ratios say csa by ratio 4 only (use --layout hf)")
+    out = {k: v for k, v in config.items() if k not in NEW_STYLE_KEYS}
+    out.update(compress_ratios=ratios, num_hash_layers=m.moe.hash_layers, qk_rope_head_dim=a.rope_head_dim,
+               compress_rope_theta=a.compress_rope_theta,
+               num_nextn_predict_layers=m.mtp.depth)
+    if a.yarn_factor != 1.0:
+        out["rope_scaling"] = {"type": "yarn", "factor": a.yarn_factor, "beta_fast": a.yarn_beta_fast,
+                               "beta_slow": a.yarn_beta_slow,
+                               "original_max_position_embeddings": a.yarn_original_max_position}
+    return out

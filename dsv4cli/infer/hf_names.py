@@ -58,6 +58,14 @@ TOP_LEVEL: dict[str, list[Placement]] = {
 }
 """Tensors outside the layers: source name (after `model.`) -> placements."""
 
+EXPORT_TOP = {
+    "hf": ("embed_tokens.weight", "head.weight", "norm.weight", "hc_head.hc_fn", "hc_head.hc_base", "hc_head.hc_scale"),
+    "original": ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"),
+}
+"""The spelling `dsv4 export-hf --layout L` writes for each top-level tensor (transformers' or the release's)."""
+UNPREFIXED = ("head.weight", "lm_head.weight")
+"""Names transformers writes without the `model.` prefix (its lm_head sits outside the model)."""
+
 
 def _hyper_connection(ours: str) -> dict[str, list[Placement]]:
     return {
@@ -211,7 +219,7 @@ def detect_layout(names) -> str:
     """"hf" (save_pretrained: `model.`-prefixed names, `head.weight`), "hf-modules" (HF's in-memory
     module names) or "original" (the release: no prefix). ValueError for a directory mixing the two (`mtp.*` may go without the prefix in either:
     transformers drops MTP tensors on load, with or without `model.`)."""
-    unprefixed = [n for n in names if not n.startswith(MODEL_PREFIX) and n not in ("head.weight", "lm_head.weight")
+    unprefixed = [n for n in names if not n.startswith(MODEL_PREFIX) and n not in UNPREFIXED
                   and not n.startswith("mtp.")]
     prefixed = [n for n in names if n.startswith(MODEL_PREFIX)]
     if prefixed and unprefixed:
@@ -220,3 +228,29 @@ def detect_layout(names) -> str:
     if any(mark in n for n in names for mark in _HF_MODULE_MARKS):
         return "hf-modules"
     return "hf" if prefixed else "original"
+
+
+def layout_name(short: str, layout: str) -> str:
+    """A table name (`layers.3.attn.wq_a.weight`, `mtp.0.e_proj.weight`, `head.weight`) -> the name
+    the layout stores: "hf" prefixes `model.` except the head and the MTP tensors (which transformers
+    ignores on load, with or without the prefix), "original" stores it as is."""
+    if layout == "original" or short in UNPREFIXED or short.startswith("mtp."):
+        return short
+    return MODEL_PREFIX + short
+
+
+def export_names(num_layers: int, num_experts: int, mtp_depth: int, layout: str) -> list[str]:
+    """Every table name (before `layout_name`) a model of this size may export, in order: the
+    top-level tensors, each layer's (its experts' last), each MTP depth's."""
+    table = layer_table()
+
+    def block(prefix: str) -> list[str]:
+        experts = [f"ffn.experts.{e}.{w}.weight" for e in range(num_experts) for w in ("w1", "w2", "w3")]
+        return [prefix + k for k in [*table, *experts]]
+
+    names = list(EXPORT_TOP[layout])
+    for i in range(num_layers):
+        names += block(f"layers.{i}.")
+    for k in range(mtp_depth):
+        names += [f"mtp.{k}.{n}" for n in MTP_TABLE] + block(f"mtp.{k}.")
+    return names

@@ -4,6 +4,8 @@
     HF_DIR/model.safetensors.index.json {"weight_map": {name: file}} + the files it names
 
 `tensor_sources` lists every tensor with its file from the headers alone; `stream` loads them one by one.
+`ShardWriter` writes one file tensor by tensor (export-hf): the header first, from the names, dtypes
+and shapes known in advance, then each tensor's bytes as it comes, so no shard is ever held in memory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from pathlib import Path
 from typing import Optional
 
 INDEX_FILE = "model.safetensors.index.json"
+CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+         "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+         "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0"}
+"""torch dtype name -> safetensors dtype code."""
 
 
 class SafetensorsError(ValueError):
@@ -109,3 +115,47 @@ def stream_scaled(sources):
                     with safe_open(str(source.scale.file), framework="pt") as other:
                         scale = other.get_tensor(source.scale.name)
                 yield source, f.get_tensor(source.name), scale
+
+
+class ShardWriter:
+    """One safetensors file written tensor by tensor, in the order of `layout` ({name: (torch dtype
+    name, shape)}): the header at open, then `write(name, tensor)` for each name in that order
+    (contiguous CPU tensors of exactly that dtype and shape). A context manager; `__metadata__` is
+    {"format": "pt"} as transformers writes it."""
+
+    def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]]):
+        import math
+
+        from dsv4cli.infer.import_hf import STORED_BYTES
+
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            size = math.prod(shape) * STORED_BYTES[CODES[dtype]]
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors pads it
+        self._order = list(layout)
+        self._header = header
+        self._file = open(path, "wb")
+        self._file.write(len(text).to_bytes(8, "little") + text)
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        if not self._order or self._order[0] != name:
+            raise ValueError(f"{name} written out of order (next: {self._order[:1]})")
+        entry = self._header[self._order.pop(0)]
+        if list(tensor.shape) != entry["shape"] or CODES[str(tensor.dtype).removeprefix("torch.")] != entry["dtype"]:
+            raise ValueError(f"{name}: {tensor.dtype} {list(tensor.shape)}, header says {entry['dtype']} {entry['shape']}")
+        self._file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        if exc[0] is None and self._order:
+            raise ValueError(f"{len(self._order)} tensors never written (first: {self._order[0]})")
+
