@@ -136,3 +136,40 @@ def test_without_an_indexer_warmup_steps_train_as_before(cpu_compat, overrides):
     (losses_a, state_a), (losses_b, state_b) = runs
     assert losses_a == losses_b
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def warmup_worker(args: dict) -> dict:
+    """Per-rank body for tests/distributed.py: the real entry point, recording after each step whether
+    this rank's non-indexer parameters kept their values."""
+    import dsv4cli.train.step as st
+    from dsv4cli.train.entry import run
+
+    seen, real = [], st.train_step
+
+    def spy(rt, parts, batches, iteration, stop=False):
+        held = [p.detach().clone() for p in parts.frozen]
+        result = real(rt, parts, batches, iteration, stop)
+        seen.append({"iteration": iteration, "held": len(held), "indexer_loss": result.values.indexer_loss,
+                     "unchanged": all(torch.equal(a, p) for a, p in zip(held, parts.frozen))})
+        return result
+
+    st.train_step = spy
+    return {"code": run(args["spec"], args["overrides"]), "steps": seen}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.ep=2", "train.distributed_optimizer=on"],
+                                    ["parallel.pp=2", 'parallel.pp_layout="Ett|t,mL"']], ids=["ep2-distopt", "pp2"])
+def test_the_warmup_holds_the_rest_on_every_rank(tmp_path, layout):
+    """2 processes: EP = 2 (DP = 2, expert and dense optimizers chained, distributed) and PP = 2 (the
+    indexer on the first stage only): during the warm-up no rank's non-indexer parameter changes,
+    afterwards every rank's do; all ranks report the same indexer loss."""
+    from distributed import run_distributed
+
+    overrides = [*layout, *FAST, "train.global_batch_size=4", "train.eval_interval=0",
+                 "model.attention.indexer_warmup_steps=2", f"checkpoint.dir={tmp_path}"]
+    ranks = run_distributed("test_indexer_warmup:warmup_worker", {"spec": SPEC, "overrides": overrides})
+    for r in ranks:
+        assert r["code"] == 0 and [s["iteration"] for s in r["steps"]] == [0, 1, 2]
+        assert [s["unchanged"] for s in r["steps"]] == [True, True, False] and r["steps"][0]["held"] > 0
+    assert [s["indexer_loss"] for s in ranks[0]["steps"]] == [s["indexer_loss"] for s in ranks[1]["steps"]]
