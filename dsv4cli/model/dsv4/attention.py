@@ -226,7 +226,8 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
             x, q_residual = x.detach(), q_residual.detach()
         dense = self.dense_now()
         index = self.indexer(x, q_residual) if with_loss or not dense else None  # dense, no loss: unused
-        visible = index.visible if index else comp.compressed_causal_mask(s, n, self.settings.compress_ratio, x.device)
+        ratio = self.settings.compress_ratio
+        visible = index.visible if index is not None else comp.compressed_causal_mask(s, n, ratio, x.device)
         window = window[:, None, :].expand(s, b, s)
         every_visible = torch.cat([window, visible[:, None, :].expand(s, b, n)], dim=-1)
         allowed = every_visible if dense else torch.cat([window, selected_entries(index.topk, n)], dim=-1)

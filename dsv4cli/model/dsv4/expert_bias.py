@@ -29,7 +29,7 @@ from dsv4cli.model.dsv4.router import SqrtSoftplusTopKRouter
 
 def biased_routers(chunks: list) -> list[SqrtSoftplusTopKRouter]:
     """This rank's routers with an expert bias (all model chunks), in layer order. The training loop
-    collects them once (dsv4cli.train.model_parts) and passes them to `update_expert_bias`."""
+    collects them once (dsv4cli.train.step) and passes them to `update_expert_bias`."""
     routers = [m for c in chunks for m in c.modules() if isinstance(m, SqrtSoftplusTopKRouter)]
     return sorted(routers, key=lambda r: r.layer_number or 0)
 

@@ -67,7 +67,7 @@ def indexer_kl(scores: Tensor, entry_probs: Tensor, visible: Tensor) -> Tensor:
 
 def attention_modules(chunks: Iterable[torch.nn.Module]) -> list:
     """Every DeepSeek-V4 attention module in these model chunks (any wrapper around them). The
-    training loop collects them once (dsv4cli.train.model_parts) and passes the list below."""
+    training loop collects them once (dsv4cli.train.step) and passes the list below."""
     from dsv4cli.model.dsv4.attention import Dsv4Attention
 
     return [m for c in chunks for m in c.modules() if isinstance(m, Dsv4Attention)]
