@@ -44,8 +44,8 @@ def _moments(optimizer, indexer: bool) -> list[torch.Tensor]:
     """Adam's moments of every parameter (shard) in the indexer's groups (`indexer`) or in the others."""
     from dsv4cli.build.optimizer import is_indexer_group
 
-    return [st[k] for inner in _inner_optimizers(optimizer) for g in inner.param_groups if is_indexer_group(g) == indexer
-            for p in g["params"] for st in [inner.state[p]] for k in ("exp_avg", "exp_avg_sq")]
+    return [inner.state[p][k] for inner in _inner_optimizers(optimizer) for g in inner.param_groups
+            if is_indexer_group(g) == indexer for p in g["params"] for k in ("exp_avg", "exp_avg_sq")]
 
 
 def _state(rt) -> dict[str, torch.Tensor]:
@@ -111,7 +111,8 @@ def _step_as_before(rt, batch: dict, iteration: int) -> float:
     return reduce_step_values(rt, losses, 1).loss
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.attention.indexer_warmup_steps=1", "model.attention.indexer_loss_weight=0"]],
+@pytest.mark.parametrize("overrides", [[], ["model.attention.indexer_warmup_steps=1",
+                                              "model.attention.indexer_loss_weight=0"]],
                          ids=["no-warmup", "warmup-without-indexer-loss"])
 def test_without_an_indexer_warmup_steps_train_as_before(cpu_compat, overrides):
     """No warm-up, or a dense warm-up without an indexer loss (the whole model trains on the LM loss):

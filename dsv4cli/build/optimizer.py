@@ -83,7 +83,8 @@ def param_group_overrides(spec: Spec, config, chunks: list):
 
     ids = {id(p) for p in indexer_parameters(attention_modules(chunks))}
     indexer = ParamWithNamePredicate(name="dsv4_indexer", fn=lambda param, name: id(param) in ids)
-    return {**get_standard_config_overrides(config), ParamKey(with_name_predicate=indexer): {"lr_mult": INDEXER_GROUP_TAG}}
+    tagged = {ParamKey(with_name_predicate=indexer): {"lr_mult": INDEXER_GROUP_TAG}}
+    return {**get_standard_config_overrides(config), **tagged}
 
 
 def is_indexer_group(group: dict) -> bool:

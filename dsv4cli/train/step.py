@@ -21,12 +21,12 @@ from dsv4cli.train.runtime import Runtime, StepValues, reduce_step_values, run_m
 class ModelParts:
     """What a training step touches inside the model, walked once after the model is built."""
 
-    attention: list = field(repr=False)  # every DeepSeek-V4 attention module: the dense warm-up's iteration, indexer losses
-    routers: list = field(repr=False)  # this rank's routers with an expert bias (empty: none, or no such routers here)
+    attention: list = field(repr=False)  # every DeepSeek-V4 attention module (warm-up iteration, indexer losses)
+    routers: list = field(repr=False)  # this rank's routers with an expert bias (may be none)
     expert_bias: bool  # the model has biased routers (on some stage): every rank joins their update
     indexer_loss: bool  # the spec trains the indexer: its loss is reduced and logged
     freeze_steps: int = 0  # iterations below it change only the indexer
-    frozen: list = field(default_factory=list, repr=False)  # the parameters held fixed then (all but the indexer's)
+    frozen: list = field(default_factory=list, repr=False)  # all parameters but the indexer's
 
     @classmethod
     def collect(cls, rt: Runtime) -> "ModelParts":
