@@ -13,7 +13,7 @@ from test_dsv4_attention import SEQ, mcore_config, randomise, settings
 from test_train_dsv4 import straight_and_resumed
 from test_train_e2e import REPO
 
-from dsv4cli.model.dsv4.indexer_loss import set_iteration
+from dsv4cli.model.dsv4.indexer_loss import attention_modules, set_iteration
 
 SPEC = str(REPO / "specs" / "tiny-dsv4.toml")
 
@@ -121,11 +121,13 @@ def _text_windows(count: int, length: int, generator: torch.Generator) -> torch.
 def _overlap(model, rec: Recorder, tokens: torch.Tensor, k: int) -> float:
     """Share of the dense attention's k heaviest entries that the indexer's top-k picks (queries with > k entries)."""
     rec.probs.clear(), rec.topk.clear()
-    set_iteration([model], 0)  # dense: the attention weighs every visible entry
     model.eval()
     with torch.no_grad():
-        model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), attention_mask=None)
+        for iteration in (None, 0):  # sparse: the indexer's top-k; dense: the attention weighs every visible entry
+            set_iteration(attention_modules([model]), iteration)
+            model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), attention_mask=None)
     model.train()
+    assert len(rec.topk) == 1, "a dense pass without a loss does not run the indexer"
     probs, topk = rec.probs[-1], rec.topk[-1]  # [b, H, s, s + n], [s, b, k]
     s = topk.shape[0]
     heavy = probs[..., s:].sum(1).topk(k, dim=-1).indices.permute(1, 0, 2)  # [s, b, k]
@@ -135,10 +137,11 @@ def _overlap(model, rec: Recorder, tokens: torch.Tensor, k: int) -> float:
 
 
 def test_dense_warmup_lowers_the_indexer_loss_and_aligns_its_top_k(megatron_1proc, monkeypatch):
-    from dsv4cli.model.dsv4.indexer_loss import attention_modules, take_indexer_losses
+    from dsv4cli.model.dsv4.indexer_loss import take_indexer_losses
 
     spec, model = _tiny_dsv4(warmup=100)
-    csa = [m for m in attention_modules([model]) if m.indexer is not None]
+    attention = attention_modules([model])
+    csa = [m for m in attention if m.indexer is not None]
     assert len(csa) == 1 and csa[0].settings.indexer_loss_weight > 0
     rec = Recorder(monkeypatch, csa[0])
     g = torch.Generator().manual_seed(0)
@@ -149,7 +152,7 @@ def test_dense_warmup_lowers_the_indexer_loss_and_aligns_its_top_k(megatron_1pro
     opt = torch.optim.Adam(csa[0].indexer.parameters(), lr=1e-2)  # the warm-up trains the indexer alone
     history = []
     for it in range(12):
-        set_iteration([model], it)
+        set_iteration(attention, it)
         rec.probs.clear()
         tokens = _text_windows(b, s + 1, g)
         pos = torch.arange(s).expand(b, s)
@@ -157,7 +160,7 @@ def test_dense_warmup_lowers_the_indexer_loss_and_aligns_its_top_k(megatron_1pro
         model(tokens[:, :-1], pos, attention_mask=None, labels=tokens[:, 1:]).mean().backward()
         opt.step()
         assert len(rec.probs) == 1  # dense: one attention pass, no sparse one
-        total, layers = take_indexer_losses([model])
+        total, layers = take_indexer_losses(attention)
         history.append(total / layers)
     after = _overlap(model, rec, fixed, k)
     print(f"indexer loss {[round(h, 4) for h in history]}; top-{k} overlap {before:.3f} -> {after:.3f}")

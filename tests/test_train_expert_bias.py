@@ -89,10 +89,9 @@ def bias_worker(args: dict) -> dict:
 
     seen, real = [], eb.update_expert_bias
 
-    def spy(chunks, config):
-        loads = real(chunks, config)
-        seen.append({"bias": {r.layer_number: r.expert_bias.tolist() for r in eb.biased_routers(chunks)},
-                     "loads": loads})
+    def spy(routers, config, **kwargs):
+        loads = real(routers, config, **kwargs)
+        seen.append({"bias": {r.layer_number: r.expert_bias.tolist() for r in routers}, "loads": loads})
         return loads
 
     eb.update_expert_bias = spy

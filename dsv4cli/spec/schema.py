@@ -102,7 +102,10 @@ class AttentionSpec(_Section):
                                "trains the indexer only). 0 = the indexer is not trained.")
     indexer_warmup_steps: int = Field(
         0, ge=0, description="Iterations at the start of training in which 'csa' layers attend densely (every "
-                             "visible compressed entry) while the indexer learns; sparse top-k afterwards.")
+                             "visible compressed entry) and, with indexer_loss_weight > 0, only the indexer "
+                             "trains (every other parameter, its Adam moments and the expert biases stay "
+                             "fixed); then sparse top-k attention, everything training, the indexer loss "
+                             "continuing.")
     compress_rope_theta: float = Field(160000.0, gt=1, description="RoPE base of compressed layers (main: model.rotary_base).")
     yarn_factor: float = Field(1.0, ge=1, description="YaRN scaling of the compressed layers' RoPE (1 = off).")
     yarn_original_max_position: int = Field(65536, ge=1, description="YaRN's original context length.")

@@ -63,14 +63,12 @@ def train(spec, log=print) -> int:
     from dsv4cli.ckpt.layout import iter_dir_name, latest_iteration
     from dsv4cli.ckpt.load import load_checkpoint
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
-    from dsv4cli.model.dsv4.expert_bias import has_expert_bias, update_expert_bias
     from dsv4cli.spec.load import spec_to_toml
     from dsv4cli.train.data import build_sources
     from dsv4cli.train.feeding import BatchFeeder
     from dsv4cli.train.metrics import MetricsLogger, format_line, mfu, peak_memory_gb
-    from dsv4cli.model.dsv4.indexer_loss import set_iteration
-    from dsv4cli.train.runtime import build_runtime, heldout_loss, params_synced, reduce_step_values, run_microbatches
-    from dsv4cli.train.runtime import reduce_indexer_loss
+    from dsv4cli.train.runtime import build_runtime, heldout_loss, params_synced
+    from dsv4cli.train.step import ModelParts, train_step
     from dsv4cli.train.summary import nothing_to_do, shown, summary_lines
 
     t = spec.train
@@ -80,6 +78,7 @@ def train(spec, log=print) -> int:
         check_resumable(resume_dir)  # (`dsv4 train` checked both before starting; this covers the entry point)
 
     rt = build_runtime(spec)
+    parts = ModelParts.collect(rt)
     rank = dist.get_rank()
     is_logger = rank == 0
     layout = rt.dims.checkpoint_layout()
@@ -129,20 +128,11 @@ def train(spec, log=print) -> int:
         while progress.iteration < t.steps:
             t0 = time.perf_counter()
             batches = feeder.get(progress.consumed_samples)
-            for m in rt.model:
-                m.zero_grad_buffer()
-            rt.optimizer.zero_grad()
-            set_iteration(rt.chunks, progress.iteration)  # the indexer's dense warm-up follows it
-            losses = run_microbatches(rt, batches, forward_only=False)
-            ok, grad_norm, _ = rt.optimizer.step()
-            if ok:
-                rt.scheduler.step(increment=1)
-            moe_loads = update_expert_bias(rt.chunks, rt.config) if has_expert_bias(rt.config) else None
-            loss, mtp, stop_now = reduce_step_values(rt, losses, len(batches), stop.signum is not None)
-            indexer_loss = reduce_indexer_loss(rt)
+            result = train_step(rt, parts, batches, progress.iteration, stop.signum is not None)
+            loss, mtp, stop_now, indexer_loss = result.values
+            grad_norm, moe_loads = result.grad_norm, result.moe_loads
             device.synchronize()
             dt = time.perf_counter() - t0
-            grad_norm = float(grad_norm) if grad_norm is not None else None
             if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
                 last = latest_iteration(run_dir)
                 where = f"; the last good checkpoint is {run_dir}/{iter_dir_name(last)}" if last is not None else ""

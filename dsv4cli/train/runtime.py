@@ -12,7 +12,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.utils import get_model_config
 
-    from dsv4cli.build.optimizer import optimizer_config, param_scheduler
+    from dsv4cli.build.optimizer import optimizer_config, param_group_overrides, param_scheduler
 
     dims = initialize_parallel(spec)
     set_seed(spec.train.seed)
@@ -99,7 +99,9 @@ def build_runtime(spec, with_optimizer: bool = True) -> Runtime:
     rt = Runtime(spec=spec, dims=dims, chunks=chunks, model=model, config=config, settings=settings)
     if not with_optimizer:
         return rt
-    rt.optimizer = get_megatron_optimizer(optimizer_config(spec, bf16, settings.optimizer), model)
+    opt_config = optimizer_config(spec, bf16, settings.optimizer)
+    rt.optimizer = get_megatron_optimizer(opt_config, model,
+                                          config_overrides=param_group_overrides(spec, opt_config, chunks))
     rt.scheduler = param_scheduler(spec, rt.optimizer)
     config.grad_scale_func = rt.optimizer.scale_loss
     set_sync_funcs(config, model, settings)
@@ -203,27 +205,6 @@ def set_indexer_loss_scale(config, num_microbatches: int) -> None:
     IndexerLossAutoScaler.set_loss_scale(scale / max(num_microbatches, 1))
 
 
-def reduce_indexer_loss(rt: Runtime) -> Optional[float]:
-    """This step's indexer loss, mean over the csa layers of every stage (and data-parallel replica);
-    None when the spec trains no indexer. Clears the layers' accumulators. Every rank calls it."""
-    from megatron.core import parallel_state as ps
-
-    from dsv4cli.model.dsv4.indexer_loss import take_indexer_losses
-
-    a = rt.spec.model.attention
-    if a is None or a.indexer_loss_weight <= 0 or "csa" not in a.layer_types:
-        return None
-    total, layers = take_indexer_losses(rt.chunks)
-    if ps.get_tensor_model_parallel_rank() != 0 or ps.get_context_parallel_rank() != 0:
-        total, layers = 0.0, 0
-    vec = torch.tensor([total, float(layers)], dtype=torch.float64)
-    if dist.get_world_size() > 1:
-        v = vec.to(current_device())
-        dist.all_reduce(v)
-        vec = v.cpu()
-    return vec[0].item() / vec[1].item() if vec[1].item() > 0 else None
-
-
 def take_mtp_losses(depth: int, num_microbatches: int) -> torch.Tensor:
     """This rank's per-depth MTP losses (mean over micro-batches, unscaled); clears the tracker."""
     from dsv4cli.compat.versions import mtp_tracked_losses
@@ -237,30 +218,47 @@ def take_mtp_losses(depth: int, num_microbatches: int) -> torch.Tensor:
     return out
 
 
-def reduce_step_values(rt: Runtime, losses: list[dict], num_microbatches: int, stop: bool = False
-                       ) -> tuple[float, list[float], bool]:
+class StepValues(NamedTuple):
+    loss: float
+    mtp_losses: list[float]
+    stop: bool  # any rank wants to stop
+    indexer_loss: Optional[float] = None  # None: not asked for, or no csa layer computed one
+
+
+def reduce_step_values(rt: Runtime, losses: list[dict], num_microbatches: int, stop: bool = False,
+                       indexer: Optional[tuple[float, int]] = None) -> StepValues:
     """Average main and MTP losses over the data-parallel ranks and bring them to every rank.
 
-    Each last-stage rank with tp rank 0 contributes; one all-reduce also agrees on `stop`.
-    -> (loss, mtp_losses, any_rank_wants_stop).
+    Each last-stage rank with tp rank 0 contributes; one all-reduce also agrees on `stop` and, when
+    `indexer` (this rank's `take_indexer_losses`: loss sum, csa layers) is given, averages the
+    indexer loss over the csa layers of every stage and data-parallel replica (tp / cp rank 0).
     """
     from megatron.core import parallel_state as ps
 
     depth = rt.spec.model.mtp.depth
-    vec = torch.zeros(3 + depth, dtype=torch.float64)
-    contributes = bool(losses) and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    slots = 2 if indexer is not None else 0
+    vec = torch.zeros(3 + depth + slots, dtype=torch.float64)
+    first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    contributes = bool(losses) and first
     mtp = take_mtp_losses(depth, num_microbatches)
     if contributes:
         vec[0] = 1.0
         vec[1] = sum(float(d["lm loss"]) for d in losses) / len(losses)
         vec[2 : 2 + depth] = mtp
+    if indexer is not None and first:
+        vec[2 + depth] = indexer[0]
+        vec[3 + depth] = float(indexer[1])
     vec[-1] = 1.0 if stop else 0.0
     if dist.get_world_size() > 1:
         v = vec.to(current_device())
         dist.all_reduce(v)
         vec = v.cpu()
     n = max(vec[0].item(), 1.0)
-    return vec[1].item() / n, [x / n for x in vec[2 : 2 + depth].tolist()], vec[-1].item() > 0
+    indexer_loss = None
+    if indexer is not None and vec[3 + depth].item() > 0:
+        indexer_loss = vec[2 + depth].item() / vec[3 + depth].item()
+    return StepValues(vec[1].item() / n, [x / n for x in vec[2 : 2 + depth].tolist()], vec[-1].item() > 0,
+                      indexer_loss)
 
 
 def heldout_loss(rt: Runtime, valid, batches: int) -> tuple[float, list[float], int]:
@@ -280,7 +278,7 @@ def heldout_loss(rt: Runtime, valid, batches: int) -> tuple[float, list[float], 
             for b in range(batches):
                 mbs = feeder.get(b * t.global_batch_size)
                 losses = run_microbatches(rt, mbs, forward_only=True)
-                loss, mtp, _ = reduce_step_values(rt, losses, len(mbs))
+                loss, mtp = reduce_step_values(rt, losses, len(mbs))[:2]
                 total += loss
                 total_mtp = mtp if total_mtp is None else [a + c for a, c in zip(total_mtp, mtp)]
     finally:

@@ -224,10 +224,12 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
         scale = self.head_dim**-0.5
         if with_loss:  # the loss trains the indexer alone
             x, q_residual = x.detach(), q_residual.detach()
-        index = self.indexer(x, q_residual)
-        window = window[:, None, :].expand(s, b, s)
-        every_visible = torch.cat([window, index.visible[:, None, :].expand(s, b, n)], dim=-1)
         dense = self.dense_now()
+        index = self.indexer(x, q_residual) if with_loss or not dense else None  # dense, no loss: unused
+        ratio = self.settings.compress_ratio
+        visible = index.visible if index is not None else comp.compressed_causal_mask(s, n, ratio, x.device)
+        window = window[:, None, :].expand(s, b, s)
+        every_visible = torch.cat([window, visible[:, None, :].expand(s, b, n)], dim=-1)
         allowed = every_visible if dense else torch.cat([window, selected_entries(index.topk, n)], dim=-1)
         probs = attention_probs(q, kv_all, allowed, self.sinks, scale)  # [b, H, s, s + n]
         out = weighted_values(probs, kv_all)

@@ -28,7 +28,8 @@ from dsv4cli.model.dsv4.router import SqrtSoftplusTopKRouter
 
 
 def biased_routers(chunks: list) -> list[SqrtSoftplusTopKRouter]:
-    """This rank's routers with an expert bias (all model chunks), in layer order."""
+    """This rank's routers with an expert bias (all model chunks), in layer order. The training loop
+    collects them once (dsv4cli.train.step) and passes them to `update_expert_bias`."""
     routers = [m for c in chunks for m in c.modules() if isinstance(m, SqrtSoftplusTopKRouter)]
     return sorted(routers, key=lambda r: r.layer_number or 0)
 
@@ -72,16 +73,16 @@ def has_expert_bias(config) -> bool:
     return bool(getattr(config, "num_moe_experts", None)) and config.moe_router_score_function == "sqrtsoftplus"
 
 
-def update_expert_bias(chunks: list, config) -> list[float]:
-    """Sum this step's counts over the routing ranks, move every bias by the config's
-    `moe_router_bias_update_rate` against its load, reset the counts.
+def update_expert_bias(routers: list, config, frozen: bool = False) -> list[float]:
+    """Sum this step's counts of `routers` (this rank's `biased_routers`) over the routing ranks,
+    move every bias by the config's `moe_router_bias_update_rate` against its load (not when
+    `frozen`: the indexer's dense warm-up keeps the rest of the model fixed), reset the counts.
     -> max/mean load of every biased layer of the model (all stages), in layer order.
 
     Like megatron's `_update_router_expert_bias(model, config)`; every rank must call it
     (collectives), also ranks without biased routers."""
-    rate = float(config.moe_router_bias_update_rate or 0.0)
+    rate = 0.0 if frozen else float(config.moe_router_bias_update_rate or 0.0)
     num_layers = config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
-    routers = biased_routers(chunks)
     figures = torch.zeros(0, dtype=torch.float64)
     if routers:
         with torch.no_grad():

@@ -12,8 +12,9 @@ backward through `IndexerLossAutoScaler` (an identity on the attention output wh
 injects d(weight * loss) scaled like the main loss), as megatron does for MoE auxiliary and MTP losses.
 
 Dense warm-up: while the iteration the training loop set (`set_iteration`) is below
-`indexer_warmup_steps`, the layer attends densely. The iteration is the only input, so resuming in
-the middle of the warm-up is exact.
+`indexer_warmup_steps`, the layer attends densely, and with an indexer loss the training step
+changes the indexer's parameters only (dsv4cli.build.optimizer.indexer_only_step). The iteration is
+the only input, so resuming in the middle of the warm-up is exact.
 """
 
 from __future__ import annotations
@@ -65,23 +66,30 @@ def indexer_kl(scores: Tensor, entry_probs: Tensor, visible: Tensor) -> Tensor:
 
 
 def attention_modules(chunks: Iterable[torch.nn.Module]) -> list:
-    """Every DeepSeek-V4 attention module in these model chunks (any wrapper around them)."""
+    """Every DeepSeek-V4 attention module in these model chunks (any wrapper around them). The
+    training loop collects them once (dsv4cli.train.step) and passes the list below."""
     from dsv4cli.model.dsv4.attention import Dsv4Attention
 
     return [m for c in chunks for m in c.modules() if isinstance(m, Dsv4Attention)]
 
 
-def set_iteration(chunks: Iterable[torch.nn.Module], iteration: int) -> None:
-    """Tell every DSv4 attention module which training iteration (0-based) runs next."""
-    for m in attention_modules(chunks):
+def indexer_parameters(attention: Iterable[torch.nn.Module]) -> list:
+    """The lightning indexers' parameters (their compressors' included) of these attention modules."""
+    return [p for m in attention if m.indexer is not None for p in m.indexer.parameters()]
+
+
+def set_iteration(attention: Iterable[torch.nn.Module], iteration: Optional[int]) -> None:
+    """Tell these DSv4 attention modules (`attention_modules`) which training iteration (0-based) runs
+    next (None: none, e.g. inference: sparse attention)."""
+    for m in attention:
         m.iteration = iteration
 
 
-def take_indexer_losses(chunks: Iterable[torch.nn.Module]) -> tuple[float, int]:
-    """(sum over this rank's csa layers of the layer's mean loss over its micro-batches, layer count);
-    clears the layers' accumulators."""
+def take_indexer_losses(attention: Iterable[torch.nn.Module]) -> tuple[float, int]:
+    """(sum over these attention modules' csa layers of the layer's mean loss over its micro-batches,
+    layer count); clears the layers' accumulators."""
     total, layers = 0.0, 0
-    for m in attention_modules(chunks):
+    for m in attention:
         if m.indexer_loss_count:
             total += float(m.indexer_loss_sum) / m.indexer_loss_count
             layers += 1
