@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core.transformer.module import MegatronModule
@@ -73,15 +74,23 @@ class Dsv4Indexer(TpShardedState, MegatronModule):
             config, self.head_dim, self.ratio, overlap=True, rope=self.rope, rope_dim=self.rope_dim
         )
 
+    def head_score(self, x: Tensor, q_residual: Tensor, keys: Tensor, rotation: Rotation, head: int) -> Tensor:
+        """Local head `head`'s weighted scores w[t] * ReLU(q[t] . k[w]) * d_I^-1/2: [s, b, n] fp32.
+
+        One head at a time, so every product has the same shape under any TP size (a matrix product's
+        rounding may depend on its width) and the TP=T scores are the TP=1 ones bit for bit."""
+        d = self.head_dim
+        q = rotation.rotate(F.linear(q_residual, self.linear_q_up.weight[head * d:(head + 1) * d]))  # [s, b, d_I]
+        weight = F.linear(x, self.linear_weights.weight[head:head + 1]).float() * self.n_heads**-0.5  # [s, b, 1]
+        return torch.einsum("sbd,nbd->sbn", q.float(), keys).relu() * d**-0.5 * weight
+
     def forward(self, hidden_states: Tensor, q_residual: Tensor) -> IndexerOutput:
         s, b, _ = hidden_states.shape
-        keys = copy_to(self.compressor(hidden_states), self.tp)  # [n, b, d_I], replicated
-        q = self.linear_q_up(q_residual).view(s, b, self.local_heads, self.head_dim)
-        q = Rotation(self.rope, self.rope_dim, torch.arange(s, device=q.device)).rotate(q)
-        logits = torch.einsum("sbhd,nbd->hsbn", q.float(), keys.float()).relu() * self.head_dim**-0.5
-        head_weights = self.linear_weights(hidden_states).float() * self.n_heads**-0.5  # [s, b, H_I / T]
-        weighted = gather_heads(logits * head_weights.permute(2, 0, 1)[..., None], self.tp)  # [H_I, s, b, n]
-        scores = weighted.sum(dim=0)  # [s, b, n]
+        keys = copy_to(self.compressor(hidden_states), self.tp).float()  # [n, b, d_I], replicated
+        rotation = Rotation(self.rope, self.rope_dim, torch.arange(s, device=hidden_states.device))
+        weighted = gather_heads(torch.stack([self.head_score(hidden_states, q_residual, keys, rotation, head)
+                                             for head in range(self.local_heads)]), self.tp)  # [H_I, s, b, n]
+        scores = weighted.sum(dim=0)  # [s, b, n], summed in head order whatever the TP size
         n = keys.shape[0]
         visible = compressed_causal_mask(s, n, self.ratio, device=scores.device)
         masked = scores.detach().masked_fill(~visible[:, None, :], float("-inf"))

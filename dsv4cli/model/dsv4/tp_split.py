@@ -79,13 +79,26 @@ def split_parameter(full: Tensor, tp: TpGroup, dim: int = 0) -> torch.nn.Paramet
     return param
 
 
+class _SumGradOverTp(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient. megatron's copy_to_tensor_model_parallel_region
+    does the same but reduces `grad.contiguous()` and returns the unreduced grad when that is a copy
+    (einsum backward gives non-contiguous grads here)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def copy_to(x: Tensor, tp: TpGroup) -> Tensor:
     """A replicated tensor entering head-split work: identity forward, all-reduce of its grad backward."""
-    if tp.size == 1:
-        return x
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-    return copy_to_tensor_model_parallel_region(x, group=tp.group)
+    return x if tp.size == 1 else _SumGradOverTp.apply(x, tp.group)
 
 
 def full_sequence(x: Tensor, tp: TpGroup) -> Tensor:
