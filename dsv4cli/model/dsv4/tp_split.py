@@ -58,7 +58,7 @@ def tp_group(config, pg_collection=None) -> TpGroup:
 def split_linear(config, out_features: int, in_features: int, tp: TpGroup, dim: int, init=None) -> torch.nn.Linear:
     """A bias-free linear holding this rank's slice (`dim` 0: rows, 1: columns) of an [out, in]
     weight drawn whole with megatron's init method (so every layout draws the TP=1 weight); tagged
-    for megatron (tensor_model_parallel, partition_dim) whatever the TP size, like its parallel linears."""
+    for megatron (tensor_model_parallel, partition_dim) when split, TP = 1 builds what it always built."""
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
     from dsv4cli.model.dsv4.compressor import linear_weight
@@ -66,15 +66,17 @@ def split_linear(config, out_features: int, in_features: int, tp: TpGroup, dim: 
     layer = linear_weight(config, out_features, in_features, init)
     if tp.size > 1:
         layer.weight = torch.nn.Parameter(layer.weight.detach().chunk(tp.size, dim=dim)[tp.rank].clone())
-    set_tensor_model_parallel_attributes(layer.weight, True, dim, 1)
+        set_tensor_model_parallel_attributes(layer.weight, True, dim, 1)
     return layer
 
 
 def split_parameter(full: Tensor, tp: TpGroup, dim: int = 0) -> torch.nn.Parameter:
-    """This rank's slice of `full` along `dim` as a TP-tagged parameter."""
+    """This rank's slice of `full` along `dim` as a parameter (TP-tagged when split)."""
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-    param = torch.nn.Parameter(full.chunk(tp.size, dim=dim)[tp.rank].clone() if tp.size > 1 else full)
+    if tp.size == 1:
+        return torch.nn.Parameter(full)
+    param = torch.nn.Parameter(full.chunk(tp.size, dim=dim)[tp.rank].clone())
     set_tensor_model_parallel_attributes(param, True, dim, 1)
     return param
 
