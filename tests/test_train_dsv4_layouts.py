@@ -135,6 +135,8 @@ def test_two_process_layout_matches_one_process(runs, name):
         assert abs(x["loss"] - y["loss"]) <= TOL, (x["step"], x["loss"], y["loss"])
         assert len(y["mtp_losses"]) == 1 and abs(x["mtp_losses"][0] - y["mtp_losses"][0]) <= TOL
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * max(1.0, x["grad_norm"]), x["step"]
+        if name == "tp2":  # the indexer's top-k and loss as one process (its scores summed in head order)
+            assert abs(x["indexer_loss"] - y["indexer_loss"]) <= 1e-6 and x["indexer_loss"] > 0, x["step"]
     meta = json.loads((run / "iter_0000003" / "dsv4_meta.json").read_text())["parallel"]
     assert meta["world"] == 2 and (meta["tp"], meta["pp"], meta["ep"], meta["dp"]) == {
         "ep2": (1, 1, 2, 2), "dp2": (1, 1, 1, 2), "tp2": (2, 1, 1, 1)}.get(name, (1, 2, 1, 1))
