@@ -85,9 +85,17 @@ def test_sequence_shorter_than_a_ratio_warns(tmp_path):
     assert any("shorter than the compression ratio 16" in w for w in warnings), warnings
 
 
-def test_tensor_parallel_attention_is_refused_with_the_reason(tmp_path):
-    errors = _messages(_problems(tmp_path, BASE, "parallel.tp=2", "launch.nproc_per_node=2"), "error")
-    assert any("parallel.tp (2) > 1 with [model.attention] is not supported yet" in e for e in errors), errors
+def test_tensor_parallel_attention_is_accepted_when_heads_groups_and_indexer_heads_divide(tmp_path):
+    problems = _problems(tmp_path, BASE, "parallel.tp=2", "launch.nproc_per_node=2")
+    assert problems == [], _messages(problems)
+
+
+@pytest.mark.parametrize("key, value", [("model.attention.o_groups", 1), ("model.attention.index_n_heads", 3)])
+def test_tensor_parallel_attention_that_does_not_divide_is_refused_naming_the_key(tmp_path, key, value):
+    problems = _problems(tmp_path, BASE, "parallel.tp=2", "launch.nproc_per_node=2", f"{key}={value}")
+    errors = [p for p in problems if p.severity == "error"]
+    assert any(p.key in (key, "parallel.tp") and f"parallel.tp (2) does not divide {key} ({value})" in p.message
+               for p in errors), _messages(problems)
 
 
 def test_o_groups_must_divide_heads(tmp_path):

@@ -1,5 +1,6 @@
 """specs/dsv4-flash.toml and specs/dsv4-pro.toml: the public DeepSeek-V4 configurations, their real
-layer schedules, layouts with tensor parallelism 1 that fit by the estimate, no warnings, dry-run."""
+layer schedules, multi-node layouts with tensor parallelism 8 within a node (sequence parallel) that
+fit by the estimate, no warnings, dry-run."""
 
 from __future__ import annotations
 
@@ -50,11 +51,17 @@ def test_public_spec_has_the_real_layer_schedule(name):
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC))
-def test_public_layout_has_tp_1_and_fits_80_gb_by_the_estimate(name):
+def test_public_layout_has_tp_8_within_a_node_and_fits_80_gb_by_the_estimate(name):
     spec = load_spec(REPO / "specs" / name)
-    assert spec.parallel.tp == 1 and not spec.parallel.sequence_parallel
+    p, m = spec.parallel, spec.model
+    assert p.tp == spec.launch.nproc_per_node == 8 and p.sequence_parallel and p.ep > 1
+    for count in (m.num_attention_heads, m.attention.o_groups, m.attention.index_n_heads):
+        assert count % p.tp == 0
     memory = memory_per_rank(spec)
     assert memory.total < 80e9, memory.to_json()
+    one_way = memory_per_rank(spec.model_copy(update={"parallel": p.model_copy(update={
+        "tp": 1, "sequence_parallel": False})}), world_size=spec.launch.nproc_per_node * spec.launch.nnodes)
+    assert memory.activations < one_way.activations / 4  # what TP buys: activations split 8 ways
     assert spec.launch.nproc_per_node * spec.launch.nnodes >= 128
 
 

@@ -1,4 +1,4 @@
-"""`specs/tiny-dsv4.toml` under torchrun with 2 CPU processes: pipeline, expert and data parallelism.
+"""`specs/tiny-dsv4.toml` under torchrun with 2 CPU processes: pipeline, expert, data and tensor parallelism.
 
 Every layout is reached with `--set` alone (the overrides below are exactly what `dsv4 train --set`
 takes; `dsv4 validate` accepts each). From a common model-only initial checkpoint (fresh weights
@@ -7,10 +7,14 @@ depend on the layout), 3 steps of 2 micro-batches of 4 sequences under
   every decoder layer, the hash-routed one included, on the last stage (it reads batches too),
 - PP = 2 split evenly (a 4-layer variant, no `pp_layout`),
 - EP = 2 (4 experts, 2 per rank; routers, hash table and expert bias replicated),
-- DP = 2 (micro batch 4)
-give the 1-process losses, MTP losses and grad norms (<= 1e-5); the EP = 2 checkpoint and the PP = 2 one
-with the hash table on the last rank evaluate in one process to the 1-process run's held-out loss.
-An EP = 2 run stopped by `exit_interval` and resumed equals the straight EP = 2 run bit for bit.
+- DP = 2 (micro batch 4),
+- TP = 2 with sequence parallelism (megatron needs it for MoE) and expert TP = 2 (with EP = 1 the
+  experts' grads must meet over TP): heads, output groups and indexer heads split, the KV head and
+  compressors replicated, hash ids sliced with the sequence
+give the 1-process losses, MTP losses and grad norms (<= 1e-5); the EP = 2 checkpoint, the TP = 2 one
+and the PP = 2 one with the hash table on the last rank evaluate in one process to the 1-process run's
+held-out loss. An EP = 2 run stopped by `exit_interval` and resumed equals the straight EP = 2 run bit
+for bit; a TP = 2 run stopped after step 2 resumes in one process to the 1-process step 3 (<= 1e-5).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ LAYOUTS = {
     "pp2_even": [*EVEN, "parallel.pp=2"],
     "ep2": ["parallel.ep=2"],
     "dp2": ["launch.nproc_per_node=2"],
+    "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=2"],
 }
 
 
@@ -94,6 +99,9 @@ def test_each_layout_validates_with_set_alone(name):
     (["parallel.pp=2"], "model.num_layers (3) is not divisible by parallel.pp*parallel.vpp (2*1 = 2)"),
     (["parallel.ep=2", "train.micro_batch_size=8"], "not divisible by micro_batch_size*dp = 8*2 = 16"),
     (["parallel.ep=2", "parallel.pp=2", 'parallel.pp_layout="Et|ttmL"'], "expert grid etp*ep*pp = 1*2*2 = 4"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.ep = 1 needs parallel.etp = 2 (got 1)"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=2", "model.attention.index_n_heads=3"],
+     "parallel.tp (2) does not divide model.attention.index_n_heads (3)"),
 ])
 def test_a_layout_that_cannot_work_exits_2_saying_why(overrides, says):
     r = cli("validate", str(SPEC), *_sets([*overrides, "launch.nproc_per_node=2"]))
@@ -127,10 +135,12 @@ def test_two_process_layout_matches_one_process(runs, name):
         assert abs(x["loss"] - y["loss"]) <= TOL, (x["step"], x["loss"], y["loss"])
         assert len(y["mtp_losses"]) == 1 and abs(x["mtp_losses"][0] - y["mtp_losses"][0]) <= TOL
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * max(1.0, x["grad_norm"]), x["step"]
+        if name == "tp2":  # the indexer's top-k and loss as one process (its scores summed in head order)
+            assert abs(x["indexer_loss"] - y["indexer_loss"]) <= 1e-6 and x["indexer_loss"] > 0, x["step"]
     meta = json.loads((run / "iter_0000003" / "dsv4_meta.json").read_text())["parallel"]
-    assert meta["world"] == 2 and (meta["pp"], meta["ep"], meta["dp"]) == {
-        "ep2": (1, 2, 2), "dp2": (1, 1, 2)}.get(name, (2, 1, 1))
-    if name in ("ep2", "pp2_hash_on_last"):  # one process reads the expert shards / the last rank's hash table
+    assert meta["world"] == 2 and (meta["tp"], meta["pp"], meta["ep"], meta["dp"]) == {
+        "ep2": (1, 1, 2, 2), "dp2": (1, 1, 1, 2), "tp2": (2, 1, 1, 1)}.get(name, (1, 2, 1, 1))
+    if name in ("ep2", "pp2_hash_on_last", "tp2"):  # one process reads the expert shards / the last rank's hash table
         if "eval" not in ref:
             ref["eval"] = _eval(ref["run"], ref["model"])
         ev = _eval(run, ref["model"])
@@ -151,3 +161,20 @@ def test_ep2_stopped_by_exit_interval_and_resumed_equals_a_straight_run(runs):
     for x, y in zip(a, b):  # step 3 follows an update that used the restored Adam moments
         for key in ("loss", "mtp_losses", "grad_norm", "lr"):
             assert x[key] == y[key], (x["step"], key, x[key], y[key])
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_resumes_in_one_process(references):
+    """TP-split tensors are saved with their global shape: a TP = 2 step-2 checkpoint (model and
+    optimizer) continues in one process to the 1-process run's step 3."""
+    ref = references("tiny")
+    saved, cont = ref["tmp"] / "tp2_split", ref["tmp"] / "tp2_to_1"
+    _ranks_train([*LAYOUTS["tp2"], *COMMON, "train.exit_interval=2", f"checkpoint.load={ref['init']}",
+                  f"checkpoint.dir={saved}"])
+    r = cli("train", str(SPEC), *_sets([*COMMON, f"checkpoint.load={saved / 'iter_0000002'}",
+                                        f"checkpoint.dir={cont}"]))
+    assert r.exit_code == 0, r.output
+    assert "fresh optimizer" not in r.output
+    a, b = metrics(ref["run"])[-1], metrics(cont)[-1]
+    assert a["step"] == b["step"] == 3
+    assert abs(a["loss"] - b["loss"]) <= TOL and abs(a["mtp_losses"][0] - b["mtp_losses"][0]) <= TOL, (a, b)

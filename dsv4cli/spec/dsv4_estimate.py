@@ -32,6 +32,15 @@ Shape = tuple[int, ...]
 FP32_PARAMS = (".sinks", ".position_bias")
 """DeepSeek-V4 attention parameters kept in fp32 (as HF and DeepSeek keep them)."""
 
+TP_REPLICATED = ("self_attention.linear_q_down.", "self_attention.q_norm.", "self_attention.linear_kv.",
+                 "self_attention.kv_norm.", ".compressor.")
+"""DeepSeek-V4 attention parameters every tensor-parallel rank holds whole (the rest split by head)."""
+
+
+def is_tp_replicated(name: str) -> bool:
+    """A DeepSeek-V4 attention parameter that tensor parallelism does not split (`TP_REPLICATED`)."""
+    return ".self_attention." in name and any(part in name for part in TP_REPLICATED)
+
 
 def sizes(spec: Spec) -> Dsv4Sizes:
     """The spec's DeepSeek-V4 sizes (a dense MLP counts as 0 experts; only attention shapes use this then)."""
@@ -95,7 +104,7 @@ def attention_flops_per_token(spec: Spec) -> float:
 
 
 def attention_activation_elements(spec: Spec, index: int, act_bytes: int) -> float:
-    """Elements (in the activation dtype) one token stores for backward in layer `index`'s attention.
+    """Elements (in the activation dtype) one token stores for backward in layer `index`'s attention, per rank.
 
         input h; query q (q_a output) + q (normed) + H*d (q_b output) + H*d (normed, rotated);
         key/value d + d (normed, rotated); output H*d (attention) + H*d (inverse-rotated) + g*r (o_a);
@@ -103,11 +112,15 @@ def attention_activation_elements(spec: Spec, index: int, act_bytes: int) -> flo
         and one pooled entry of d per m tokens; 'csa': the indexer's top-k entry ids (int64).
     Attention itself is counted as a fused kernel keeps it (no [s, keys] scores; the sink's
     softmax statistics are H floats). The indexer's scores carry no gradient (nothing kept).
+    Tensor parallelism tp divides the per-head terms (H*d, g*r, the statistics); the input (whole
+    sequence, gathered under sequence parallelism), the query residual, the key/value, the
+    compressors and the top-k ids are replicated.
     """
     m, a = spec.model, spec.model.attention
     kind, ratio = layer_kind(spec, index)
-    h, heads, d = m.hidden_size, m.num_attention_heads, a.head_dim
-    out = h + 2 * a.q_lora_rank + 4 * heads * d + 2 * d + a.o_groups * a.o_lora_rank + heads * 4 / act_bytes
+    h, heads, d = m.hidden_size, m.num_attention_heads / spec.parallel.tp, a.head_dim
+    groups = a.o_groups / spec.parallel.tp
+    out = h + 2 * a.q_lora_rank + 4 * heads * d + 2 * d + groups * a.o_lora_rank + heads * 4 / act_bytes
     if kind != "sliding":
         out += 2 * (2 if kind == "csa" else 1) * d + d / ratio
     if kind == "csa":

@@ -64,10 +64,13 @@ def _attention_rules(spec: Spec, f) -> None:
         if f"model.{key}" in (getattr(spec, "_origins", None) or {}):
             f.warn(f"model.{key}", f"model.{key} is unused with [model.attention] (one shared KV head of "
                                    f"head_dim {a.head_dim})")
-    if p.tp > 1:
-        f.err(f.pick("parallel.tp", "model.attention.layer_types"),
-              f"parallel.tp ({p.tp}) > 1 with [model.attention] is not supported yet: DeepSeek-V4 attention "
-              "runs with tensor parallelism 1 for now (set parallel.tp = 1)")
+    # tensor parallelism splits query heads (the generic rule checks model.num_attention_heads),
+    # output groups and indexer heads over the TP ranks
+    for key, count in (("o_groups", a.o_groups), ("index_n_heads", a.index_n_heads)):
+        if p.tp > 1 and count % p.tp:
+            f.err(f.pick("parallel.tp", f"model.attention.{key}"),
+                  f"parallel.tp ({p.tp}) does not divide model.attention.{key} ({count}): DeepSeek-V4 attention "
+                  f"splits its {key} over the tensor-parallel ranks")
 
 
 def _ratio_rules(a, layers: int, where: str, f) -> None:

@@ -269,7 +269,8 @@ def _param_rank_and_shard(spec: Spec, name: str, layer_rank: list[int], mtp_rank
         ranks = [last]
     if is_routed_expert(name):
         shard = p.etp * p.ep
-    elif is_mhc(name) or is_contraction(name) or name.endswith("norm.weight") or ".router." in name:
+    elif (is_mhc(name) or is_contraction(name) or name.endswith("norm.weight") or ".router." in name
+          or (m.attention is not None and dsv4_estimate.is_tp_replicated(name))):
         shard = 1
     elif ".shared_experts." in name:
         shard = p.tp
@@ -293,7 +294,7 @@ def _activation_elements_per_token(spec: Spec, index: int = 0, act_bytes: int = 
     "layernorm" drops norm outputs; "core_attn" saves nothing here (flash-style attention keeps
     no s x s scores). Tensor-parallel parts are divided by tp, the rest only under sequence
     parallelism; experts by etp. With [model.attention] the attention part is DeepSeek-V4's of the
-    layer's kind (`dsv4_estimate.attention_activation_elements`; tp is 1 there).
+    layer's kind (`dsv4_estimate.attention_activation_elements`, its own tp split).
     """
     m, p, t = spec.model, spec.parallel, spec.train
     h, n = m.hidden_size, m.mhc.streams

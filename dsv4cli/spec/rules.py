@@ -222,6 +222,12 @@ def _moe_rules(spec: Spec, f: _Findings) -> None:
         f.err("parallel.sequence_parallel",
               f"MoE with parallel.tp = {p.tp} needs parallel.sequence_parallel = true (Megatron-Core refuses "
               "to train MoE under tensor parallelism without it)")
+    if p.tp > 1 and p.ep == 1 and p.etp != p.tp:
+        # with ep = 1 megatron reduces expert grads over data parallelism only, while the tp ranks
+        # route different tokens (sequence parallel) through whole experts: their grads never meet
+        f.err(f.pick("parallel.etp", "parallel.tp", "parallel.ep"),
+              f"MoE with parallel.tp = {p.tp} and parallel.ep = 1 needs parallel.etp = {p.tp} (got {p.etp}): "
+              "megatron-core would not sum the experts' gradients over the tensor-parallel ranks")
 
 
 def _world_rules(spec: Spec, world: int, f: _Findings) -> None:

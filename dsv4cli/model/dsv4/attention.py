@@ -36,6 +36,16 @@ from dsv4cli.model.dsv4.indexer import INDEXER_TENSOR_NAMES, Dsv4Indexer, select
 from dsv4cli.model.dsv4.indexer_loss import IndexerLossAutoScaler, indexer_kl
 from dsv4cli.model.dsv4.norm import RMSNorm, rms_normalize
 from dsv4cli.model.dsv4.rope import Rotation
+from dsv4cli.model.dsv4.tp_split import (
+    TpShardedState,
+    combine_output,
+    copy_to,
+    full_sequence,
+    gather_heads,
+    split_linear,
+    split_parameter,
+    tp_group,
+)
 from dsv4cli.model.fp32_params import KeepFp32Params
 from dsv4cli.model.hyper_connection import param_device
 
@@ -102,10 +112,15 @@ def grouped_projection(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     return y.flatten(-2)
 
 
-class Dsv4Attention(KeepFp32Params, MegatronModule):
-    """DeepSeek-V4 self-attention with megatron's `SelfAttention.forward` contract: [s, b, h] -> ([s, b, h], None).
+class Dsv4Attention(TpShardedState, KeepFp32Params, MegatronModule):
+    """DeepSeek-V4 self-attention with megatron's `SelfAttention.forward` contract: [s, b, h] -> ([s, b, h], None)
+    ([s / T, b, h] in and out under sequence parallelism).
 
-    The sinks stay fp32 through `.bfloat16()` (like the norm weights and position biases below it)."""
+    Tensor parallelism T: this rank holds H / T heads, o_groups / T output groups and H_I / T indexer
+    heads (tp_split.py says what is split and what is replicated). The sinks stay fp32 through
+    `.bfloat16()` (like the norm weights and position biases below it)."""
+
+    TP_AXES = {"linear_q_up.weight": 0, "linear_o_down.weight": 0, "linear_o_up.weight": 1, "sinks": 0}
 
     def fp32_param_names(self) -> list[str]:
         return ["sinks"]
@@ -133,19 +148,23 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
                 f"o_groups ({settings.o_groups}) must divide num_attention_heads * head_dim "
                 f"({self.n_heads} * {self.head_dim})"
             )
+        self.tp = tp = tp_group(config, pg_collection)
+        self.local_heads = tp.split(self.n_heads, "num_attention_heads")
+        self.local_groups = tp.split(settings.o_groups, "o_groups")
         eps, device = config.layernorm_epsilon, param_device(config)
         self.linear_q_down = comp.linear_weight(config, settings.q_lora_rank, config.hidden_size)
         self.q_norm = RMSNorm(settings.q_lora_rank, eps, device=device)
-        self.linear_q_up = comp.linear_weight(config, self.n_heads * self.head_dim, settings.q_lora_rank)
+        self.linear_q_up = split_linear(config, self.n_heads * self.head_dim, settings.q_lora_rank, tp, 0)
         self.linear_kv = comp.linear_weight(config, self.head_dim, config.hidden_size)
         self.kv_norm = RMSNorm(self.head_dim, eps, device=device)
-        self.linear_o_down = comp.linear_weight(
-            config, settings.o_groups * settings.o_lora_rank, self.n_heads * self.head_dim // settings.o_groups
+        self.linear_o_down = split_linear(
+            config, settings.o_groups * settings.o_lora_rank, self.n_heads * self.head_dim // settings.o_groups, tp, 0
         )
-        self.linear_o_up = comp.linear_weight(
-            config, config.hidden_size, settings.o_groups * settings.o_lora_rank, init=config.output_layer_init_method
+        self.linear_o_up = split_linear(
+            config, config.hidden_size, settings.o_groups * settings.o_lora_rank, tp, 1,
+            init=config.output_layer_init_method,
         )
-        self.sinks = torch.nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32, device=device))
+        self.sinks = split_parameter(torch.zeros(self.n_heads, dtype=torch.float32, device=device), tp)
         self.compressor = None
         self.indexer = None
         if settings.compressed:
@@ -158,7 +177,7 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
                 rope_dim=settings.rope_head_dim,
             )
         if settings.kind == "compressed_sparse":
-            self.indexer = Dsv4Indexer(config, settings)
+            self.indexer = Dsv4Indexer(config, settings, tp)
         self.iteration: Optional[int] = None  # set by the training loop (indexer_loss.set_iteration)
         self.indexer_loss_sum, self.indexer_loss_count = 0.0, 0  # this step's losses (logging)
 
@@ -185,18 +204,20 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
         return self.attend(hidden_states), None
 
     def attend(self, x: Tensor) -> Tensor:
-        """[s, b, h] -> [s, b, h] (the math of the module docstring)."""
+        """[s, b, h] -> [s, b, h] (the math of the module docstring; [s / T, b, h] under sequence parallelism)."""
+        x = full_sequence(x, self.tp)
         s, b, _ = x.shape
         cfg = self.settings
         eps = self.config.layernorm_epsilon
         rotation = Rotation(cfg.rope, cfg.rope_head_dim, torch.arange(s, device=x.device))
         q_residual = self.q_norm(self.linear_q_down(x))  # [s, b, q_lora]
-        q = self.linear_q_up(q_residual).view(s, b, self.n_heads, self.head_dim)
+        q = self.linear_q_up(copy_to(q_residual, self.tp)).view(s, b, self.local_heads, self.head_dim)
         q = rotation.rotate(rms_normalize(q, eps))
         kv = rotation.rotate(self.kv_norm(self.linear_kv(x)))  # [s, b, D]
         allowed = sliding_causal_mask(s, cfg.sliding_window, device=x.device)  # [s, s]
         if self.compressor is not None:
             kv = torch.cat([kv, self.compressor(x)], dim=0)  # [s + n, b, D]: tokens, then compressed entries
+        kv = copy_to(kv, self.tp)  # replicated, read by this rank's heads
         if self.indexer is not None:
             out = self.attend_sparse(x, q_residual, q, kv, allowed)
         else:
@@ -204,8 +225,9 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
                 visible = comp.compressed_causal_mask(s, kv.shape[0] - s, cfg.compress_ratio, x.device)
                 allowed = torch.cat([allowed, visible], dim=-1)
             out = attention_with_sinks(q, kv, allowed, self.sinks, self.head_dim**-0.5)
-        out = rotation.rotate(out, inverse=True).reshape(s, b, self.n_heads * self.head_dim)
-        return self.linear_o_up(grouped_projection(out, self.linear_o_down.weight, cfg.o_groups))
+        out = rotation.rotate(out, inverse=True).reshape(s, b, self.local_heads * self.head_dim)
+        out = self.linear_o_up(grouped_projection(out, self.linear_o_down.weight, self.local_groups))
+        return combine_output(out, self.tp)  # the sum over all ranks' output groups
 
     def dense_now(self) -> bool:
         """True during the dense warm-up: the iteration the training loop set is below the warm-up."""
@@ -235,10 +257,12 @@ class Dsv4Attention(KeepFp32Params, MegatronModule):
         out = weighted_values(probs, kv_all)
         if not with_loss:
             return out
-        if not dense:  # the target is the dense attention, whatever this step attends to
-            with torch.no_grad():
+        with torch.no_grad():  # the target is the dense attention, whatever this step attends to
+            if not dense:
                 probs = attention_probs(q, kv_all, every_visible, self.sinks, scale)
-        loss = indexer_kl(index.scores, probs[..., s:], index.visible)
+            # this rank's heads summed, then the ranks' sums in rank order: [b, T, s, n]
+            entry_probs = gather_heads(probs[..., s:].sum(dim=1)[None], self.tp).movedim(0, 1)
+        loss = indexer_kl(index.scores, entry_probs, index.visible)
         self.indexer_loss_sum = self.indexer_loss_sum + loss.detach()
         self.indexer_loss_count += 1
         return IndexerLossAutoScaler.apply(out, loss * weight)

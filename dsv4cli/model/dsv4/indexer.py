@@ -12,9 +12,10 @@ keeps the differentiable scores for an indexer loss.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core.transformer.module import MegatronModule
@@ -25,10 +26,10 @@ from dsv4cli.model.dsv4.compressor import (
     COMPRESSOR_TENSOR_NAMES,
     Dsv4Compressor,
     compressed_causal_mask,
-    linear_weight,
     prefix_names,
 )
 from dsv4cli.model.dsv4.rope import Rotation
+from dsv4cli.model.dsv4.tp_split import TpGroup, TpShardedState, copy_to, gather_heads, split_linear
 
 # ours -> (DeepSeek's / the safetensors file's name, HF transformers' module name, relative to the indexer)
 INDEXER_TENSOR_NAMES = {
@@ -51,28 +52,45 @@ def selected_entries(topk: Tensor, n_entries: int) -> Tensor:
     return chosen[..., :n_entries]
 
 
-class Dsv4Indexer(MegatronModule):
-    """(x [s, b, h], q_residual [s, b, q_lora]) -> IndexerOutput (see the module docstring)."""
+class Dsv4Indexer(TpShardedState, MegatronModule):
+    """(x [s, b, h], q_residual [s, b, q_lora]) -> IndexerOutput (see the module docstring).
 
-    def __init__(self, config: TransformerConfig, settings: Dsv4AttentionSettings):
+    Tensor parallelism `tp`: this rank holds H_I / T heads (linear_q_up, linear_weights); the
+    compressor is replicated. The per-head weighted scores of all ranks are gathered in head order
+    and summed as one process sums them, so every rank makes the one-process top-k choice."""
+
+    TP_AXES = {"linear_q_up.weight": 0, "linear_weights.weight": 0}
+
+    def __init__(self, config: TransformerConfig, settings: Dsv4AttentionSettings, tp: Optional[TpGroup] = None):
         super().__init__(config=config)
+        self.tp = tp = tp or TpGroup()
         self.n_heads, self.head_dim = settings.index_n_heads, settings.index_head_dim
+        self.local_heads = tp.split(self.n_heads, "index_n_heads")
         self.topk, self.ratio = settings.index_topk, settings.compress_ratio
         self.rope, self.rope_dim = settings.compress_rope, settings.rope_head_dim
-        self.linear_q_up = linear_weight(config, self.n_heads * self.head_dim, settings.q_lora_rank)
-        self.linear_weights = linear_weight(config, self.n_heads, config.hidden_size)
+        self.linear_q_up = split_linear(config, self.n_heads * self.head_dim, settings.q_lora_rank, tp, 0)
+        self.linear_weights = split_linear(config, self.n_heads, config.hidden_size, tp, 0)
         self.compressor = Dsv4Compressor(
             config, self.head_dim, self.ratio, overlap=True, rope=self.rope, rope_dim=self.rope_dim
         )
 
+    def head_score(self, x: Tensor, q_residual: Tensor, keys: Tensor, rotation: Rotation, head: int) -> Tensor:
+        """Local head `head`'s weighted scores w[t] * ReLU(q[t] . k[w]) * d_I^-1/2: [s, b, n] fp32.
+
+        One head at a time, so every product has the same shape under any TP size (a matrix product's
+        rounding may depend on its width) and the TP=T scores are the TP=1 ones bit for bit."""
+        d = self.head_dim
+        q = rotation.rotate(F.linear(q_residual, self.linear_q_up.weight[head * d:(head + 1) * d]))  # [s, b, d_I]
+        weight = F.linear(x, self.linear_weights.weight[head:head + 1]).float() * self.n_heads**-0.5  # [s, b, 1]
+        return torch.einsum("sbd,nbd->sbn", q.float(), keys).relu() * d**-0.5 * weight
+
     def forward(self, hidden_states: Tensor, q_residual: Tensor) -> IndexerOutput:
         s, b, _ = hidden_states.shape
-        keys = self.compressor(hidden_states)  # [n, b, d_I]
-        q = self.linear_q_up(q_residual).view(s, b, self.n_heads, self.head_dim)
-        q = Rotation(self.rope, self.rope_dim, torch.arange(s, device=q.device)).rotate(q)
-        logits = torch.einsum("sbhd,nbd->sbhn", q.float(), keys.float()).relu() * self.head_dim**-0.5
-        head_weights = self.linear_weights(hidden_states).float() * self.n_heads**-0.5  # [s, b, H_I]
-        scores = (logits * head_weights[..., None]).sum(dim=2)  # [s, b, n]
+        keys = copy_to(self.compressor(hidden_states), self.tp).float()  # [n, b, d_I], replicated
+        rotation = Rotation(self.rope, self.rope_dim, torch.arange(s, device=hidden_states.device))
+        weighted = gather_heads(torch.stack([self.head_score(hidden_states, q_residual, keys, rotation, head)
+                                             for head in range(self.local_heads)]), self.tp)  # [H_I, s, b, n]
+        scores = weighted.sum(dim=0)  # [s, b, n], summed in head order whatever the TP size
         n = keys.shape[0]
         visible = compressed_causal_mask(s, n, self.ratio, device=scores.device)
         masked = scores.detach().masked_fill(~visible[:, None, :], float("-inf"))

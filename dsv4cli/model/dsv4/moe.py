@@ -45,7 +45,11 @@ class Dsv4MoELayer(MoELayer):
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
                 padding_mask: Optional[torch.Tensor] = None, token_ids: Optional[torch.Tensor] = None):
-        """hidden_states [s, b, h], token_ids [s, b] -> (output [s, b, h], None)."""
+        """hidden_states [s, b, h], token_ids [s, b] -> (output [s, b, h], None). Under sequence
+        parallelism hidden_states is this TP rank's [s / T, b, h] slice and so become the ids."""
+        if token_ids is not None and token_ids.shape[0] != hidden_states.shape[0] and self.config.sequence_parallel:
+            group = self.tp_group
+            token_ids = token_ids.chunk(group.size(), dim=0)[group.rank()]
         scope = self.router.token_ids_scope(token_ids) if isinstance(self.router, HashRouter) else contextlib.nullcontext()
         with scope:
             return super().forward(hidden_states, intermediate_tensors, padding_mask)
