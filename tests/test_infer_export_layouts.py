@@ -171,3 +171,32 @@ def test_transformers_loads_the_fp8_export_dequantized_on_cpu(tiny, tmp_path):
     config = json.loads((tmp_path / "original" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128] and "compress_ratios" in config
     assert _cli("import-hf", tmp_path / "original", tmp_path / "back", "--json")["dequantized"] == result["quantized"]
+
+
+@pytest.mark.parametrize("source, args", [
+    ("imported", ("--layout", "original")),
+    pytest.param("hf-imported", ("--dtype", "fp8"), marks=pytest.mark.xfail(
+        strict=True, reason="every tensor passes, but the model check compares HF on the FP8 export with dsv4 on the "
+                            "fp32 checkpoint under the bf16 tolerance (cosine >= 0.99): FP8 rounding of the tiny "
+                            "random model gives 0.98 at the logits (verify_model.py has no FP8 tolerance)")),
+    ("imported", ("--dtype", "fp8", "--layout", "original"))])
+def test_verify_passes_on_original_layout_and_fp8_exports(tiny, tmp_path, source, args):
+    """--verify compares each written tensor with the checkpoint (FP8 ones dequantized, within FP8's
+    tolerance) and, with transformers, runs HF's model on the export: exit 0 for these exports."""
+    from dsv4cli.cli import app
+
+    result = CliRunner().invoke(app, ["export-hf", str(tiny["root"] / source), str(tmp_path / "out"), *args,
+                                      "--verify", "--json"])
+    assert result.exit_code == 0, result.output[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])["verify"]
+    assert report["ok"] and report["tensors"] and all(row["ok"] for row in report["tensors"])
+
+
+def test_export_dtype_error_lists_fp8_and_help_lists_the_json_keys():
+    from dsv4cli.cli import app
+
+    bad = CliRunner().invoke(app, ["export-hf", "ckpt", "out", "--dtype", "int4"])
+    assert bad.exit_code == 2 and "fp8" in bad.output and "bf16" in bad.output
+    help_text = " ".join(CliRunner().invoke(app, ["export-hf", "--help"], terminal_width=200).output.split())
+    for key in ("layout", "quantized", "config_source", "shards"):
+        assert f'"{key}"' in help_text, key
