@@ -51,7 +51,7 @@ max abs diff ~0.6 on values ~3, cosine >= 0.997). fp8: an export whose config.js
 `quantization_config` (HF runs its weights dequantized, dsv4 the checkpoint's): e4m3 keeps 3 mantissa
 bits (each weight rounded by up to 1/16 of itself), which the tiny random test model turns into a
 cosine of ~0.98 at the logits; a tensor in the wrong place gives far less (two layers' `wo_b`
-  swapped: 0.11)."""
+swapped: 0.11)."""
 
 
 @dataclass
