@@ -17,16 +17,21 @@ from hf_tiny import hf_model  # noqa: E402  (after importorskip)
 
 
 def _reference_import(hf_dir, out, dtype=None):
-    """The in-memory import: the whole model built, `assign`ed, saved by megatron's default strategy."""
+    """The in-memory import: the whole model built (as for training: build_model_chunks), every tensor
+    filled in place, saved by megatron's default strategy."""
     from dsv4cli.build.parallel import build_model_chunks, single_process
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
-    from dsv4cli.infer.import_hf import assign, plan_import
+    from dsv4cli.infer.import_hf import SourceReader, place, plan_import, target_value
     from dsv4cli.spec.layout import ParallelDims, single_process_spec
 
     plan = plan_import(hf_dir, out)
     with single_process(plan.spec, seed=0):
         model = build_model_chunks(single_process_spec(plan.spec))[0]
-        assign(model, plan.sources, getattr(torch, dtype) if dtype else None, plan.block)
+        targets = place(model, plan.sources, getattr(torch, dtype) if dtype else None)
+        read = SourceReader(list(plan.sources.values()), plan.block)
+        with torch.no_grad():
+            for name, tensor in targets.state.items():
+                tensor.data = target_value(targets, name, read).to(tensor.device)
         layout = ParallelDims.of(plan.spec, 1).checkpoint_layout()
         return save_checkpoint(out, [model], None, None, TrainProgress(), plan.spec_text, layout)
 

@@ -273,20 +273,6 @@ def target_value(targets: Targets, name: str, read: SourceReader):
     return value
 
 
-def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int, int] = DEFAULT_BLOCK,
-           progress: Optional[Callable[[int, int, int, int], None]] = None) -> None:
-    """Every source tensor into its place in a materialised `model` (place, then target_value for each
-    tensor): the in-memory counterpart of import_hf's streaming save (tests compare the two)."""
-    import torch
-
-    targets = place(model, sources, dtype)
-    read = SourceReader(list({s.name: s for parts in targets.parts.values() for s, _, _ in parts}.values()),
-                        block, progress)
-    with torch.no_grad():
-        for name in targets.parts:
-            targets.state[name].data = target_value(targets, name, read).to(targets.state[name].device)
-
-
 def kept_fp32(model, state: dict) -> set[str]:
     """The state names the model keeps fp32 under any cast: its KeepFp32Params modules' fp32 parameters
     (mHC, contraction, sinks, compressor position biases) and the routers' expert_bias."""
