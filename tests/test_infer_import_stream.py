@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 from hf_tiny import hf_model  # noqa: E402  (after importorskip)
 
 
-def _reference_import(hf_dir, out, dtype=None):
+def _reference_import(hf_dir, out, dtype=None, toy=(None, None)):
     """The in-memory import: the whole model built (as for training: build_model_chunks), every tensor
     filled in place, saved by megatron's default strategy."""
     from dsv4cli.build.parallel import build_model_chunks, single_process
@@ -24,7 +24,7 @@ def _reference_import(hf_dir, out, dtype=None):
     from dsv4cli.infer.import_hf import SourceReader, place, plan_import, target_value
     from dsv4cli.spec.layout import ParallelDims, single_process_spec
 
-    plan = plan_import(hf_dir, out)
+    plan = plan_import(hf_dir, out, layers=toy[0], experts=toy[1])
     with single_process(plan.spec, seed=0):
         model = build_model_chunks(single_process_spec(plan.spec))[0]
         targets = place(model, plan.sources, getattr(torch, dtype) if dtype else None)
@@ -45,8 +45,9 @@ def _tensors(iter_dir) -> dict:
     return {k: reader.load(entry) for k, entry in _tensor_entries(metadata)[0].items()}
 
 
-@pytest.mark.parametrize("dtype", [None, "bfloat16"])
-def test_streaming_import_writes_what_the_in_memory_import_writes(tmp_path, dtype):
+@pytest.mark.parametrize("dtype, toy", [(None, (None, None)), ("bfloat16", (None, None)), (None, (2, 2))])
+def test_streaming_import_writes_what_the_in_memory_import_writes(tmp_path, dtype, toy):
+    """fp32 as stored, cast to bf16, and a toy variant (rows of routers cut, hash table taken modulo)."""
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -55,8 +56,8 @@ def test_streaming_import_writes_what_the_in_memory_import_writes(tmp_path, dtyp
 
     hf_model().save_pretrained(tmp_path / "hf")
     streamed = tmp_path / "streamed" / "iter_0000000"
-    import_hf(tmp_path / "hf", tmp_path / "streamed", dtype=dtype)
-    reference = _reference_import(tmp_path / "hf", tmp_path / "reference", dtype)
+    import_hf(tmp_path / "hf", tmp_path / "streamed", dtype=dtype, layers=toy[0], experts=toy[1])
+    reference = _reference_import(tmp_path / "hf", tmp_path / "reference", dtype, toy)
 
     ours, theirs = (FileSystemReader(str(d)).read_metadata() for d in (streamed, reference))
     assert ours.state_dict_metadata.keys() == theirs.state_dict_metadata.keys()
