@@ -12,9 +12,12 @@ tensors, FP8 / FP4 weights with their scales: dequantized while streaming, dequa
 Steps: config.json -> Spec (hf_config.py); every source name -> its place in dsv4's model
 (hf_names.py; an unknown name is an error naming it), shapes and coverage checked from the headers
 before any data is read; the size of OUT is forecast (forecast_bytes) and checked against the free
-space of its filesystem before anything is written; dsv4's model is built from the spec in one process; each tensor is
-streamed into place (in its stored dtype, or `dtype`); the checkpoint is saved with dsv4's own
-save into a hidden directory next to OUT that is renamed to OUT at the end.
+space of its filesystem before anything is written; dsv4's model is built from the spec on the meta
+device (names, shapes, sharding: no memory) and its tensors given their import dtypes (`place`); the
+checkpoint is saved with dsv4's own save, whose writer asks for one tensor at a time: each is made
+then from the source tensor(s) that fill it (`target_value`, in its stored dtype or `dtype`),
+written and released (stream_save.py). All of it into a hidden directory next to OUT that is renamed
+to OUT at the end. Peak memory: about two of the largest tensors above the modules' own.
 """
 
 from __future__ import annotations

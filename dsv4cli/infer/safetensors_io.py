@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -122,9 +123,15 @@ TORCH_DTYPES = {code: name for name, code in CODES.items()}
 """safetensors dtype code -> torch dtype name."""
 
 
-@functools.lru_cache(maxsize=4)
 def _header(path: str) -> tuple[dict, int]:
-    """A safetensors file's header and where its data starts (8-byte length, JSON, data)."""
+    """A safetensors file's header and where its data starts (8-byte length, JSON, data); cached while
+    the file keeps its size and modification time."""
+    stat = os.stat(path)
+    return _read_header(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_header(path: str, size: int, mtime_ns: int) -> tuple[dict, int]:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(size)), 8 + size
