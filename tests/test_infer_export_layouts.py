@@ -171,3 +171,31 @@ def test_transformers_loads_the_fp8_export_dequantized_on_cpu(tiny, tmp_path):
     config = json.loads((tmp_path / "original" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128] and "compress_ratios" in config
     assert _cli("import-hf", tmp_path / "original", tmp_path / "back", "--json")["dequantized"] == result["quantized"]
+
+
+@pytest.mark.parametrize("source, args", [
+    ("imported", ("--layout", "original")),
+    ("hf-imported", ("--dtype", "fp8")),
+    ("imported", ("--dtype", "fp8", "--layout", "original"))])
+def test_verify_passes_on_original_layout_and_fp8_exports(tiny, tmp_path, source, args):
+    """--verify compares each written tensor with the checkpoint (FP8 ones dequantized, within FP8's
+    tolerance) and, with transformers, runs HF's model on the export: exit 0 for these exports."""
+    from dsv4cli.cli import app
+
+    result = CliRunner().invoke(app, ["export-hf", str(tiny["root"] / source), str(tmp_path / "out"), *args,
+                                      "--verify", "--json"])
+    assert result.exit_code == 0, result.output[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])["verify"]
+    assert report["ok"] and report["tensors"] and all(row["ok"] for row in report["tensors"])
+    if "fp8" in args and "original" not in args:  # HF runs the FP8 export: judged by the FP8 tolerance
+        assert report["model"]["ran"] and report["model"]["tolerance"]["min_cosine"] == 0.95
+
+
+def test_export_dtype_error_lists_fp8_and_help_lists_the_json_keys():
+    from dsv4cli.cli import app
+
+    bad = CliRunner().invoke(app, ["export-hf", "ckpt", "out", "--dtype", "int4"])
+    assert bad.exit_code == 2 and "fp8" in bad.output and "bf16" in bad.output
+    help_text = " ".join(CliRunner().invoke(app, ["export-hf", "--help"], terminal_width=200).output.split())
+    for key in ("layout", "quantized", "config_source", "shards"):
+        assert f'"{key}"' in help_text, key

@@ -83,7 +83,5 @@ def test_export_peak_memory_stays_under_three_largest_tensors_plus_300_mb(measur
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="import-hf builds the whole model in memory before saving it (import_hf.py): "
-                                       "its peak is about twice the checkpoint, not one tensor at a time")
 def test_import_peak_memory_stays_under_three_largest_tensors_plus_300_mb(measured):
     assert measured["import_above_baseline"] < measured["bound"], measured

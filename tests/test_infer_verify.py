@@ -92,14 +92,15 @@ def test_a_bad_import_is_exit_1_naming_the_tensor(imported, tmp_path, monkeypatc
     """An import that puts a wrong value in place (simulated) is caught by --verify: exit 1."""
     import dsv4cli.infer.import_hf as import_hf
 
-    real = import_hf.assign
+    real = import_hf.target_value
 
-    def assign_then_damage(model, *args, **kwargs):
-        real(model, *args, **kwargs)
-        with torch.no_grad():
-            model.state_dict(keep_vars=True)["decoder.layers.2.self_attention.sinks"].data[1] += 1.0
+    def made_then_damaged(targets, name, read):
+        value = real(targets, name, read)
+        if name == "decoder.layers.2.self_attention.sinks":
+            value[1] += 1.0
+        return value
 
-    monkeypatch.setattr(import_hf, "assign", assign_then_damage)
+    monkeypatch.setattr(import_hf, "target_value", made_then_damaged)
     result = _cli("import-hf", imported[0] / "hf", tmp_path / "out", "--verify")
     assert result.exit_code == 1, result.output
     bad = [line for line in result.stdout.splitlines() if "FAIL" in line]

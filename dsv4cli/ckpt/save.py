@@ -42,10 +42,12 @@ def model_sharded_sd(chunks) -> dict:
 
 
 def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress: TrainProgress,
-                    spec_toml: str, layout: dict, keep_last: int = 0) -> Path:
+                    spec_toml: str, layout: dict, keep_last: int = 0, sharded_strategy=None) -> Path:
     """Collective save of model/optimizer/scheduler/progress/RNG to run_dir/iter_XXXXXXX (atomic).
 
     `chunks` are the unwrapped model chunks (no DDP wrapper); `optimizer`/`scheduler` may be None.
+    `sharded_strategy`: megatron's save strategy for the tensors (None: its torch_dist default;
+    import-hf passes one that makes each tensor on demand, infer/stream_save.py).
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -79,7 +81,7 @@ def save_checkpoint(run_dir: str | Path, chunks, optimizer, scheduler, progress:
         "tokens_seen": progress.tokens_seen,
     }
     state["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy)
     dist.barrier()
     final = run_dir / iter_dir_name(progress.iteration)
     if rank == 0:

@@ -20,13 +20,16 @@ def _parse_tokens(text: str) -> list[int]:
         fail(f"error: --tokens must be comma-separated integers, got {text!r}")
 
 
-def _dtype_name(dtype: Optional[str]) -> Optional[str]:
-    """--dtype of import-hf / export-hf (fp32|bf16|fp16, or torch's float32|bfloat16|float16) -> torch's name."""
+def _dtype_name(dtype: Optional[str], also: tuple[str, ...] = ()) -> Optional[str]:
+    """--dtype of import-hf / export-hf (fp32|bf16|fp16, or torch's float32|bfloat16|float16) -> torch's
+    name; `also`: further spellings the command takes as they are (export-hf: fp8)."""
     from dsv4cli.infer.import_hf import DTYPE_NAMES
 
+    if dtype in also:
+        return dtype
     if dtype is None or dtype in DTYPE_NAMES:
         return DTYPE_NAMES.get(dtype)
-    fail(f"error: --dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    fail(f"error: --dtype must be one of {', '.join((*DTYPE_NAMES, *also))}, got {dtype!r}")
 
 
 def verify_option(source: str):
@@ -232,7 +235,8 @@ def export_hf(
     layout: str = typer.Option("hf", "--layout", metavar="hf|original", help="Tensor names and config keys: hf "
                                "(what transformers' save_pretrained writes) or original (the public release's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest safetensors file."),
-    as_json: bool = json_option('Print {"out", "checkpoint", "tensors", "bytes", "shards", "dtypes", "config_source"}.'),
+    as_json: bool = json_option('Print {"out", "checkpoint", "layout", "tensors", "bytes", "shards", "dtypes", '
+                                     '"quantized", "config_source"}.'),
     verify: bool = verify_option("the checkpoint tensor it came from"),
     verbose: bool = typer.Option(False, "--verbose", help="Also show known library warnings (hidden by default)."),
 ) -> None:
@@ -255,7 +259,7 @@ def export_hf(
 
     if layout not in ("hf", "original"):
         fail(f"error: --layout must be hf or original, got {layout!r}")
-    dtype = dtype if dtype == "fp8" else _dtype_name(dtype)
+    dtype = _dtype_name(dtype, also=("fp8",))
     shard = _shard_bytes(max_shard_size)
     quiet_known_noise(verbose)
     try:

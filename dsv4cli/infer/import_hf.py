@@ -12,9 +12,12 @@ tensors, FP8 / FP4 weights with their scales: dequantized while streaming, dequa
 Steps: config.json -> Spec (hf_config.py); every source name -> its place in dsv4's model
 (hf_names.py; an unknown name is an error naming it), shapes and coverage checked from the headers
 before any data is read; the size of OUT is forecast (forecast_bytes) and checked against the free
-space of its filesystem before anything is written; dsv4's model is built from the spec in one process; each tensor is
-streamed into place (in its stored dtype, or `dtype`); the checkpoint is saved with dsv4's own
-save into a hidden directory next to OUT that is renamed to OUT at the end.
+space of its filesystem before anything is written; dsv4's model is built from the spec on the meta
+device (names, shapes, sharding: no memory) and its tensors given their import dtypes (`place`); the
+checkpoint is saved with dsv4's own save, whose writer asks for one tensor at a time: each is made
+then from the source tensor(s) that fill it (`target_value`, in its stored dtype or `dtype`),
+written and released (stream_save.py). All of it into a hidden directory next to OUT that is renamed
+to OUT at the end. Peak memory: about two of the largest tensors above the modules' own.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequa
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
 from dsv4cli.infer.hf_names import (Placement, detect_layout, layer_table, mtp_index, original_name, placements,
                                     strip_prefix)
-from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, stream_scaled, tensor_sources
+from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, read_scaled, tensor_sources
 from dsv4cli.infer.toy import ToyError, cut_config, cut_sources
 
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -172,21 +175,28 @@ def _region(target_shape: tuple, placement: Placement, source_shape: tuple) -> t
     return slice(None), tuple(target_shape)
 
 
-def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int, int] = DEFAULT_BLOCK,
-           progress: Optional[Callable[[int, int, int, int], None]] = None) -> None:
-    """Stream every source tensor into its place in `model` (checked from headers first).
+@dataclass
+class Targets:
+    """Where every source tensor goes (`place`): the model's tensors by state name (`state`, each
+    already of its import dtype, `dtypes`) and, for each, the (source, placement, rows) writing it."""
 
-    Each receiving parameter or buffer is replaced by a zero tensor of the source's dtype (or
-    `dtype` for floating tensors; a quantized source: `dtype`, default bfloat16) before the copies,
-    so padding rows stay zero. Quantized sources are dequantized as they stream (`block`: the
-    config's block size). ImportHFError for a missing target, a shape mismatch, or model tensors no
-    source fills. `progress(bytes read, tensors read, total bytes, total tensors)` after each tensor."""
+    state: dict
+    dtypes: dict
+    parts: dict[str, list[tuple[SourceTensor, Placement, slice]]]
+
+
+def place(model, sources: dict[str, SourceTensor], dtype=None) -> Targets:
+    """Check every source tensor against its place in `model` (headers only) and give each receiving
+    parameter or buffer a fresh uninitialised tensor (on the model's device: none on meta) of its
+    import dtype: the source's dtype (or `dtype` for floating tensors; a quantized source: `dtype`,
+    default bfloat16); fp32 for what the model keeps fp32 (kept_fp32). ImportHFError for a missing
+    target, a shape mismatch, or model tensors no source fills."""
     import torch
 
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     fp32 = kept_fp32(model, state)
     table = layer_table()
-    plan: list[tuple[SourceTensor, Placement, str, slice]] = []
+    parts: dict[str, list] = {}
     dtypes: dict[str, object] = {}
     written: dict[str, set] = {}
     for source in sources.values():
@@ -207,36 +217,63 @@ def assign(model, sources: dict[str, SourceTensor], dtype=None, block: tuple[int
                 stored = _torch_dtype(source.dtype)
                 dtypes[target] = dtype if dtype is not None and stored.is_floating_point else stored
             written.setdefault(target, set()).add(p.part if p.element is None else p.element)
-            plan.append((source, p, target, rows))
+            parts.setdefault(target, []).append((source, p, rows))
     missing = sorted(set(state) - set(written))
-    halves = sorted(t for t, parts in written.items() if parts & {"gate", "up"} and parts != {"gate", "up"})
+    halves = sorted(t for t, got in written.items() if got & {"gate", "up"} and got != {"gate", "up"})
     if missing or halves:
         names = missing or halves
         raise ImportHFError(f"no source tensor for {names[0]}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
                             + ("" if missing else " (only one of w1 / w3)"))
     for target, kind in dtypes.items():
-        state[target].data = torch.zeros(state[target].shape, dtype=kind, device=state[target].device)
-    by_source: dict[str, list] = {}
-    for source, p, target, rows in plan:
-        by_source.setdefault(source.name, []).append((p, target, rows))
-    total, done = sum(stored_bytes(sources[n]) for n in by_source), [0, 0]
-    with torch.no_grad():
-        for source, tensor, scale in stream_scaled([sources[n] for n in by_source]):
-            if scale is not None:
-                try:
-                    tensor = dequantize(tensor, scale, dtypes[by_source[source.name][0][1]], block)
-                except DequantError as e:
-                    raise ImportHFError(f"{source.name}: {e}") from None
-            if source.rows is not None:
-                tensor = tensor[: source.rows]
-            if source.modulo is not None:
-                tensor = tensor % source.modulo
-            for p, target, rows in by_source[source.name]:
-                value = tensor if p.element is None else tensor[p.element].reshape(state[target].data[rows].shape)
-                state[target].data[rows].copy_(value)
-            done[0], done[1] = done[0] + stored_bytes(source), done[1] + 1
-            if progress is not None:
-                progress(done[0], done[1], total, len(by_source))
+        state[target].data = torch.empty(state[target].shape, dtype=kind, device=state[target].device)
+    return Targets(state, dtypes, parts)
+
+
+class SourceReader:
+    """Reads one source tensor at a time, as it goes in the model: dequantized (`block`: the config's
+    block size) into the dtype asked, a toy variant's rows cut, its integer values taken modulo.
+    `progress(bytes read, tensors read, total bytes, total tensors)` the first time each of `sources`
+    is read."""
+
+    def __init__(self, sources: list[SourceTensor], block: tuple[int, int] = DEFAULT_BLOCK,
+                 progress: Optional[Callable[[int, int, int, int], None]] = None):
+        self._block, self._progress = block, progress
+        self._total, self._count = sum(map(stored_bytes, sources)), len(sources)
+        self._seen: set[str] = set()
+        self._done = 0
+
+    def __call__(self, source: SourceTensor, dtype):
+        tensor, scale = read_scaled(source)
+        if scale is not None:
+            try:
+                tensor = dequantize(tensor, scale, dtype, self._block)
+            except DequantError as e:
+                raise ImportHFError(f"{source.name}: {e}") from None
+        if source.rows is not None:
+            tensor = tensor[: source.rows]
+        if source.modulo is not None:
+            tensor = tensor % source.modulo
+        if source.name not in self._seen:
+            self._seen.add(source.name)
+            self._done += stored_bytes(source)
+            if self._progress is not None:
+                self._progress(self._done, len(self._seen), self._total, self._count)
+        return tensor
+
+
+def target_value(targets: Targets, name: str, read: SourceReader):
+    """The whole value of model tensor `name` in its import dtype: the one source that fills it, or
+    zeros of its shape (padding rows stay zero) with every source placed in it, each read when needed."""
+    import torch
+
+    shape, parts = tuple(targets.state[name].shape), targets.parts[name]
+    if len(parts) == 1 and parts[0][1].element is None and parts[0][2] == slice(None):  # one source, all of it
+        return read(parts[0][0], targets.dtypes[name]).to(targets.dtypes[name]).reshape(shape)
+    value = torch.zeros(shape, dtype=targets.dtypes[name])
+    for source, p, rows in targets.parts[name]:
+        tensor = read(source, targets.dtypes[name])
+        value[rows].copy_(tensor if p.element is None else tensor[p.element].reshape(value[rows].shape))
+    return value
 
 
 def kept_fp32(model, state: dict) -> set[str]:
@@ -259,14 +296,16 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
     "layout", "dequantized", "notes"}.
 
     Before anything is written: `announce(forecast bytes of OUT, free bytes there)` and the disk check
-    (ImportHFError when the forecast exceeds the free space: nothing written). `progress`: assign's."""
+    (ImportHFError when the forecast exceeds the free space: nothing written). `progress`: SourceReader's."""
     import torch
 
     from dsv4cli.build import UnsupportedSpecError
-    from dsv4cli.build.parallel import build_model_chunks, single_process
+    from dsv4cli.build.model_summary import meta_model
+    from dsv4cli.build.parallel import single_process
     from dsv4cli.ckpt.atomic import new_directory, write_text_atomic
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
-    from dsv4cli.spec.layout import ParallelDims, single_process_spec
+    from dsv4cli.infer.stream_save import ViewMaker, map_large_allocations, streaming_strategy
+    from dsv4cli.spec.layout import ParallelDims
 
     plan = plan_import(hf_dir, out, spec_out, layers, experts)
     cast = getattr(torch, dtype) if dtype else None
@@ -281,14 +320,17 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
     with new_directory(plan.out) as tmp:
         with single_process(plan.spec, seed=0):
             try:
-                model = build_model_chunks(single_process_spec(plan.spec))[0]
+                model = meta_model(plan.spec)  # names, shapes and sharding, no memory
             except UnsupportedSpecError as e:
                 raise ImportHFError(f"dsv4 cannot build this model yet: {e}") from None
-            assign(model, plan.sources, cast, plan.block, progress)
-            model.to(next(model.parameters()).device)  # mHC / contraction parameters back to fp32 (fp32_params.py)
+            targets = place(model, plan.sources, cast)
+            map_large_allocations()  # freed tensors go back to the system at once
+            read = SourceReader(list(plan.sources.values()), plan.block, progress)
+            make = ViewMaker(targets.state, lambda name: target_value(targets, name, read))
             dtypes = saved_dtypes(model)
             layout = ParallelDims.of(plan.spec, 1).checkpoint_layout()
-            iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout)
+            iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout,
+                                       sharded_strategy=streaming_strategy(make))
         if plan.tokenizer is not None:
             shutil.copyfile(plan.tokenizer, tmp / TOKENIZER)
         shutil.copyfile(plan.hf_dir / "config.json", tmp / SOURCE_CONFIG)  # for export-hf's config.json

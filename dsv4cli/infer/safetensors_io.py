@@ -10,7 +10,9 @@ and shapes known in advance, then each tensor's bytes as it comes, so no shard i
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -115,6 +117,46 @@ def stream_scaled(sources):
                     with safe_open(str(source.scale.file), framework="pt") as other:
                         scale = other.get_tensor(source.scale.name)
                 yield source, f.get_tensor(source.name), scale
+
+
+TORCH_DTYPES = {code: name for name, code in CODES.items()}
+"""safetensors dtype code -> torch dtype name."""
+
+
+def _header(path: str) -> tuple[dict, int]:
+    """A safetensors file's header and where its data starts (8-byte length, JSON, data); cached while
+    the file keeps its size and modification time."""
+    stat = os.stat(path)
+    return _read_header(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_header(path: str, size: int, mtime_ns: int) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
+
+
+def read_tensor(path: Path, name: str):
+    """One tensor of a safetensors file read into a fresh CPU torch tensor of its stored dtype: its
+    bytes go straight into the tensor's own memory (no mapping of the file, nothing kept)."""
+    import torch
+
+    header, start = _header(str(path))
+    entry = header[name]
+    begin, end = entry["data_offsets"]
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(start + begin)
+        if f.readinto(memoryview(out.numpy())) != end - begin:
+            raise SafetensorsError(f"{path}: the data of {name} is cut short")
+    return out.view(getattr(torch, TORCH_DTYPES[entry["dtype"]])).reshape(entry["shape"])
+
+
+def read_scaled(source: SourceTensor):
+    """-> (the tensor, its scale tensor or None), each read by read_tensor."""
+    scale = None if source.scale is None else read_tensor(source.scale.file, source.scale.name)
+    return read_tensor(source.file, source.name), scale
 
 
 class ShardWriter:
