@@ -92,9 +92,20 @@ class StandIn:
         return f"{type(self)!r}<{d['_kind']} {d['_args']!r} {d['_state']!r}>"
 
 
+class SizeStandIn(StandIn):
+    """torch.Size((2, 3)) (pickled as a REDUCE of torch.Size on a tuple): iterates like one."""
+
+    def __iter__(self):
+        return iter(self.__dict__["_args"][0])
+
+    def __len__(self) -> int:
+        return len(self.__dict__["_args"][0])
+
+
 def standin_class(module: str, qualname: str) -> Global:
     """A new stand-in class for the global module.qualname."""
-    return Global(qualname.rpartition(".")[2], (StandIn,), {"module": module, "qualname": qualname})
+    base = SizeStandIn if (module, qualname) == ("torch", "Size") else StandIn
+    return Global(qualname.rpartition(".")[2], (base,), {"module": module, "qualname": qualname})
 
 
 def is_standin(obj: Any) -> bool:
