@@ -27,7 +27,7 @@ STANDIN_PACKAGES = ("torch", "megatron")
 _SAFE_GLOBALS = {
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
     ("builtins", "bytearray"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
-    ("_codecs", "encode"), ("copyreg", "_reconstructor"), ("builtins", "object"),
+    ("_codecs", "encode"),
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
 }
 # Dataclasses whose __getstate__ is a tuple: field names, in order (torch.distributed.checkpoint.metadata).
