@@ -235,3 +235,15 @@ def test_trained_checkpoint_round_trips_and_converts_like_the_torch_path(tmp_pat
     assert any(k.startswith("optimizer.state.") for k in md.state_dict_metadata)
     free, ref = _convert_both(tmp_path / "run", tmp_path, monkeypatch)
     assert_same_conversion(free, ref)
+
+
+def test_a_large_metadata_takes_the_torch_path_with_the_same_result(legacy, tmp_path, monkeypatch):  # noqa: F811
+    from dsv4cli.ckpt import convert, dcp_pickle
+
+    convert.convert_checkpoint(legacy, tmp_path / "free")
+    monkeypatch.setattr(convert, "TORCH_FREE_MAX_METADATA", 0)
+    plan = convert.plan_conversion(legacy)
+    assert dcp_pickle.is_standin(plan.info.dcp_metadata)
+    assert convert._entry_writer(plan.info, convert.new_tensors(plan)) is None
+    convert.convert_checkpoint(legacy, tmp_path / "torch")
+    assert_same_conversion(_iter_dir(tmp_path / "free"), _iter_dir(tmp_path / "torch"))

@@ -11,8 +11,9 @@ pointing at that file. Output is written beside DST and renamed into place at th
 No torch on that path (process start-up would cost more than copying a GiB): `.metadata` is read
 and written by dsv4cli.ckpt.dcp_pickle, the new tensors written by dsv4cli.ckpt.new_entries in
 DCP's format. Where those do not apply (an unknown global in `.metadata`, no float32 example entry,
-a non-float32 optimizer state, `--drop-optimizer` with a `common.pt` to rewrite) the same steps run
-with torch (DCP's reader, `dcp.save`, `pickle.dump`); both give equal `.metadata` and data.
+a non-float32 optimizer state, a `.metadata` over TORCH_FREE_MAX_METADATA) the same steps run with
+torch (DCP's reader, `dcp.save`, `pickle.dump`); both give equal `.metadata` and data.
+`--drop-optimizer` imports torch to rewrite `common.pt`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from dsv4cli.ckpt.provenance import spec_hash
 
 NEW_DATA_FILE = "__dsv4_hc_head.distcp"
 DEFAULT_EPS = 1e-6
+# Above this `.metadata` size the torch path is the faster one: dcp_pickle writes with the pure-Python
+# pickler (~2-4 MB/s here), torch's start-up (~2.5 s) is then the smaller cost.
+TORCH_FREE_MAX_METADATA = 4 << 20
 
 
 def contraction_base(n: int, eps: float) -> float:
@@ -256,8 +260,10 @@ def _write_new_tensors(tensors: dict[str, NewTensor], out: Path, writer: Optiona
 
 def _entry_writer(info: CheckpointInfo, tensors: dict[str, NewTensor]) -> Optional[EntryWriter]:
     """The torch-free writer of the new tensors, or None where the torch path is needed (the source's
-    `.metadata` was read by torch, has no float32 example entry, or a new tensor is not float32)."""
+    `.metadata` was read by torch or is large, has no float32 example entry, or a new tensor is not float32)."""
     if not dcp_pickle.is_standin(info.dcp_metadata) or any(t.dtype != "float32" for t in tensors.values()):
+        return None
+    if (info.iter_dir / DCP_METADATA).stat().st_size > TORCH_FREE_MAX_METADATA:
         return None
     try:
         return EntryWriter(info.dcp_metadata, info.iter_dir)
