@@ -22,6 +22,9 @@ And the checkpoints of training: save, load (resume, eval), the checks before a 
     stats        per-tensor statistics, one tensor at a time
     diff         diff_checkpoints(a, b): `dsv4 inspect diff`
     convert      convert_checkpoint(src, dst, ...): `dsv4 convert-ckpt` (average -> learned contraction)
+    dcp_pickle   DCP `.metadata` read and written without torch (stand-ins for torch's pickled classes)
+    torch_zip    torch.save's zip of one float32 tensor, written without torch
+    new_entries  the tensors convert adds, their data file and `.metadata` entries, without torch
     optimizer_state  how optimizer state is stored; the entries convert adds for new parameters
     verify       the checks behind `convert-ckpt --verify`
     tensors      TensorReader: load one stored tensor at a time

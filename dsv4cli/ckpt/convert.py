@@ -7,6 +7,13 @@ optimizer state is stored per parameter, and the saved spec switched to `contrac
 "learned"`. Nothing is loaded whole: the source `.distcp` files are copied byte for byte (reflink /
 in-kernel copies, dsv4cli/ckpt/filecopy.py) or hard-linked (`link`), the new tensors go into one extra data file, and the DCP `.metadata` is the source's plus entries
 pointing at that file. Output is written beside DST and renamed into place at the end.
+
+No torch on that path (process start-up would cost more than copying a GiB): `.metadata` is read
+and written by dsv4cli.ckpt.dcp_pickle, the new tensors written by dsv4cli.ckpt.new_entries in
+DCP's format. Where those do not apply (an unknown global in `.metadata`, no float32 example entry,
+a non-float32 optimizer state, a `.metadata` over TORCH_FREE_MAX_METADATA) the same steps run with
+torch (DCP's reader, `dcp.save`, `pickle.dump`); both give equal `.metadata` and data.
+`--drop-optimizer` imports torch to rewrite `common.pt`.
 """
 
 from __future__ import annotations
@@ -34,12 +41,17 @@ from dsv4cli.ckpt.layout import (
     TRACKER_FILE,
     iter_dir_name,
 )
-from dsv4cli.ckpt.metadata import CheckpointInfo, check_common_state, read_checkpoint_info
+from dsv4cli.ckpt import dcp_pickle
+from dsv4cli.ckpt.metadata import CheckpointInfo, check_common_state, read_checkpoint_info, read_dcp_metadata
+from dsv4cli.ckpt.new_entries import EntryWriter, NewTensor
 from dsv4cli.ckpt.optimizer_state import OptimizerLayout, new_optimizer_entries, optimizer_layout
 from dsv4cli.ckpt.provenance import spec_hash
 
 NEW_DATA_FILE = "__dsv4_hc_head.distcp"
 DEFAULT_EPS = 1e-6
+# Above this `.metadata` size the torch path is the faster one: dcp_pickle writes with the pure-Python
+# pickler (~2-4 MB/s here), torch's start-up (~2.5 s) is then the smaller cost.
+TORCH_FREE_MAX_METADATA = 4 << 20
 
 
 def contraction_base(n: int, eps: float) -> float:
@@ -130,7 +142,7 @@ def plan_conversion(
     overrides: Sequence[str] = (),
 ) -> _Plan:
     """Read SRC's metadata and decide what to add; CheckpointError for anything inconsistent."""
-    info = read_checkpoint_info(src)
+    info = read_checkpoint_info(src, torch_free=True)
     common = check_common_state(info.iter_dir / COMMON_STATE)
     if info.integrity_problems or common:
         problems = info.integrity_problems + ([common] if common else [])
@@ -186,18 +198,16 @@ def _check_head_shapes(block: str, shapes: dict, n: int, h: int) -> None:
             raise CheckpointError(f"{block}{name}: stored shape {list(shapes[block + name])}, expected {list(shape)}")
 
 
-def new_tensors(plan: _Plan) -> dict:
-    """{key: fp32 tensor} of everything the conversion adds (model parameters, then optimizer state)."""
-    import torch
-
+def new_tensors(plan: _Plan) -> dict[str, NewTensor]:
+    """{key: NewTensor} of everything the conversion adds (model parameters, then optimizer state)."""
     n, h = plan.streams, plan.hidden
     base = contraction_base(n, plan.eps)
-    out: dict[str, torch.Tensor] = {}
-    params: dict[str, torch.Tensor] = {}
+    out: dict[str, NewTensor] = {}
+    params: dict[str, NewTensor] = {}
     for block in plan.missing_blocks:
-        params[block + "hc_head_fn"] = torch.zeros(n, n * h, dtype=torch.float32)
-        params[block + "hc_head_base"] = torch.full((n,), base, dtype=torch.float64).to(torch.float32)
-        params[block + "hc_head_scale"] = torch.ones(1, dtype=torch.float32)
+        params[block + "hc_head_fn"] = NewTensor.full((n, n * h), 0.0)
+        params[block + "hc_head_base"] = NewTensor.full((n,), base)  # float64 logit rounded to float32
+        params[block + "hc_head_scale"] = NewTensor.full((1,), 1.0)
     out.update(params)
     out.update(new_optimizer_entries(plan.optimizer, params))
     return out
@@ -227,14 +237,38 @@ def _check_destination(src_dirs: list[Path], dst: Path, force: bool) -> None:
         raise CheckpointError(f"DST {dst}: {parent} is a file, not a directory")
 
 
-def _write_new_tensors(tensors: dict, scratch: Path):
-    """Save `tensors` with PyTorch DCP (single process) into scratch; -> its Metadata."""
+def _write_new_tensors(tensors: dict[str, NewTensor], out: Path, writer: Optional[EntryWriter]):
+    """Write `tensors` into out/NEW_DATA_FILE -> their Metadata entries (state_dict_metadata, storage_data):
+    without torch by `writer`, else saved with PyTorch DCP (single process) into a scratch directory."""
+    if writer is not None:
+        return writer.write(tensors, out / NEW_DATA_FILE)
     import torch.distributed.checkpoint as dcp
 
+    scratch = out.parent / "scratch"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(scratch)), no_dist=True)
-    return dcp.FileSystemReader(str(scratch)).read_metadata()
+        dcp.save({k: t.to_torch() for k, t in tensors.items()}, storage_writer=dcp.FileSystemWriter(str(scratch)),
+                 no_dist=True)
+    added = dcp.FileSystemReader(str(scratch)).read_metadata()
+    files = sorted(p for p in scratch.iterdir() if p.name.endswith(".distcp"))
+    if len(files) != 1:
+        raise RuntimeError(f"expected one DCP data file for the new tensors, got {[p.name for p in files]}")
+    os.replace(files[0], out / NEW_DATA_FILE)
+    shutil.rmtree(scratch)
+    return added
+
+
+def _entry_writer(info: CheckpointInfo, tensors: dict[str, NewTensor]) -> Optional[EntryWriter]:
+    """The torch-free writer of the new tensors, or None where the torch path is needed (the source's
+    `.metadata` was read by torch or is large, has no float32 example entry, or a new tensor is not float32)."""
+    if not dcp_pickle.is_standin(info.dcp_metadata) or any(t.dtype != "float32" for t in tensors.values()):
+        return None
+    if (info.iter_dir / DCP_METADATA).stat().st_size > TORCH_FREE_MAX_METADATA:
+        return None
+    try:
+        return EntryWriter(info.dcp_metadata, info.iter_dir)
+    except (dcp_pickle.Unsupported, OSError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def _merge_metadata(orig, added, added_file: str, keep: Callable[[str], bool], relocate: dict):
@@ -247,15 +281,17 @@ def _merge_metadata(orig, added, added_file: str, keep: Callable[[str], bool], r
     for k, v in added.state_dict_metadata.items():
         sdm[k] = v
     for idx, info in added.storage_data.items():
-        storage[idx] = dataclasses.replace(info, relative_path=added_file)
+        storage[idx] = dcp_pickle.replace(info, relative_path=added_file)
     planner = orig.planner_data
     if isinstance(planner, dict):
         planner = {k: v for k, v in planner.items() if keep(k)}
         for k in added.state_dict_metadata:
             planner[k] = (k,)
-    merged = dataclasses.replace(orig, state_dict_metadata=sdm, storage_data=storage, planner_data=planner)
+    merged = dcp_pickle.replace(orig, state_dict_metadata=sdm, storage_data=storage, planner_data=planner)
+    if dcp_pickle.is_standin(orig):  # the stand-in's state holds every attribute
+        return merged
     fields = {f.name for f in dataclasses.fields(orig)}
-    for k, v in vars(orig).items():  # attributes writers attach beyond the dataclass (e.g. mcore_data)
+    for k, v in vars(orig).items():  # attributes writers attach beyond the dataclass (e.g. all_local_plans)
         if k not in fields:
             setattr(merged, k, v)
     return merged
@@ -302,9 +338,8 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
     """Write DST from a plan, atomically (temp dir beside DST, rename at the end).
 
     Unchanged files are copied, or hard-linked with `link` (same filesystem, else CheckpointError);
-    every file written after that is a new one (written beside, then renamed), never a linked one."""
-    import torch
-
+    every file written after that is a new one (written beside, then renamed), never a linked one.
+    Without torch where the source's `.metadata` was read by dcp_pickle (see _entry_writer)."""
     info = plan.info
     src_dir = info.iter_dir
     iteration = info.iteration
@@ -312,6 +347,8 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
     old = dst.parent / f".{dst.name}.dsv4-old-{os.getpid()}"
     hook = fail_hook or (lambda stage: None)
     added = new_tensors(plan)
+    writer = _entry_writer(info, added)
+    md = info.dcp_metadata if writer or not dcp_pickle.is_standin(info.dcp_metadata) else read_dcp_metadata(src_dir)
     drop = plan.optimizer_mode == "dropped"
     keep = (lambda k: not is_optimizer_key(k)) if drop else (lambda k: True)
 
@@ -324,7 +361,6 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
         out.mkdir(parents=True)
         copied, nbytes = [], 0
         relocate: dict = {}
-        md = info.dcp_metadata
         data_files = {i.relative_path for i in (md.storage_data or {}).values()}
         for entry in sorted(src_dir.iterdir()):
             name = entry.name
@@ -341,10 +377,12 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
                 )
                 offsets, size = copy_ranges(entry, out / name, [(si.offset, si.length) for _, si in items])
                 for (idx, si), off in zip(items, offsets):
-                    relocate[idx] = dataclasses.replace(si, offset=off)
+                    relocate[idx] = dcp_pickle.replace(si, offset=off)
                 copied.append(name)
                 nbytes += size
             elif drop and name == COMMON_STATE:
+                import torch
+
                 common = torch.load(entry, map_location="cpu", weights_only=False)
                 if isinstance(common, dict):
                     common.pop("optimizer", None)
@@ -354,17 +392,14 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
                 nbytes += transfer(entry, out / name, link)
                 copied.append(name)
         hook("new-tensors")
-        scratch = tmp / "scratch"
-        added_md = _write_new_tensors(added, scratch)
-        scratch_files = sorted(p for p in scratch.iterdir() if p.name.endswith(".distcp"))
-        if len(scratch_files) != 1:
-            raise RuntimeError(f"expected one DCP data file for the new tensors, got {[p.name for p in scratch_files]}")
-        os.replace(scratch_files[0], out / NEW_DATA_FILE)
-        shutil.rmtree(scratch)
+        added_md = _write_new_tensors(added, out, writer)
         hook("metadata")
         merged = _merge_metadata(md, added_md, NEW_DATA_FILE, keep, relocate)
         with open(out / (DCP_METADATA + ".tmp"), "wb") as f:
-            pickle.dump(merged, f)
+            if dcp_pickle.is_standin(merged):
+                f.write(dcp_pickle.dumps(merged, pickle.DEFAULT_PROTOCOL))  # what pickle.dump writes for torch's
+            else:
+                pickle.dump(merged, f)
         os.replace(out / (DCP_METADATA + ".tmp"), out / DCP_METADATA)
         model_added = [k for k in added if not is_optimizer_key(k)]
         spec_written = False

@@ -2,7 +2,7 @@
 
 From metadata and file sizes only; no tensor is loaded:
 
-    .metadata      parses (PyTorch DCP)
+    .metadata      parses (PyTorch DCP; `torch_free`: dsv4cli.ckpt.dcp_pickle, torch's reader as fallback)
     *.distcp       every file `.metadata` points at exists and reaches its largest offset + length
     common.pt      (loading=True) Megatron's common state: zip CRCs sound
     metadata.json  (loading=True) Megatron's config: valid JSON
@@ -29,13 +29,13 @@ def one_line(message: str) -> str:
     return re.sub(r"\s*\n\s*", " ", message).strip()
 
 
-def integrity_problems(iter_dir: str | Path, loading: bool = False) -> list[str]:
+def integrity_problems(iter_dir: str | Path, loading: bool = False, torch_free: bool = False) -> list[str]:
     """What makes the checkpoint in `iter_dir` unusable (empty = complete). Raises CheckpointError when
-    `.metadata` itself is missing or unreadable."""
+    `.metadata` itself is missing or unreadable. torch_free: read `.metadata` without torch where it can."""
     from dsv4cli.ckpt.metadata import check_common_state, check_storage, read_dcp_metadata
 
     iter_dir = Path(iter_dir)
-    _, problems = check_storage(iter_dir, read_dcp_metadata(iter_dir))
+    _, problems = check_storage(iter_dir, read_dcp_metadata(iter_dir, torch_free))
     if loading:
         common = check_common_state(iter_dir / COMMON_STATE)
         if common:
@@ -49,10 +49,10 @@ def integrity_problems(iter_dir: str | Path, loading: bool = False) -> list[str]
     return problems
 
 
-def check_integrity(iter_dir: str | Path, loading: bool = False) -> None:
+def check_integrity(iter_dir: str | Path, loading: bool = False, torch_free: bool = False) -> None:
     """CheckpointError (one line naming the damaged file) unless `iter_dir` holds a complete checkpoint."""
     try:
-        problems = integrity_problems(iter_dir, loading)
+        problems = integrity_problems(iter_dir, loading, torch_free)
     except CheckpointError as e:
         raise CheckpointError(one_line(str(e))) from None
     if problems:
@@ -60,10 +60,11 @@ def check_integrity(iter_dir: str | Path, loading: bool = False) -> None:
         raise CheckpointError(one_line(f"{iter_dir}: damaged checkpoint: {problems[0]}{more}"))
 
 
-def check_checkpoint(path: str | Path, loading: bool = False) -> CheckpointLocation:
-    """Resolve a run root / iter_* / DCP directory and check it is complete -> its location."""
+def check_checkpoint(path: str | Path, loading: bool = False, torch_free: bool = False) -> CheckpointLocation:
+    """Resolve a run root / iter_* / DCP directory and check it is complete -> its location
+    (torch_free: without importing torch where dsv4cli.ckpt.dcp_pickle reads `.metadata`)."""
     loc = resolve_checkpoint(path)
-    check_integrity(loc.iter_dir, loading)
+    check_integrity(loc.iter_dir, loading, torch_free)
     return loc
 
 

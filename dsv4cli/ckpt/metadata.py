@@ -2,7 +2,8 @@
 
 Sources: the DCP `.metadata` (names, global shapes, dtypes, chunks, and where each chunk's bytes
 sit), Megatron's `metadata.json`, dsv4's `dsv4_spec.toml` and `dsv4_meta.json`. The `.distcp`
-data files are only stat-ed, to tell a truncated checkpoint from a complete one. Megatron's
+data files are only stat-ed, to tell a truncated checkpoint from a complete one. `.metadata` is
+read with torch's DCP reader, or without torch (dsv4cli.ckpt.dcp_pickle, `torch_free`). Megatron's
 `common.pt` is not read here; `check_common_state` (used by convert, which copies it) checks it.
 """
 
@@ -27,6 +28,13 @@ from dsv4cli.ckpt.layout import (
     CheckpointLocation,
     resolve_checkpoint,
 )
+
+_METADATA_CLASS = ("torch.distributed.checkpoint.metadata", "Metadata")
+# Bytes per element by dtype name, for stand-in dtypes (torch.dtype has .itemsize).
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1,
+             "float8_e5m2": 1, "uint16": 2, "uint32": 4, "uint64": 8}
+
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -89,15 +97,27 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def read_dcp_metadata(iter_dir: Path):
-    """The DCP `Metadata` object of a checkpoint directory (reads `.metadata` only)."""
-    from torch.distributed.checkpoint import FileSystemReader
+def read_dcp_metadata(iter_dir: Path, torch_free: bool = False):
+    """The DCP `Metadata` object of a checkpoint directory (reads `.metadata` only).
 
+    torch_free: read it with dsv4cli.ckpt.dcp_pickle's stand-ins (no torch import); a file that codec
+    does not know (or cannot parse) is read by torch's reader instead, which also words the errors."""
     path = Path(iter_dir) / DCP_METADATA
     if not path.is_file():
         raise CheckpointError(f"{iter_dir}: no {DCP_METADATA} file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (interrupted save?)")
+    if torch_free:
+        from dsv4cli.ckpt import dcp_pickle
+
+        try:
+            md, _ = dcp_pickle.load(path)
+            if dcp_pickle.global_key(md) == _METADATA_CLASS:
+                return md
+        except Exception:  # unknown or damaged: torch's reader decides and words the error
+            pass
+    from torch.distributed.checkpoint import FileSystemReader
+
     try:
         return FileSystemReader(str(iter_dir)).read_metadata()
     except Exception as e:  # pickle raises many kinds for a damaged file
@@ -105,17 +125,17 @@ def read_dcp_metadata(iter_dir: Path):
 
 
 def _tensor_entries(md) -> tuple[dict[str, TensorEntry], list[str]]:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
+    """By class name: works for torch's classes and dcp_pickle's stand-ins alike."""
     tensors: dict[str, TensorEntry] = {}
     objects: list[str] = []
     for name, item in md.state_dict_metadata.items():
-        if isinstance(item, TensorStorageMetadata):
+        kind = type(item).__name__
+        if kind == "TensorStorageMetadata":
             dtype = item.properties.dtype
             shape = tuple(int(s) for s in item.size)
             itemsize = _itemsize(dtype)
             tensors[name] = TensorEntry(name, shape, dtype_name(dtype), math.prod(shape) * itemsize, len(item.chunks))
-        elif isinstance(item, BytesStorageMetadata):
+        elif kind == "BytesStorageMetadata":
             objects.append(name)
     return tensors, objects
 
@@ -132,9 +152,15 @@ def stored_tensors(iter_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def _itemsize(dtype) -> int:
+    size = getattr(dtype, "itemsize", None)  # torch.dtype (torch >= 2.1)
+    if isinstance(size, int):
+        return size
+    name = dtype_name(dtype)
+    if name in _ITEMSIZE:
+        return _ITEMSIZE[name]
     import torch
 
-    return torch.empty((), dtype=dtype).element_size()
+    return torch.empty((), dtype=getattr(torch, name)).element_size()
 
 
 def check_storage(iter_dir: Path, md) -> tuple[dict[str, int], list[str]]:
@@ -177,10 +203,12 @@ def check_common_state(path: Path) -> Optional[str]:
     return None if head == b"\x80" else f"{COMMON_STATE} is not a torch.save file (damaged or truncated)"
 
 
-def read_checkpoint_info(path: str | Path, location: Optional[CheckpointLocation] = None) -> CheckpointInfo:
-    """Read a checkpoint's metadata (never tensor data) -> CheckpointInfo; CheckpointError if unreadable."""
+def read_checkpoint_info(path: str | Path, location: Optional[CheckpointLocation] = None,
+                         torch_free: bool = False) -> CheckpointInfo:
+    """Read a checkpoint's metadata (never tensor data) -> CheckpointInfo; CheckpointError if unreadable.
+    torch_free: `dcp_metadata` may be dcp_pickle stand-ins (see read_dcp_metadata)."""
     loc = location or resolve_checkpoint(path)
-    md = read_dcp_metadata(loc.iter_dir)
+    md = read_dcp_metadata(loc.iter_dir, torch_free)
     tensors, objects = _tensor_entries(md)
     files, integrity = check_storage(loc.iter_dir, md)
 

@@ -10,11 +10,13 @@ and flattened model-space entries cannot take new entries without rebuilding the
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.keys import OptimizerKey, is_optimizer_key, mapping_proj_keys, parse_optimizer_key
 from dsv4cli.ckpt.metadata import CheckpointInfo
+from dsv4cli.ckpt.new_entries import NewTensor
 
 # Optimizer states that hold the parameter itself (main fp32 copy) rather than a moment.
 PARAM_COPY_STATES = ("fp32_param", "param")
@@ -84,13 +86,11 @@ def optimizer_layout(info: CheckpointInfo, blocks: list[str], drop: bool) -> Opt
 
 
 def new_optimizer_entries(layout: OptimizerLayout, params: dict) -> dict:
-    """{optimizer key: tensor} for new parameters {key: fp32 tensor} (keys start with their block)."""
-    import torch
-
+    """{optimizer key: NewTensor} for new parameters {key: float32 NewTensor} (keys start with their block)."""
     out = {}
     for state, dtype in sorted(layout.states.items()):
         for name, p in params.items():
             block = next(b for b in layout.prefixes if name.startswith(b))
-            t = p.clone() if state in PARAM_COPY_STATES else torch.zeros_like(p)
-            out[layout.key(block, state, name)] = t.to(getattr(torch, dtype))
+            values = array("f", p.values) if state in PARAM_COPY_STATES else array("f", bytes(len(p.values) * 4))
+            out[layout.key(block, state, name)] = NewTensor(p.shape, values, dtype)
     return out

@@ -68,7 +68,7 @@ def convert_ckpt(
     from dsv4cli.ckpt.integrity import check_checkpoint
 
     try:
-        check_checkpoint(src, loading=True)  # a damaged SRC: exit 2 before DST is touched
+        check_checkpoint(src, loading=True, torch_free=True)  # a damaged SRC: exit 2 before DST is touched
         result = convert_checkpoint(src, dst, spec, streams, eps, force, drop_optimizer, verify,
                                     overrides=set_ or (), link=link)
     except CheckpointError as e:
