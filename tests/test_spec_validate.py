@@ -209,6 +209,11 @@ BROKEN = {
                     "sequence_parallel needs parallel.tp > 1"),
     "moe_tp_needs_sp": ({17: "tp = 2"}, MOE, ["--world-size", "2"], "parallel.sequence_parallel", 22,
                         "needs parallel.sequence_parallel = true"),
+    # megatron-core 0.16 reduces the experts' grads as dense ones when ep = 1: right only with etp = tp
+    "moe_ep1_etp_below_tp": ({17: "tp = 2", 22: "sequence_parallel = true"}, MOE, ["--world-size", "2"],
+                             "parallel.tp", 17, "MoE with parallel.ep = 1 needs parallel.etp = parallel.tp (tp = 2, etp = 1)"),
+    "moe_ep1_etp_above_tp": ({19: "etp = 2"}, MOE, ["--world-size", "2"], "parallel.etp", 19,
+                             "MoE with parallel.ep = 1 needs parallel.etp = parallel.tp (tp = 1, etp = 2)"),
     "world_vs_tp": ({17: "tp = 2"}, "", ["--world-size", "3"], "parallel.tp", 17,
                     "world size 3 is not divisible by tp*pp*cp = 2*1*1 = 2"),
     "world_from_launch": ({17: "tp = 2", 39: "nproc_per_node = 3"}, "", [], "parallel.tp", 17,

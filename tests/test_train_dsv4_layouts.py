@@ -8,9 +8,9 @@ depend on the layout), 3 steps of 2 micro-batches of 4 sequences under
 - PP = 2 split evenly (a 4-layer variant, no `pp_layout`),
 - EP = 2 (4 experts, 2 per rank; routers, hash table and expert bias replicated),
 - DP = 2 (micro batch 4),
-- TP = 2 with sequence parallelism (megatron needs it for MoE) and expert TP = 2 (with EP = 1 the
-  experts' grads must meet over TP): heads, output groups and indexer heads split, the KV head and
-  compressors replicated, hash ids sliced with the sequence
+- TP = 2 with sequence parallelism (megatron needs it for MoE) and expert TP = 2 (with EP = 1
+  megatron reduces expert grads as dense ones: etp = tp): heads, output groups and indexer heads
+  split, the KV head and compressors replicated, hash ids sliced with the sequence
 give the 1-process losses, MTP losses and grad norms (<= 1e-5); the EP = 2 checkpoint, the TP = 2 one
 and the PP = 2 one with the hash table on the last rank evaluate in one process to the 1-process run's
 held-out loss. An EP = 2 run stopped by `exit_interval` and resumed equals the straight EP = 2 run bit
@@ -99,7 +99,8 @@ def test_each_layout_validates_with_set_alone(name):
     (["parallel.pp=2"], "model.num_layers (3) is not divisible by parallel.pp*parallel.vpp (2*1 = 2)"),
     (["parallel.ep=2", "train.micro_batch_size=8"], "not divisible by micro_batch_size*dp = 8*2 = 16"),
     (["parallel.ep=2", "parallel.pp=2", 'parallel.pp_layout="Et|ttmL"'], "expert grid etp*ep*pp = 1*2*2 = 4"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.ep = 1 needs parallel.etp = 2 (got 1)"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"],
+     "MoE with parallel.ep = 1 needs parallel.etp = parallel.tp (tp = 2, etp = 1)"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=2", "model.attention.index_n_heads=3"],
      "parallel.tp (2) does not divide model.attention.index_n_heads (3)"),
 ])

@@ -191,7 +191,7 @@ def _pipeline_rules(spec: Spec, f: _Findings) -> None:
 
 
 def _moe_rules(spec: Spec, f: _Findings) -> None:
-    """Experts vs ep/etp, top_k, hash layers; MoE under tp needs sequence parallelism."""
+    """Experts vs ep/etp, top_k, hash layers; MoE under tp needs sequence parallelism, with ep = 1 etp = tp."""
     m, p = spec.model, spec.parallel
     moe = m.moe
     if moe is None:
@@ -222,12 +222,19 @@ def _moe_rules(spec: Spec, f: _Findings) -> None:
         f.err("parallel.sequence_parallel",
               f"MoE with parallel.tp = {p.tp} needs parallel.sequence_parallel = true (Megatron-Core refuses "
               "to train MoE under tensor parallelism without it)")
-    if p.tp > 1 and p.ep == 1 and p.etp != p.tp:
-        # with ep = 1 megatron reduces expert grads over data parallelism only, while the tp ranks
-        # route different tokens (sequence parallel) through whole experts: their grads never meet
+    if p.ep == 1 and p.etp != p.tp:
+        # megatron-core 0.16 tags a parameter for the expert grad buffers only under expert parallelism:
+        # ColumnParallelLinear/RowParallelLinear.__init__ (tensor_parallel/layers.py; TELinear and
+        # TEGroupedLinear alike) set `allreduce = not (is_expert and expert_model_parallel_size > 1)`.
+        # With ep = 1 the experts keep allreduce=True, so DistributedDataParallel.__init__ puts their grads
+        # in the dense buffers, reduced over the data-parallel group (not the expert-data-parallel one).
+        # That is right only when etp = tp: with etp < tp the tp ranks' grads of the same expert weights
+        # (from their sequence slices) are never summed; with etp > tp different expert slices are summed.
+        # (Megatron-LM later tags experts when ep > 1 or etp != tp: NVIDIA/Megatron-LM PR 5916.)
         f.err(f.pick("parallel.etp", "parallel.tp", "parallel.ep"),
-              f"MoE with parallel.tp = {p.tp} and parallel.ep = 1 needs parallel.etp = {p.tp} (got {p.etp}): "
-              "megatron-core would not sum the experts' gradients over the tensor-parallel ranks")
+              f"MoE with parallel.ep = 1 needs parallel.etp = parallel.tp (tp = {p.tp}, etp = {p.etp}): with "
+              "ep = 1 megatron-core treats the experts as dense weights and reduces their gradients over "
+              "data parallelism only, which is wrong unless the experts are split like the dense layers")
 
 
 def _world_rules(spec: Spec, world: int, f: _Findings) -> None:
