@@ -210,8 +210,9 @@ BROKEN = {
     "moe_tp_needs_sp": ({17: "tp = 2"}, MOE, ["--world-size", "2"], "parallel.sequence_parallel", 22,
                         "needs parallel.sequence_parallel = true"),
     # megatron-core 0.16 reduces the experts' grads as dense ones when ep = 1: right only with etp = tp
-    "moe_ep1_etp_below_tp": ({17: "tp = 2", 22: "sequence_parallel = true"}, MOE, ["--world-size", "2"],
-                             "parallel.tp", 17, "MoE with parallel.ep = 1 needs parallel.etp = parallel.tp (tp = 2, etp = 1)"),
+    "moe_ep1_etp_below_tp": ({17: "tp = 2", 19: "etp = 1", 22: "sequence_parallel = true"}, MOE,
+                             ["--world-size", "2"], "parallel.etp", 19,
+                             "MoE with parallel.ep = 1 needs parallel.etp = parallel.tp (tp = 2, etp = 1)"),
     "moe_ep1_etp_above_tp": ({19: "etp = 2"}, MOE, ["--world-size", "2"], "parallel.etp", 19,
                              "MoE with parallel.ep = 1 needs parallel.etp = parallel.tp (tp = 1, etp = 2)"),
     "world_vs_tp": ({17: "tp = 2"}, "", ["--world-size", "3"], "parallel.tp", 17,
@@ -250,6 +251,20 @@ def test_broken_spec_exits_2_naming_file_line_and_key(tmp_path, case):
     matching = [l for l in result.stderr.splitlines() if l.startswith(expected)]
     assert matching, f"no line starting with {expected!r} in:\n{result.stderr}"
     assert any(fragment in l for l in matching), f"{fragment!r} not in {matching}"
+
+
+def test_moe_under_tp_alone_gets_the_expert_layout_it_needs(tmp_path):
+    """Unset etp / sequence_parallel resolve to what MoE under tp needs: `--set parallel.tp=2` suffices."""
+    spec = make_spec(tmp_path, {22: ""}, MOE)
+    result = run("validate", str(spec), "--world-size", "2", "--set", "parallel.tp=2", "--resolved")
+    assert_clean_exit(result, 0)
+    lines = {line.split("=")[0].strip(): line.split("=")[1].split("#")[0].strip()
+             for line in result.stdout.splitlines() if line.strip().startswith("parallel.")}
+    assert lines["parallel.etp"] == "2" and lines["parallel.sequence_parallel"] == "true"
+    dense = run("validate", str(make_spec(tmp_path, {22: ""}, name="dense.toml")), "--world-size", "2",
+                "--set", "parallel.tp=2", "--resolved")
+    assert_clean_exit(dense, 0)
+    assert "parallel.etp = 1 " in dense.stdout and "parallel.sequence_parallel = false " in dense.stdout
 
 
 def test_all_problems_are_reported_at_once(tmp_path):

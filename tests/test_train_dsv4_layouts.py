@@ -38,7 +38,7 @@ LAYOUTS = {
     "pp2_even": [*EVEN, "parallel.pp=2"],
     "ep2": ["parallel.ep=2"],
     "dp2": ["launch.nproc_per_node=2"],
-    "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=2"],
+    "tp2": ["parallel.tp=2"],  # sequence parallelism and etp = 2 follow (MoE under tp needs both)
 }
 
 
@@ -99,9 +99,10 @@ def test_each_layout_validates_with_set_alone(name):
     (["parallel.pp=2"], "model.num_layers (3) is not divisible by parallel.pp*parallel.vpp (2*1 = 2)"),
     (["parallel.ep=2", "train.micro_batch_size=8"], "not divisible by micro_batch_size*dp = 8*2 = 16"),
     (["parallel.ep=2", "parallel.pp=2", 'parallel.pp_layout="Et|ttmL"'], "expert grid etp*ep*pp = 1*2*2 = 4"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true"],
+    (["parallel.tp=2", "parallel.etp=1"],
      "MoE with parallel.ep = 1 needs parallel.etp = parallel.tp (tp = 2, etp = 1)"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=2", "model.attention.index_n_heads=3"],
+    (["parallel.tp=2", "parallel.sequence_parallel=false"], "needs parallel.sequence_parallel = true"),
+    (["parallel.tp=2", "model.attention.index_n_heads=3"],
      "parallel.tp (2) does not divide model.attention.index_n_heads (3)"),
 ])
 def test_a_layout_that_cannot_work_exits_2_saying_why(overrides, says):

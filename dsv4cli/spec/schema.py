@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 RECOMPUTE_MODULES = ("mhc", "core_attn", "mlp", "moe", "layernorm")
 """Modules `train.recompute` may name (or the string "full" for whole layers)."""
@@ -150,8 +150,12 @@ class ParallelSpec(_Section):
     vpp: int = Field(1, ge=1, description="Virtual pipeline stages per pipeline rank (1 = off).")
     cp: int = Field(1, ge=1, description="Context parallel size.")
     ep: int = Field(1, ge=1, description="Expert parallel size.")
-    etp: int = Field(1, ge=1, description="Expert tensor parallel size.")
-    sequence_parallel: bool = Field(False, description="Sequence parallelism (needs tp > 1).")
+    etp: Optional[int] = Field(
+        None, ge=1, description="Expert tensor parallel size (unset: tp for MoE with ep = 1, the one size "
+        "megatron-core trains correctly there; otherwise 1).")
+    sequence_parallel: Optional[bool] = Field(
+        None, description="Sequence parallelism (needs tp > 1; unset: on for MoE with tp > 1, which "
+        "megatron-core requires, otherwise off).")
     pp_layout: Optional[str] = Field(
         None, description="Megatron pipeline layout: E embedding, t layer, m MTP layer, L loss, | stage separator."
     )
@@ -252,6 +256,16 @@ class Spec(_Section):
     data: DataSpec = Field(default_factory=DataSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
+
+    @model_validator(mode="after")
+    def _parallel_defaults(self) -> "Spec":
+        """Unset parallel.etp / parallel.sequence_parallel -> the value the model's layout needs."""
+        p, moe = self.parallel, self.model.moe is not None
+        if p.etp is None:
+            p.etp = p.tp if moe and p.ep == 1 else 1
+        if p.sequence_parallel is None:
+            p.sequence_parallel = moe and p.tp > 1
+        return self
 
     # Where each dotted key was set: {"model.mhc.streams": (file, line)}; filled by the loader.
     _origins: dict = PrivateAttr(default_factory=dict)
