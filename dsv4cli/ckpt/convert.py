@@ -10,10 +10,11 @@ pointing at that file. Output is written beside DST and renamed into place at th
 
 No torch on that path (process start-up would cost more than copying a GiB): `.metadata` is read
 and written by dsv4cli.ckpt.dcp_pickle, the new tensors written by dsv4cli.ckpt.new_entries in
-DCP's format. Where those do not apply (an unknown global in `.metadata`, no float32 example entry,
-a non-float32 optimizer state, a `.metadata` over TORCH_FREE_MAX_METADATA) the same steps run with
-torch (DCP's reader, `dcp.save`, `pickle.dump`); both give equal `.metadata` and data.
-`--drop-optimizer` imports torch to rewrite `common.pt`.
+DCP's format. Where those do not apply (a `.metadata` the codec cannot read, no readable float32
+example entry, a non-float32 optimizer state, a `.metadata` over TORCH_FREE_MAX_METADATA) the same
+steps run with torch (DCP's reader, `dcp.save`, `pickle.dump`); both give equal `.metadata` and data.
+A global no DCP checkpoint holds is refused (metadata.read_dcp_metadata). `--drop-optimizer` imports
+torch to rewrite `common.pt`.
 """
 
 from __future__ import annotations
