@@ -103,8 +103,9 @@ def test_stand_ins_read_like_torch_dataclasses(legacy):  # noqa: F811
 def test_unknown_globals_are_refused():
     from dsv4cli.ckpt import dcp_pickle
 
-    with pytest.raises(dcp_pickle.Unsupported):
+    with pytest.raises(dcp_pickle.Forbidden) as e:
         dcp_pickle.loads(pickle.dumps({"x": os.system}))
+    assert e.value.name == f"{os.system.__module__}.system"
 
 
 @pytest.mark.parametrize("shape", [(1,), (4,), (4, 128), (2, 3, 5), (300, 7)])
@@ -165,22 +166,170 @@ def test_chained_fp32_param_state_and_dropped_optimizer_equal_the_torch_path(tmp
         assert copy is not None and (copy == tensors["decoder.hc_head_base"]).all()
 
 
-def test_an_unknown_global_in_metadata_takes_the_torch_path(legacy, tmp_path):  # noqa: F811
-    """A `.metadata` the codec does not know (here: an attribute of a class outside torch) is read by torch,
-    and the conversion still runs, keeping that attribute."""
+class _Run:
+    """Unpickles to os.system(command): what a hostile `.metadata` would hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _keyword_newobj(like):
+    """A stand-in pickled as NEWOBJ_EX with a keyword (torch's dataclasses take it, the codec does not)
+    and `like`'s state: a gap of the codec among allowed globals."""
+    import copyreg
+
+    from dsv4cli.ckpt import dcp_pickle
+
+    cls = dcp_pickle.standin_class(*dcp_pickle.global_key(like))
+    state = like.__dict__["_state"]
+    cls.__reduce_ex__ = lambda self, proto: (copyreg.__newobj_ex__, (cls, (), {"checkpoint_id": None}), state)
+    return dcp_pickle.StandIn.__new__(cls)
+
+
+def _rewrite_metadata(iter_dir: Path, **state) -> None:
+    """Write `.metadata` back (protocol 4) with `state` set on the stand-in Metadata."""
+    from dsv4cli.ckpt import dcp_pickle
+
+    md, _ = dcp_pickle.load(iter_dir / ".metadata")
+    md.__dict__["_state"] = {**md.__dict__["_state"], **state}
+    (iter_dir / ".metadata").write_bytes(dcp_pickle.dumps(md, 4))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsv4cli.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("after_a_codec_gap", [False, True])
+def test_a_global_outside_the_allow_list_is_refused_never_called(legacy, tmp_path, after_a_codec_gap):  # noqa: F811
+    """A `.metadata` naming os.system: exit 2, one line naming it, and the command never ran -- also when the
+    codec stops earlier (keyword NEWOBJ) and the file would otherwise go to torch's plain pickle.load."""
+    from dsv4cli.ckpt import dcp_pickle
+
+    it = legacy / "iter_0000007"
+    marker = tmp_path / "ran"
+    md, _ = dcp_pickle.load(it / ".metadata")
+    if after_a_codec_gap:
+        _rewrite_metadata(it, extra_note=(_keyword_newobj(md.storage_meta), _Run(f"touch {marker}")))
+        with pytest.raises(dcp_pickle.Unsupported):
+            dcp_pickle.load(it / ".metadata")
+    else:
+        (it / ".metadata").write_bytes(pickle.dumps(_Run(f"touch {marker}")))
+    before = (it / ".metadata").read_bytes()
+    p = _cli("convert-ckpt", str(legacy), str(tmp_path / "out"))
+    assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert f".metadata references {os.system.__module__}.system" in line and "refusing to unpickle" in line, line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert (it / ".metadata").read_bytes() == before
+
+
+def test_a_harmless_global_outside_the_allow_list_is_refused_too(legacy):  # noqa: F811
     import fractions
 
+    from dsv4cli.ckpt.errors import CheckpointError
+    from dsv4cli.ckpt.metadata import read_checkpoint_info
+
+    _rewrite_metadata(legacy / "iter_0000007", extra_note=fractions.Fraction(1, 3))
+    with pytest.raises(CheckpointError, match="references fractions.Fraction"):
+        read_checkpoint_info(legacy, torch_free=True)
+
+
+def test_a_codec_gap_takes_the_torch_path(legacy, tmp_path):  # noqa: F811
+    """A `.metadata` the codec cannot read (a keyword NEWOBJ of an allowed class) is read by torch, and the
+    conversion still runs, keeping what it held."""
     from dsv4cli.ckpt import dcp_pickle
     from dsv4cli.ckpt.convert import convert_checkpoint
     from dsv4cli.ckpt.metadata import read_checkpoint_info
 
     it = legacy / "iter_0000007"
-    md = _torch_metadata(it)
-    md.extra_note = fractions.Fraction(1, 3)
-    (it / ".metadata").write_bytes(pickle.dumps(md))
+    md, _ = dcp_pickle.load(it / ".metadata")
+    _rewrite_metadata(it, storage_meta=_keyword_newobj(md.storage_meta), version="7.7")
     assert not dcp_pickle.is_standin(read_checkpoint_info(legacy, torch_free=True).dcp_metadata)
     assert convert_checkpoint(legacy, tmp_path / "out").status == "converted"
-    assert _torch_metadata(_iter_dir(tmp_path / "out")).extra_note == fractions.Fraction(1, 3)
+    assert _torch_metadata(_iter_dir(tmp_path / "out")).version == "7.7"
+
+
+@pytest.mark.parametrize("change", [{"storage_data": None}, {"planner_data": ["x"]}, {"state_dict_metadata": ()}])
+def test_metadata_with_unexpected_fields_is_read_by_torch(legacy, tmp_path, change):  # noqa: F811
+    """Valid pickles torch reads (a field absent or of another type) take the torch path, no traceback."""
+    from dsv4cli.ckpt import dcp_pickle
+    from dsv4cli.ckpt.metadata import read_dcp_metadata
+
+    it = legacy / "iter_0000007"
+    md, proto = dcp_pickle.load(it / ".metadata")
+    state = {**md.__dict__["_state"], **change}
+    if state["storage_data"] is None:
+        del state["storage_data"]  # torch's Metadata defaults it to None
+    md.__dict__["_state"] = state
+    dcp_pickle.dump(md, it / ".metadata", proto)
+    read = read_dcp_metadata(it, torch_free=True)
+    assert not dcp_pickle.is_standin(read)
+    if "storage_data" in change:
+        assert read.storage_data is None
+        p = _cli("convert-ckpt", str(legacy), str(tmp_path / "out"))
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        assert _torch_metadata(_iter_dir(tmp_path / "out")).storage_data  # the new tensors' entries
+
+
+def test_a_stand_in_refusing_a_change_falls_back_to_the_torch_path(legacy, tmp_path, monkeypatch):  # noqa: F811
+    """dcp_pickle.replace raising Unsupported while merging `.metadata`: DST is written through torch,
+    equal to the torch path's."""
+    from dsv4cli.ckpt import convert, dcp_pickle
+
+    real, seen = convert._merge_metadata, []
+
+    def merge(orig, *args):
+        seen.append(dcp_pickle.is_standin(orig))
+        if seen[-1]:
+            raise dcp_pickle.Unsupported("cannot replace")
+        return real(orig, *args)
+
+    monkeypatch.setattr(convert, "_merge_metadata", merge)
+    assert convert.convert_checkpoint(legacy, tmp_path / "free").status == "converted"
+    assert seen == [True, False] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(convert, "_entry_writer", lambda info, t: None)
+    convert.convert_checkpoint(legacy, tmp_path / "torch")
+    assert_same_conversion(_iter_dir(tmp_path / "free"), _iter_dir(tmp_path / "torch"))
+
+
+@pytest.mark.parametrize("damage", ["header", "truncated", "junk"])
+def test_a_damaged_example_blob_is_unsupported(damage):
+    import torch
+
+    from dsv4cli.ckpt import dcp_pickle
+    from dsv4cli.ckpt.torch_zip import Template
+
+    buf = io.BytesIO()
+    torch.save(torch.ones(3), buf)
+    blob = buf.getvalue()
+    bad = {"header": b"XXXX" + blob[4:], "truncated": blob[: len(blob) // 2], "junk": b"\0" * 64}[damage]
+    with pytest.raises(dcp_pickle.Unsupported):
+        Template(bad)
+
+
+def test_a_damaged_example_tensor_takes_the_torch_path_and_is_copied_as_is(legacy, tmp_path):  # noqa: F811
+    """A float32 entry whose bytes are damaged (same size: the integrity check passes): convert copies it
+    byte for byte as the torch path does (the data are never read), exit 0, no traceback."""
+    from dsv4cli.ckpt import dcp_pickle
+    from dsv4cli.ckpt.new_entries import EntryWriter
+
+    it = legacy / "iter_0000007"
+    md, _ = dcp_pickle.load(it / ".metadata")
+    si = EntryWriter(md, it).storage  # the example the torch-free writer copies
+    with open(it / si.relative_path, "r+b") as f:
+        f.seek(si.offset)
+        f.write(b"XXXX")
+    with pytest.raises(dcp_pickle.Unsupported):
+        EntryWriter(md, it)
+    p = _cli("convert-ckpt", str(legacy), str(tmp_path / "out"))
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    out = _iter_dir(tmp_path / "out")
+    assert (out / si.relative_path).read_bytes() == (it / si.relative_path).read_bytes()
+    assert (out / "__dsv4_hc_head.distcp").is_file()
 
 
 _NO_TORCH = """

@@ -10,10 +10,11 @@ pointing at that file. Output is written beside DST and renamed into place at th
 
 No torch on that path (process start-up would cost more than copying a GiB): `.metadata` is read
 and written by dsv4cli.ckpt.dcp_pickle, the new tensors written by dsv4cli.ckpt.new_entries in
-DCP's format. Where those do not apply (an unknown global in `.metadata`, no float32 example entry,
-a non-float32 optimizer state, a `.metadata` over TORCH_FREE_MAX_METADATA) the same steps run with
-torch (DCP's reader, `dcp.save`, `pickle.dump`); both give equal `.metadata` and data.
-`--drop-optimizer` imports torch to rewrite `common.pt`.
+DCP's format. Where those do not apply (a `.metadata` the codec cannot read, no readable float32
+example entry, a non-float32 optimizer state, a `.metadata` over TORCH_FREE_MAX_METADATA) the same
+steps run with torch (DCP's reader, `dcp.save`, `pickle.dump`); both give equal `.metadata` and data.
+A global no DCP checkpoint holds is refused (metadata.read_dcp_metadata). `--drop-optimizer` imports
+torch to rewrite `common.pt`.
 """
 
 from __future__ import annotations
@@ -339,16 +340,28 @@ def write_converted(plan: _Plan, dst: Path, force: bool, fail_hook: Optional[Cal
 
     Unchanged files are copied, or hard-linked with `link` (same filesystem, else CheckpointError);
     every file written after that is a new one (written beside, then renamed), never a linked one.
-    Without torch where the source's `.metadata` was read by dcp_pickle (see _entry_writer)."""
+    Without torch where the source's `.metadata` was read by dcp_pickle (see _entry_writer); where a
+    stand-in turns out not to take a change (dcp_pickle.Unsupported), DST is written through torch instead."""
+    added = new_tensors(plan)
+    writer = _entry_writer(plan.info, added)
+    if writer is not None:
+        try:
+            return _write(plan, added, writer, plan.info.dcp_metadata, dst, fail_hook, link)
+        except dcp_pickle.Unsupported:  # nothing of DST is in place yet: the torch path from the start
+            pass
+    md = plan.info.dcp_metadata
+    md = read_dcp_metadata(plan.info.iter_dir) if dcp_pickle.is_standin(md) else md
+    return _write(plan, added, None, md, dst, fail_hook, link)
+
+
+def _write(plan: _Plan, added: dict, writer: Optional[EntryWriter], md, dst: Path,
+           fail_hook: Optional[Callable[[str], None]], link: bool) -> ConversionResult:
     info = plan.info
     src_dir = info.iter_dir
     iteration = info.iteration
     tmp = dst.parent / f".{dst.name}.dsv4-tmp-{os.getpid()}"
     old = dst.parent / f".{dst.name}.dsv4-old-{os.getpid()}"
     hook = fail_hook or (lambda stage: None)
-    added = new_tensors(plan)
-    writer = _entry_writer(info, added)
-    md = info.dcp_metadata if writer or not dcp_pickle.is_standin(info.dcp_metadata) else read_dcp_metadata(src_dir)
     drop = plan.optimizer_mode == "dropped"
     keep = (lambda k: not is_optimizer_key(k)) if drop else (lambda k: True)
 

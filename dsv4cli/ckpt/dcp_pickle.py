@@ -9,8 +9,10 @@ unchanged graph is written back byte for byte (same protocol, same memo, same fr
 
 Attribute access works on stand-ins as on torch's dataclasses (`md.storage_data`,
 `item.properties.dtype`, `index.fqn`), and `replace(obj, **changes)` is `dataclasses.replace` for
-both. Anything this codec does not know (a global outside torch / megatron and a few harmless
-stdlib ones, keyword NEWOBJ) raises `Unsupported`: callers then use torch's reader instead.
+both. A global outside torch / megatron and a few harmless stdlib ones raises `Forbidden` (no DCP
+`.metadata` holds one: never unpickle that file with a plain loader); anything else this codec does
+not know (keyword NEWOBJ, ...) raises `Unsupported`: callers then use torch's reader instead, after
+`check_globals` (the real globals, the same allow-list) has read the file once.
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ TUPLE_FIELDS = {
 
 class Unsupported(Exception):
     """The pickle holds something the codec does not stand in for (use torch's reader instead)."""
+
+
+class Forbidden(Exception):
+    """The pickle names a global no DCP `.metadata` holds (`name`: 'module.qualname'): refuse the file."""
+
+    def __init__(self, name: str):
+        super().__init__(f"global {name}")
+        self.name = name
+
+
+def allowed(module: str, name: str) -> bool:
+    """May a DCP `.metadata` name the global module.name? (torch.*, megatron.*, _SAFE_GLOBALS)"""
+    return module.split(".")[0] in STANDIN_PACKAGES or (module, name) in _SAFE_GLOBALS
 
 
 class Global(type):
@@ -151,14 +166,31 @@ class _Unpickler(pickle.Unpickler):
         self._classes: dict[tuple[str, str], Global] = {}
 
     def find_class(self, module: str, name: str):
+        if not allowed(module, name):
+            raise Forbidden(f"{module}.{name}")
         if module.split(".")[0] in STANDIN_PACKAGES:
             key = (module, name)
             if key not in self._classes:
                 self._classes[key] = standin_class(module, name)
             return self._classes[key]
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise Unsupported(f"global {module}.{name}")
+        return super().find_class(module, name)
+
+
+class _CheckingUnpickler(pickle.Unpickler):
+    """The plain unpickler (real torch classes) for allowed globals only."""
+
+    def find_class(self, module: str, name: str):
+        if not allowed(module, name):
+            raise Forbidden(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_globals(path: str | Path) -> None:
+    """Unpickle `path` with the real globals of the allow-list (imports torch): Forbidden if it names
+    another one, whatever pickle raises if it is damaged. Run before a plain `pickle.load` of a file
+    `load` could not read (it may stop before reaching a forbidden global)."""
+    with open(path, "rb") as f:
+        _CheckingUnpickler(f).load()
 
 
 def _protocol(head: bytes) -> int:

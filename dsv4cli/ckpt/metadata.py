@@ -100,28 +100,62 @@ def dtype_name(dtype) -> str:
 def read_dcp_metadata(iter_dir: Path, torch_free: bool = False):
     """The DCP `Metadata` object of a checkpoint directory (reads `.metadata` only).
 
-    torch_free: read it with dsv4cli.ckpt.dcp_pickle's stand-ins (no torch import); a file that codec
-    does not know (or cannot parse) is read by torch's reader instead, which also words the errors."""
+    torch_free: read it with dsv4cli.ckpt.dcp_pickle's stand-ins (no torch import). A global no DCP
+    checkpoint holds is a CheckpointError, never unpickled; a file that codec does not know (or cannot
+    parse) is read by torch's reader instead, which also words the errors, once dcp_pickle.check_globals
+    has read it with the same allow-list. Without torch_free, `.metadata` is trusted (a plain pickle.load)."""
     path = Path(iter_dir) / DCP_METADATA
     if not path.is_file():
         raise CheckpointError(f"{iter_dir}: no {DCP_METADATA} file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (interrupted save?)")
     if torch_free:
-        from dsv4cli.ckpt import dcp_pickle
-
-        try:
-            md, _ = dcp_pickle.load(path)
-            if dcp_pickle.global_key(md) == _METADATA_CLASS:
-                return md
-        except Exception:  # unknown or damaged: torch's reader decides and words the error
-            pass
+        md = _read_torch_free(path)
+        if md is not None:
+            return md
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
         return FileSystemReader(str(iter_dir)).read_metadata()
     except Exception as e:  # pickle raises many kinds for a damaged file
-        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})")
+
+
+def _read_torch_free(path: Path):
+    """`.metadata` as dcp_pickle stand-ins; None where torch's reader is needed (a codec gap, damage, or
+    a Metadata whose main fields are absent or of other types); CheckpointError for a forbidden global."""
+    from dsv4cli.ckpt import dcp_pickle
+
+    def refused(e: "dcp_pickle.Forbidden") -> CheckpointError:
+        return CheckpointError(f"{path}: {DCP_METADATA} references {e.name}, which a DCP checkpoint never "
+                               "holds; refusing to unpickle it")
+
+    try:
+        md, _ = dcp_pickle.load(path)
+        if dcp_pickle.global_key(md) == _METADATA_CLASS and _expected_fields(md.__dict__["_state"]):
+            return md
+    except dcp_pickle.Forbidden as e:
+        raise refused(e) from None
+    except Exception:  # unknown or damaged: torch's reader decides and words the error
+        pass
+    try:  # dcp_pickle may have stopped before a forbidden global that pickle.load would reach
+        dcp_pickle.check_globals(path)
+    except dcp_pickle.Forbidden as e:
+        raise refused(e) from None
+    except Exception as e:
+        raise _unreadable(path, e) from None
+    return None
+
+
+def _expected_fields(state) -> bool:
+    """Does a stand-in Metadata's state hold what torch's Metadata has (dict entries, dict or None planner_data)?"""
+    return (isinstance(state, dict) and isinstance(state.get("state_dict_metadata"), dict)
+            and isinstance(state.get("storage_data"), dict)
+            and "planner_data" in state and isinstance(state["planner_data"], (dict, type(None))))
 
 
 def _tensor_entries(md) -> tuple[dict[str, TensorEntry], list[str]]:

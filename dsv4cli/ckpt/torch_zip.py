@@ -32,6 +32,13 @@ class Template:
     """The archive name, small records and serialization-id prefix of a torch.save blob of one tensor."""
 
     def __init__(self, blob: bytes):
+        try:
+            self._parse(blob)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, zlib.error, KeyError,
+                IndexError, ValueError, NotImplementedError) as e:  # a damaged blob: torch's path copies it as is
+            raise dcp_pickle.Unsupported(f"example torch.save blob unreadable ({type(e).__name__}: {e})") from None
+
+    def _parse(self, blob: bytes) -> None:
         with zipfile.ZipFile(io.BytesIO(blob)) as z:
             names = z.namelist()
             prefix = names[0].partition("/")[0] + "/"
@@ -44,7 +51,7 @@ class Template:
             raise dcp_pickle.Unsupported("torch.save blob is not little-endian protocol 2")
         self.alignment = int(self.records[".storage_alignment"])
         sid = self.records[".data/serialization_id"]
-        if len(sid) != 40 or not sid.isdigit():
+        if len(sid) != 40 or not sid.isdigit() or self.alignment <= 0:
             raise dcp_pickle.Unsupported(f"serialization id {sid!r}")
         self.name_hash = sid[:20]  # a hash of the record names: the same for every one-tensor blob
 
