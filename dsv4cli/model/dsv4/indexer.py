@@ -77,14 +77,16 @@ class Dsv4Indexer(TpShardedState, MegatronModule):
         )
 
     def head_score(self, x: Tensor, q_residual: Tensor, keys: Tensor, rotation: Rotation, head: int) -> Tensor:
-        """Local head `head`'s weighted scores w[t] * ReLU(q[t] . k[w]) * d_I^-1/2: [s, b, n] fp32.
+        """Local head `head`'s weighted scores ReLU(q[t] . k[w]) * (w[t] * H_I^-1/2 * d_I^-1/2): [s, b, n] fp32.
 
         One head at a time, so every product has the same shape under any TP size (a matrix product's
-        rounding may depend on its width) and the TP=T scores are the TP=1 ones bit for bit."""
+        rounding may depend on its width) and the TP=T scores are the TP=1 ones bit for bit. The
+        scales go into the [s, b, 1] weight (as DeepSeek's reference folds them), so backward keeps
+        one [s, b, n] tensor per head: the ReLU output, which the product saves too."""
         d = self.head_dim
         q = rotation.rotate(F.linear(q_residual, self.linear_q_up.weight[head * d:(head + 1) * d]))  # [s, b, d_I]
-        weight = F.linear(x, self.linear_weights.weight[head:head + 1]).float() * self.n_heads**-0.5  # [s, b, 1]
-        return torch.einsum("sbd,nbd->sbn", q.float(), keys).relu() * d**-0.5 * weight
+        weight = F.linear(x, self.linear_weights.weight[head:head + 1]).float() * (self.n_heads**-0.5 * d**-0.5)
+        return torch.einsum("sbd,nbd->sbn", q.float(), keys).relu() * weight  # weight [s, b, 1]
 
     def forward(self, hidden_states: Tensor, q_residual: Tensor) -> IndexerOutput:
         s, b, _ = hidden_states.shape
