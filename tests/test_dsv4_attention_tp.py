@@ -9,6 +9,9 @@ without sequence parallelism, for each attention kind (the CSA layer with its in
 - the indexer's scores and top-k indices equal TP=1's exactly (scores summed in head order),
 - the indexer loss equals TP=1's,
 - the sharded state dict has TP=1's keys and global shapes, split tensors in 2 fragments.
+`chain_sum` over 64 terms of very different magnitudes (where torch's `sum(dim=0)` is not a
+left-to-right chain) equals the one-process left-to-right loop bit for bit on both ranks, and each
+rank's terms get the total's gradient.
 """
 
 from __future__ import annotations
@@ -97,6 +100,26 @@ def _case(kind: str, ratio: int, sequence_parallel: bool, one_rank_group, rank: 
     return result
 
 
+def _chain(rank: int) -> dict:
+    from types import SimpleNamespace
+
+    from dsv4cli.model.dsv4.tp_split import chain_sum, tp_group
+
+    scale = torch.logspace(-3, 3, 64)[:, None, None, None]
+    terms = torch.randn(64, 5, 2, 7, generator=torch.Generator().manual_seed(5)) * scale
+    loop = terms[0]
+    for term in terms[1:]:
+        loop = loop + term
+    tp = tp_group(SimpleNamespace(sequence_parallel=False))
+    assert tp.size == 2
+    local = terms.chunk(2)[rank].clone().requires_grad_()
+    total = chain_sum(iter(local), tp)
+    cotangent = torch.randn(5, 2, 7, generator=torch.Generator().manual_seed(6))
+    (total * cotangent).sum().backward()
+    return {"equal_loop": bool(torch.equal(total, loop)), "sum_dim0_differs": not torch.equal(terms.sum(dim=0), loop),
+            "grad_equal": bool(torch.equal(local.grad, cotangent.expand_as(local)))}
+
+
 def worker(args: dict) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -110,8 +133,10 @@ def worker(args: dict) -> dict:
     rank = dist.get_rank()
     singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
     try:
-        return {f"{kind}/{sp}": _case(kind, ratio, sp, singles[rank], parallel_state.get_tensor_model_parallel_rank())
-                for kind, ratio in KINDS for sp in (False, True)}
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        out = {f"{kind}/{sp}": _case(kind, ratio, sp, singles[rank], tp_rank)
+               for kind, ratio in KINDS for sp in (False, True)}
+        return {**out, "chain": _chain(tp_rank)}
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -152,3 +177,11 @@ def test_tp2_attention_equals_one_process(results, kind, sp):
         if kind == "compressed_sparse":
             assert r["topk_equal"] and r["scores"] == 0.0, (rank, r["scores"])
             assert r["indexer_loss"] <= 1e-6 and r["indexer_loss_value"] > 0, r
+
+
+@pytest.mark.slow
+def test_chain_sum_is_the_one_process_left_to_right_sum(results):
+    for rank, per_rank in enumerate(results):
+        r = per_rank["chain"]
+        assert r["sum_dim0_differs"], "the terms must tell a chain from torch's sum"
+        assert r["equal_loop"] and r["grad_equal"], (rank, r)

@@ -228,3 +228,13 @@ def test_compressed_layers_store_more_than_sliding_ones(tmp_path):
     assert hca - sliding == pytest.approx(2 * 16 + 16 / 8)
     full = memory_per_rank(load_spec(write(tmp_path), ['train.recompute="full"']))
     assert full.activations < memory_per_rank(spec).activations
+
+
+def test_an_indexer_loss_keeps_each_local_heads_scores_and_the_losss(tmp_path):
+    spec = load_spec(write(tmp_path), ["train.precision=bf16"])
+    trained = load_spec(write(tmp_path), ["train.precision=bf16", "model.attention.indexer_loss_weight=1.0"])
+    csa = [dsv4_estimate.attention_activation_elements(s, 1, 2) for s in (spec, trained)]
+    sliding = [dsv4_estimate.attention_activation_elements(s, 0, 2) for s in (spec, trained)]
+    assert sliding[0] == sliding[1]
+    assert csa[1] - csa[0] == pytest.approx((3 + 2) * (64 // 4) * 4 / 2)  # (H_I + 2) fp32 scores over s/m entries
+    assert memory_per_rank(trained).activations > memory_per_rank(spec).activations

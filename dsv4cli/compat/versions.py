@@ -142,8 +142,11 @@ def patch_optimizer_group_matching() -> None:
     """megatron-core 0.16-0.18 pair a saved optimizer param group with the run's by (wd_mult, lr_mult,
     is_expert_parallel, is_decoupled_lr); 0.19 adds the schedule values (max_lr, min_lr, start_wd,
     end_wd, optimizer) to that key, so resuming with another `train.lr` fails there ("Could not find
-    parameter group with key ..."). dsv4 sets no per-group overrides (its groups differ only by those
-    four), so the old key pairs the same groups; with it, a resume behaves alike under all."""
+    parameter group with key ..."). dsv4's groups differ only by those four: its one per-group
+    override, the indexer's groups of a spec with an indexer warm-up (`lr_mult = "indexer"`,
+    dsv4cli.build.optimizer), is told apart
+    by `lr_mult` and sets no schedule values of its own, so the old key pairs the same groups; with
+    it, a resume behaves alike under all."""
     from megatron.core.optimizer import distrib_optimizer, optimizer
 
     for module in (optimizer, distrib_optimizer):

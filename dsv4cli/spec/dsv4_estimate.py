@@ -109,12 +109,17 @@ def attention_activation_elements(spec: Spec, index: int, act_bytes: int) -> flo
         input h; query q (q_a output) + q (normed) + H*d (q_b output) + H*d (normed, rotated);
         key/value d + d (normed, rotated); output H*d (attention) + H*d (inverse-rotated) + g*r (o_a);
         compressed layers: the compressor's kv and gate outputs 2 * k*d (k = 2 overlapping, 1 not)
-        and one pooled entry of d per m tokens; 'csa': the indexer's top-k entry ids (int64).
+        and one pooled entry of d per m tokens; 'csa': the indexer's top-k entry ids (int64), and
+        with an indexer loss (indexer_loss_weight > 0) (H_I/tp + 2) fp32 scores over all s/m
+        entries: one per local indexer head (its ReLU output) and two of the loss (its log-softmax
+        and target).
     Attention itself is counted as a fused kernel keeps it (no [s, keys] scores; the sink's
-    softmax statistics are H floats). The indexer's scores carry no gradient (nothing kept).
-    Tensor parallelism tp divides the per-head terms (H*d, g*r, the statistics); the input (whole
-    sequence, gathered under sequence parallelism), the query residual, the key/value, the
-    compressors and the top-k ids are replicated.
+    softmax statistics are H floats). Without an indexer loss the indexer runs without gradient
+    and keeps nothing; its heads' sum is a chain across the TP ranks holding one [s, b, s/m] fp32
+    partial at a time (transient, not counted).
+    Tensor parallelism tp divides the per-head terms (H*d, g*r, the statistics, the indexer's
+    heads); the input (whole sequence, gathered under sequence parallelism), the query residual,
+    the key/value, the compressors, the top-k ids and the indexer loss's tensors are replicated.
     """
     m, a = spec.model, spec.model.attention
     kind, ratio = layer_kind(spec, index)
@@ -125,4 +130,6 @@ def attention_activation_elements(spec: Spec, index: int, act_bytes: int) -> flo
         out += 2 * (2 if kind == "csa" else 1) * d + d / ratio
     if kind == "csa":
         out += a.index_topk * 8 / act_bytes
+        if a.indexer_loss_weight > 0:
+            out += (a.index_n_heads / spec.parallel.tp + 2) * (m.seq_length // ratio) * 4 / act_bytes
     return out

@@ -247,7 +247,10 @@ class Dsv4Attention(TpShardedState, KeepFp32Params, MegatronModule):
         if with_loss:  # the loss trains the indexer alone
             x, q_residual = x.detach(), q_residual.detach()
         dense = self.dense_now()
-        index = self.indexer(x, q_residual) if with_loss or not dense else None  # dense, no loss: unused
+        index = None  # dense, no loss: unused
+        if with_loss or not dense:
+            with torch.set_grad_enabled(with_loss):  # without a loss the scores only feed the top-k choice
+                index = self.indexer(x, q_residual)
         ratio = self.settings.compress_ratio
         visible = index.visible if index is not None else comp.compressed_causal_mask(s, n, ratio, x.device)
         window = window[:, None, :].expand(s, b, s)

@@ -4,6 +4,7 @@
     x [s, b, h] --overlapping compressor (d_I)--> k [n, b, d_I]
     x [s, b, h] --linear_weights--> w [s, b, H_I] * H_I^-1/2
     score[t, w] = sum_heads w[t, head] * ReLU(q[t, head] . k[w]) * d_I^-1/2         [s, b, n]
+                  (added left to right in head order: ((head_0 + head_1) + head_2) + ...)
     top-k over the entries query t may see (w < (t + 1) // ratio); picks beyond those are -1.
 
 The choice is discrete (no gradient reaches the indexer through attention); `IndexerOutput.scores`
@@ -29,7 +30,7 @@ from dsv4cli.model.dsv4.compressor import (
     prefix_names,
 )
 from dsv4cli.model.dsv4.rope import Rotation
-from dsv4cli.model.dsv4.tp_split import TpGroup, TpShardedState, copy_to, gather_heads, split_linear
+from dsv4cli.model.dsv4.tp_split import TpGroup, TpShardedState, chain_sum, copy_to, split_linear
 
 # ours -> (DeepSeek's / the safetensors file's name, HF transformers' module name, relative to the indexer)
 INDEXER_TENSOR_NAMES = {
@@ -56,8 +57,9 @@ class Dsv4Indexer(TpShardedState, MegatronModule):
     """(x [s, b, h], q_residual [s, b, q_lora]) -> IndexerOutput (see the module docstring).
 
     Tensor parallelism `tp`: this rank holds H_I / T heads (linear_q_up, linear_weights); the
-    compressor is replicated. The per-head weighted scores of all ranks are gathered in head order
-    and summed as one process sums them, so every rank makes the one-process top-k choice."""
+    compressor is replicated. The per-head weighted scores are added one head at a time, left to
+    right in head order, rank r continuing rank r-1's partial sum (`chain_sum`), so every rank holds
+    the one-process scores bit for bit and makes the one-process top-k choice."""
 
     TP_AXES = {"linear_q_up.weight": 0, "linear_weights.weight": 0}
 
@@ -75,22 +77,24 @@ class Dsv4Indexer(TpShardedState, MegatronModule):
         )
 
     def head_score(self, x: Tensor, q_residual: Tensor, keys: Tensor, rotation: Rotation, head: int) -> Tensor:
-        """Local head `head`'s weighted scores w[t] * ReLU(q[t] . k[w]) * d_I^-1/2: [s, b, n] fp32.
+        """Local head `head`'s weighted scores ReLU(q[t] . k[w]) * (w[t] * H_I^-1/2 * d_I^-1/2): [s, b, n] fp32.
 
         One head at a time, so every product has the same shape under any TP size (a matrix product's
-        rounding may depend on its width) and the TP=T scores are the TP=1 ones bit for bit."""
+        rounding may depend on its width) and the TP=T scores are the TP=1 ones bit for bit. The
+        scales go into the [s, b, 1] weight (as DeepSeek's reference folds them), so backward keeps
+        one [s, b, n] tensor per head: the ReLU output, which the product saves too."""
         d = self.head_dim
         q = rotation.rotate(F.linear(q_residual, self.linear_q_up.weight[head * d:(head + 1) * d]))  # [s, b, d_I]
-        weight = F.linear(x, self.linear_weights.weight[head:head + 1]).float() * self.n_heads**-0.5  # [s, b, 1]
-        return torch.einsum("sbd,nbd->sbn", q.float(), keys).relu() * d**-0.5 * weight
+        weight = F.linear(x, self.linear_weights.weight[head:head + 1]).float() * (self.n_heads**-0.5 * d**-0.5)
+        return torch.einsum("sbd,nbd->sbn", q.float(), keys).relu() * weight  # weight [s, b, 1]
 
     def forward(self, hidden_states: Tensor, q_residual: Tensor) -> IndexerOutput:
         s, b, _ = hidden_states.shape
         keys = copy_to(self.compressor(hidden_states), self.tp).float()  # [n, b, d_I], replicated
         rotation = Rotation(self.rope, self.rope_dim, torch.arange(s, device=hidden_states.device))
-        weighted = gather_heads(torch.stack([self.head_score(hidden_states, q_residual, keys, rotation, head)
-                                             for head in range(self.local_heads)]), self.tp)  # [H_I, s, b, n]
-        scores = weighted.sum(dim=0)  # [s, b, n], summed in head order whatever the TP size
+        # [s, b, n]: ((score_0 + score_1) + ...) in head order across the ranks, whatever the TP size
+        scores = chain_sum((self.head_score(hidden_states, q_residual, keys, rotation, head)
+                            for head in range(self.local_heads)), self.tp)
         n = keys.shape[0]
         visible = compressed_causal_mask(s, n, self.ratio, device=scores.device)
         masked = scores.detach().masked_fill(~visible[:, None, :], float("-inf"))

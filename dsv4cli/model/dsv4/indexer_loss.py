@@ -52,8 +52,10 @@ class IndexerLossAutoScaler(torch.autograd.Function):
 def indexer_kl(scores: Tensor, entry_probs: Tensor, visible: Tensor) -> Tensor:
     """KL(dense attention || indexer) averaged over the queries that see at least one entry.
 
-    scores [s, b, n] (indexer, differentiable), entry_probs [b, H, s, n] (attention probabilities on
-    the compressed entries; detached here), visible [s, n] bool -> scalar fp32."""
+    scores [s, b, n] (indexer, differentiable; identical on every TP rank), entry_probs [b, T, s, n]
+    (the attention probabilities on the compressed entries summed over each TP rank's heads, ranks in
+    order, T = 1 without TP; any split of the heads into groups along dim 1 works; detached here),
+    visible [s, n] bool -> scalar fp32, the same on every TP rank."""
     mask = visible[:, None, :]  # [s, 1, n]
     target = entry_probs.detach().float().sum(dim=1).permute(1, 0, 2)  # [s, b, n]
     target = torch.where(mask, target, 0.0)

@@ -12,15 +12,17 @@ replicated parameters hold the TP=1 gradient on each rank and need no reduction 
 Under sequence parallelism the layer gathers its input sequence (backward: the rank's slice of the
 then identical input gradient) and reduce-scatters its output; without it, the output is all-reduced.
 
-`gather_heads` concatenates per-head tensors of all ranks in rank (= head) order: summing the
-result over heads is the one-process sum in the one-process order (the indexer's top-k choice).
-With one rank (or no megatron process groups at all) everything here is the identity.
+`chain_sum` adds per-head tensors left to right in head order across the ranks (rank r continues
+rank r-1's partial sum), so the sum is the one process's bit for bit (the indexer's top-k choice)
+with one [s, b, n] tensor per rank in flight. `gather_heads` concatenates small per-head tensors of
+all ranks in rank (= head) order. With one rank (or no megatron process groups at all) everything
+here is the identity.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -130,13 +132,51 @@ def combine_output(y: Tensor, tp: TpGroup) -> Tensor:
 
 def gather_heads(x: Tensor, tp: TpGroup) -> Tensor:
     """[H / T, ...] per-head values of this rank -> [H, ...] of all ranks in head order (backward:
-    this rank's slice of the gradient). Contiguous, so a sum over dim 0 runs in the same order as
-    one process's."""
+    this rank's slice of the gradient). For small values: every rank holds all of them."""
     if tp.size == 1:
         return x.contiguous()
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
     return gather_from_sequence_parallel_region(x.contiguous(), tensor_parallel_output_grad=False, group=tp.group)
+
+
+class _TakeTotal(torch.autograd.Function):
+    """forward(partial, total) = total; backward hands the total's gradient to `partial` unchanged
+    (d total / d partial is the identity; every rank computes the same loss of the total)."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor, total: Tensor) -> Tensor:
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def chain_sum(terms: Iterable[Tensor], tp: TpGroup) -> Tensor:
+    """sum over all ranks' local terms (each [...], same shape and dtype on every rank), accumulated
+    left to right in rank-then-local order: acc = t_0; acc = acc + t_1; ... Rank r > 0 receives
+    rank r-1's partial sum before adding its own terms and sends its partial on (so the ranks run one
+    after another), the last rank broadcasts the total. The result is the one-process chain bit for
+    bit on every rank; the memory in flight is one term-sized tensor. Backward: each local term gets
+    the total's gradient (no communication). `terms` may be a generator: computed as they are added."""
+    terms = iter(terms)
+    acc = next(terms)
+    if tp.size > 1 and tp.rank > 0:
+        before = torch.empty(acc.shape, dtype=acc.dtype, device=acc.device)
+        torch.distributed.recv(before, src=torch.distributed.get_global_rank(tp.group, tp.rank - 1), group=tp.group)
+        acc = before + acc
+    for term in terms:
+        acc = acc + term
+    if tp.size == 1:
+        return acc
+    last = tp.size - 1
+    if tp.rank < last:
+        torch.distributed.send(acc.detach().contiguous(), dst=torch.distributed.get_global_rank(tp.group, tp.rank + 1),
+                               group=tp.group)
+    total = acc.detach().contiguous() if tp.rank == last else torch.empty(acc.shape, dtype=acc.dtype, device=acc.device)
+    torch.distributed.broadcast(total, src=torch.distributed.get_global_rank(tp.group, last), group=tp.group)
+    return acc if tp.rank == last else _TakeTotal.apply(acc, total)
 
 
 class TpShardedState:
