@@ -346,12 +346,38 @@ def test_bad_quantized_or_unknown_original_tensors_are_exit_2_naming_them(tiny, 
         "orphan": ({"layers.0.attn.nothing.weight_scale_inv": s}, "layers.0.attn.nothing.weight_scale_inv"),
         "unknown scale": ({"layers.0.attn.nothing.scale": s}, "layers.0.attn.nothing.scale"),
         "mixed": ({"model.layers.0.attn.wq_a.weight": q}, "mix layouts"),
+        "misfit grid": ({"layers.0.attn.wq_a.weight": q, "layers.0.attn.wq_a.scale": torch.ones(5, 7)},
+                        "layers.0.attn.wq_a.scale"),
     }
     for case, (extra, named) in cases.items():
         src = write_original(tmp_path / case, {**tiny["tensors"], **extra}, cfg)
         result = _import(src, tmp_path / f"{case}-out")
         assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output, (case, result.output)
         assert not (tmp_path / f"{case}-out").exists()
+
+
+def test_failures_inside_the_streaming_writer_are_one_line_and_leave_nothing(tiny, tmp_path, monkeypatch):
+    """An input error met while DCP's writer asks for a tensor (here: a scale grid the header check was
+    told to let through) is exit 2 in one line; any other error there exit 1 in one line; OUT never
+    appears, nor its hidden work directory."""
+    import dsv4cli.infer.import_hf as import_hf
+
+    q, _ = fp8_quantize(tiny["tensors"]["layers.0.attn.wq_a.weight"], FP8_BLOCK)
+    bad = {**tiny["tensors"], "layers.0.attn.wq_a.weight": q, "layers.0.attn.wq_a.scale": torch.ones(5, 7)}
+    src = write_original(tmp_path / "bad", bad, legacy_config(tiny["cfg"]))
+    monkeypatch.setattr(import_hf, "check_scale_grid", lambda source, block: None)
+    result = _import(src, tmp_path / "bad-out", "--json")
+    assert result.exit_code == 2 and "layers.0.attn.wq_a.weight" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+    def broken(self, source, dtype):
+        raise RuntimeError("the disk went away\nsecond line")
+
+    monkeypatch.setattr(import_hf.SourceReader, "__call__", broken)
+    result = _import(tiny["root"] / "hf", tmp_path / "broken-out", "--json")
+    assert result.exit_code == 1 and "RuntimeError: second line" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 
 def test_interop_doc_lists_the_mtp_rows():

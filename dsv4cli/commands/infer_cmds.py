@@ -158,7 +158,7 @@ def import_hf(
       dsv4 generate runs/imported/spec.toml --load runs/imported --tokens 0,17,42 --json
     """
     from dsv4cli.commands.common import human_bytes
-    from dsv4cli.infer.import_hf import ImportHFError, import_hf as run
+    from dsv4cli.infer.import_hf import ImportHFError, ImportHFFailure, import_hf as run
     from dsv4cli.infer.verify import verify_import
     from dsv4cli.noise import quiet_known_noise
 
@@ -174,6 +174,8 @@ def import_hf(
             result = run(hf_dir, out, spec_out, dtype, layers, experts, advance, announce)
     except ImportHFError as e:
         fail(f"error: {e}")
+    except ImportHFFailure as e:
+        fail(f"error: {e}", code=1)
     report = _verify(lambda: verify_import(hf_dir, result["checkpoint"], result["spec"], layers, experts)) if verify else None
     if _report(result, as_json, f"imported {hf_dir} -> {result['checkpoint']}", noun="source tensors", verify=report):
         typer.echo(f"layout: {result['layout']}, MTP depth {result['mtp_depth']}, dequantized {result['dequantized']} weights")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dsv4cli.ckpt.atomic import is_unusable_output
-from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales
+from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales, grid_block
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
 from dsv4cli.infer.hf_names import (Placement, detect_layout, layer_table, mtp_index, original_name, placements,
                                     strip_prefix)
@@ -53,6 +53,10 @@ DEQUANTIZED_DEFAULT = "bfloat16"
 
 class ImportHFError(ValueError):
     """Bad input to import-hf (exit 2): a config dsv4 cannot express, an unknown or mis-shaped tensor, ..."""
+
+
+class ImportHFFailure(RuntimeError):
+    """import-hf failed while writing for a reason that is not its input (exit 1): one line."""
 
 
 @dataclass
@@ -128,9 +132,12 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
     if mtp != list(range(len(mtp))):
         raise ImportHFError(f"{hf_dir}: MTP tensors of depths {[k + 1 for k in mtp]} (mtp.K.* with K = {mtp}): "
                             "the depths must be 1..D")
+    block = block_size(cfg)
     for source in sources.values():
         if source.scale is None:
             _torch_dtype(source.dtype)
+        else:
+            check_scale_grid(source, block)
     table = layer_table()
     unknown = [name for name, source in sources.items() if placements(name, table, source.shape) is None]
     if unknown:
@@ -152,7 +159,17 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
               + ("" if tokenizer else "# No tokenizer.json there: data.tokenizer = \"byte\" is a placeholder.\n"))
     return ImportPlan(hf_dir, out, spec_file, header + spec_to_toml(spec), spec, sources, tokenizer,
                       toy_notes + notes_on(cfg),
-                      layout, len(mtp), block_size(cfg))
+                      layout, len(mtp), block)
+
+
+def check_scale_grid(source: SourceTensor, block: tuple[int, int]) -> None:
+    """The scale grid of a quantized source fits its weight (headers only, as dequantize will read it:
+    the last two dimensions of each). ImportHFError naming both tensors when it does not."""
+    grid = tuple(source.scale.shape[-2:]) if len(source.scale.shape) >= 2 else (1, 1)
+    try:
+        grid_block(tuple(source.shape), grid, block)
+    except DequantError as e:
+        raise ImportHFError(f"{source.name} (scale {source.scale.name}): {e}") from None
 
 
 def _torch_dtype(name: str):
@@ -304,7 +321,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
     from dsv4cli.build.parallel import single_process
     from dsv4cli.ckpt.atomic import new_directory, write_text_atomic
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
-    from dsv4cli.infer.stream_save import ViewMaker, map_large_allocations, streaming_strategy
+    from dsv4cli.infer.stream_save import ViewMaker, map_large_allocations, save_failures, streaming_strategy
     from dsv4cli.spec.layout import ParallelDims
 
     plan = plan_import(hf_dir, out, spec_out, layers, experts)
@@ -329,8 +346,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
             make = ViewMaker(targets.state, lambda name: target_value(targets, name, read))
             dtypes = saved_dtypes(model)
             layout = ParallelDims.of(plan.spec, 1).checkpoint_layout()
-            iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout,
-                                       sharded_strategy=streaming_strategy(make))
+            with save_failures(ImportHFError, SafetensorsError, bad=ImportHFError, other=ImportHFFailure):
+                iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout,
+                                           sharded_strategy=streaming_strategy(make))
         if plan.tokenizer is not None:
             shutil.copyfile(plan.tokenizer, tmp / TOKENIZER)
         shutil.copyfile(plan.hf_dir / "config.json", tmp / SOURCE_CONFIG)  # for export-hf's config.json

@@ -15,6 +15,7 @@ view's shape and dtype.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -46,6 +47,36 @@ def streaming_strategy(make: Callable):
             raise NotImplementedError("the streaming save is synchronous")
 
     return StreamingSave("torch_dist", 1)
+
+
+def failure_of(e: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException (a BaseException whose `failures` maps each rank
+    to (exception, traceback)): the first rank's; `e` itself when it is no such wrapper."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for wrapped in failures.values():
+            inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            if isinstance(inner, BaseException):
+                return failure_of(inner)
+    return e
+
+
+@contextlib.contextmanager
+def save_failures(*inputs: type, bad: type, other: type):
+    """Around a streaming save: an error of the types `inputs` raised by `make` inside DCP's writer
+    comes out as `bad(its message)`, anything else (DCP's CheckpointException included) as
+    `other(one line)`; KeyboardInterrupt and SystemExit pass."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        cause = failure_of(e)
+        if isinstance(cause, inputs):
+            raise bad(str(cause)) from None
+        lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+        raise other(f"the checkpoint could not be written ({type(cause).__name__}: "
+                    f"{lines[-1] if lines else '-'})") from None
 
 
 def map_large_allocations(threshold: int = 1 << 20) -> None:
