@@ -109,6 +109,24 @@ def test_a_bad_import_is_exit_1_naming_the_tensor(imported, tmp_path, monkeypatc
     assert "layer 0 " not in "".join(bad) and result.stdout.strip().endswith("verify: FAILED")
 
 
+def test_a_verification_that_cannot_run_is_reported_in_the_json_and_exit_1(imported, tmp_path, monkeypatch):
+    """--json --verify: when the check itself fails (here dsv4's forward raises), stdout still holds the
+    command's one JSON object, its "verify" {"ok": false, "error": one line}; exit 1, no traceback."""
+    import dsv4cli.infer.verify_model as verify_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("forward broke\nits last line")
+
+    monkeypatch.setattr(verify_model, "dsv4_outputs", broken)
+    result = _cli("import-hf", imported[0] / "hf", tmp_path / "out", "--verify", "--json")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    got = json.loads(result.stdout)
+    assert got["verify"] == {"ok": False, "error": "verify could not run: RuntimeError: its last line"}
+    assert got["checkpoint"] == str(tmp_path / "out" / "iter_0000000") and (tmp_path / "out").is_dir()
+    text = _cli("import-hf", imported[0] / "hf", tmp_path / "out-text", "--verify")
+    assert text.exit_code == 1 and text.output.strip().endswith("error: verify could not run: RuntimeError: its last line")
+
+
 def test_without_transformers_the_tensors_are_still_checked_and_the_extra_is_named(imported, tmp_path, monkeypatch):
     from dsv4cli.infer.import_hf import import_hf
     from dsv4cli.infer.verify import render, verify_import

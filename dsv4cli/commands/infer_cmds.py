@@ -39,22 +39,28 @@ def verify_option(source: str):
                         "tolerance. With --json: the object gets a \"verify\" report.")
 
 
-def _verify(check):
-    """Run a verify_* call; a failure to run it is exit 1 (what was written stays)."""
-    from dsv4cli.ckpt.errors import CheckpointError
-    from dsv4cli.infer.import_hf import ImportHFError
-    from dsv4cli.infer.safetensors_io import SafetensorsError
-
+def _verify(check) -> dict:
+    """Run a verify_* call -> its report; when it cannot run (any error), {"ok": False, "error": one line}
+    (exit 1 by _verdict; what was written stays)."""
     try:
         return check()
-    except (CheckpointError, ImportHFError, SafetensorsError, ValueError) as e:
-        fail(f"error: verify could not run: {e}", code=1)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever stops the check is reported, never a traceback
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = lines[-1] if lines else ""
+        known = isinstance(e, ValueError)  # CheckpointError, ImportHFError, SafetensorsError, ...
+        return {"ok": False, "error": f"verify could not run: {reason if known else f'{type(e).__name__}: {reason}'}"}
 
 
 def _verdict(report: Optional[dict], as_json: bool) -> None:
-    """Print --verify's tables (text mode) and exit 1 when it failed."""
+    """Print --verify's tables (text mode) and exit 1 when it failed or could not run."""
     if report is None:
         return
+    if "error" in report:
+        if not as_json:
+            typer.echo(f"error: {report['error']}", err=True)
+        raise typer.Exit(1)
     if not as_json:
         from dsv4cli.infer.verify import render
 
