@@ -139,10 +139,22 @@ def test_original_layout_imports_to_the_same_checkpoint_as_save_pretrained(tiny)
     assert differ == []
 
 
-def test_hf_in_memory_module_names_import_to_the_same_checkpoint(tiny):
+def test_hf_in_memory_module_names_import_to_the_same_checkpoint(tiny, monkeypatch):
     """The names of HF's modules (`self_attn.q_a_proj`, fused `mlp.experts.gate_up_proj` [E, 2I, h], ...),
-    as an older or newer transformers may save them."""
+    as an older or newer transformers may save them. Every byte of the source is read exactly once: a
+    fused expert tensor one expert's slice at a time, never whole."""
     from safetensors.torch import save_file
+
+    import dsv4cli.infer.safetensors_io as safetensors_io
+
+    reads, real = [], safetensors_io.read_tensor
+
+    def counted(path, name, element=None):
+        tensor = real(path, name, element)
+        reads.append((name, element, tensor.nbytes))
+        return tensor
+
+    monkeypatch.setattr(safetensors_io, "read_tensor", counted)
 
     root = tiny["root"]
     src = root / "modules"
@@ -154,6 +166,12 @@ def test_hf_in_memory_module_names_import_to_the_same_checkpoint(tiny):
     result = _import(src, root / "modules-out", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["layout"] == "hf-modules"
+    keys = [(name, element) for name, element, _ in reads]
+    assert len(keys) == len(set(keys)) and set(name for name, _ in keys) == set(state)
+    fused = {name for name, element in keys if element is not None}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in fused and (("model.layers.1.mlp.experts.down_proj", None)
+                                                                   not in keys)
+    assert sum(n for *_, n in reads) == sum(v.nbytes for v in state.values())
     ours, theirs = loaded(root / "modules-out"), loaded(root / "hf-out")
     assert ours.keys() == theirs.keys()
     assert [k for k in ours if ours[k].dtype != theirs[k].dtype or not ours[k].equal(theirs[k])] == []
@@ -370,7 +388,7 @@ def test_failures_inside_the_streaming_writer_are_one_line_and_leave_nothing(tin
     assert result.exit_code == 2 and "layers.0.attn.wq_a.weight" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
-    def broken(self, source, dtype):
+    def broken(self, source, dtype, element=None):
         raise RuntimeError("the disk went away\nsecond line")
 
     monkeypatch.setattr(import_hf.SourceReader, "__call__", broken)

@@ -248,31 +248,34 @@ def place(model, sources: dict[str, SourceTensor], dtype=None) -> Targets:
 
 class SourceReader:
     """Reads one source tensor at a time, as it goes in the model: dequantized (`block`: the config's
-    block size) into the dtype asked, a toy variant's rows cut, its integer values taken modulo.
-    `progress(bytes read, tensors read, total bytes, total tensors)` the first time each of `sources`
-    is read."""
+    block size) into the dtype asked, a toy variant's rows cut, its integer values taken modulo; a
+    fused [E, ...] expert tensor one element (`element`) at a time, each read from its own byte range.
+    `progress(bytes read, tensors begun, total bytes, total tensors)` after each first read (of a fused
+    tensor's element: its share of the bytes)."""
 
     def __init__(self, sources: list[SourceTensor], block: tuple[int, int] = DEFAULT_BLOCK,
                  progress: Optional[Callable[[int, int, int, int], None]] = None):
         self._block, self._progress = block, progress
         self._total, self._count = sum(map(stored_bytes, sources)), len(sources)
-        self._seen: set[str] = set()
+        self._seen: dict[str, set] = {}
         self._done = 0
 
-    def __call__(self, source: SourceTensor, dtype):
-        tensor, scale = read_scaled(source)
+    def __call__(self, source: SourceTensor, dtype, element: Optional[int] = None):
+        tensor, scale = read_scaled(source, element)
         if scale is not None:
             try:
                 tensor = dequantize(tensor, scale, dtype, self._block)
             except DequantError as e:
                 raise ImportHFError(f"{source.name}: {e}") from None
-        if source.rows is not None:
+        if source.rows is not None and element is None:
             tensor = tensor[: source.rows]
         if source.modulo is not None:
             tensor = tensor % source.modulo
-        if source.name not in self._seen:
-            self._seen.add(source.name)
-            self._done += stored_bytes(source)
+        seen = self._seen.setdefault(source.name, set())
+        if element not in seen:
+            seen.add(element)
+            parts = 1 if element is None else source.shape[0]
+            self._done += stored_bytes(source) // parts
             if self._progress is not None:
                 self._progress(self._done, len(self._seen), self._total, self._count)
         return tensor
@@ -280,7 +283,8 @@ class SourceReader:
 
 def target_value(targets: Targets, name: str, read: SourceReader):
     """The whole value of model tensor `name` in its import dtype: the one source that fills it, or
-    zeros of its shape (padding rows stay zero) with every source placed in it, each read when needed."""
+    zeros of its shape (padding rows stay zero) with every source placed in it, each read when needed
+    (a fused expert tensor: only the element placed here)."""
     import torch
 
     shape, parts = tuple(targets.state[name].shape), targets.parts[name]
@@ -288,8 +292,8 @@ def target_value(targets: Targets, name: str, read: SourceReader):
         return read(parts[0][0], targets.dtypes[name]).to(targets.dtypes[name]).reshape(shape)
     value = torch.zeros(shape, dtype=targets.dtypes[name])
     for source, p, rows in targets.parts[name]:
-        tensor = read(source, targets.dtypes[name])
-        value[rows].copy_(tensor if p.element is None else tensor[p.element].reshape(value[rows].shape))
+        tensor = read(source, targets.dtypes[name], p.element)
+        value[rows].copy_(tensor.reshape(value[rows].shape))
     return value
 
 

@@ -137,26 +137,37 @@ def _read_header(path: str, size: int, mtime_ns: int) -> tuple[dict, int]:
         return json.loads(f.read(size)), 8 + size
 
 
-def read_tensor(path: Path, name: str):
+def read_tensor(path: Path, name: str, element: Optional[int] = None):
     """One tensor of a safetensors file read into a fresh CPU torch tensor of its stored dtype: its
-    bytes go straight into the tensor's own memory (no mapping of the file, nothing kept)."""
+    bytes go straight into the tensor's own memory (no mapping of the file, nothing kept).
+    `element`: only tensor[element] (a fused [E, ...] tensor's expert: its own contiguous byte range)."""
     import torch
 
     header, start = _header(str(path))
     entry = header[name]
     begin, end = entry["data_offsets"]
+    shape = list(entry["shape"])
+    if element is not None:
+        if not shape or not 0 <= element < shape[0]:
+            raise SafetensorsError(f"{path}: {name} {shape} has no element {element}")
+        stride = (end - begin) // shape[0]
+        begin, end, shape = begin + element * stride, begin + (element + 1) * stride, shape[1:]
     out = torch.empty(end - begin, dtype=torch.uint8)
     with open(path, "rb") as f:
         f.seek(start + begin)
         if f.readinto(memoryview(out.numpy())) != end - begin:
             raise SafetensorsError(f"{path}: the data of {name} is cut short")
-    return out.view(getattr(torch, TORCH_DTYPES[entry["dtype"]])).reshape(entry["shape"])
+    return out.view(getattr(torch, TORCH_DTYPES[entry["dtype"]])).reshape(shape)
 
 
-def read_scaled(source: SourceTensor):
-    """-> (the tensor, its scale tensor or None), each read by read_tensor."""
-    scale = None if source.scale is None else read_tensor(source.scale.file, source.scale.name)
-    return read_tensor(source.file, source.name), scale
+def read_scaled(source: SourceTensor, element: Optional[int] = None):
+    """-> (the tensor, its scale tensor or None), each read by read_tensor; `element`: only element e
+    of a fused [E, ...] tensor (and of its scale when that is [E, ...] too)."""
+    scale = None
+    if source.scale is not None:
+        per_element = element is not None and len(source.scale.shape) > 2 and source.scale.shape[0] == source.shape[0]
+        scale = read_tensor(source.scale.file, source.scale.name, element if per_element else None)
+    return read_tensor(source.file, source.name, element), scale
 
 
 class ShardWriter:
