@@ -325,7 +325,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
     from dsv4cli.build.parallel import single_process
     from dsv4cli.ckpt.atomic import new_directory, write_text_atomic
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
-    from dsv4cli.infer.stream_save import ViewMaker, map_large_allocations, save_failures, streaming_strategy
+    from dsv4cli.infer.stream_save import ViewMaker, save_failures, streaming_strategy
     from dsv4cli.spec.layout import ParallelDims
 
     plan = plan_import(hf_dir, out, spec_out, layers, experts)
@@ -345,7 +345,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
             except UnsupportedSpecError as e:
                 raise ImportHFError(f"dsv4 cannot build this model yet: {e}") from None
             targets = place(model, plan.sources, cast)
-            map_large_allocations()  # freed tensors go back to the system at once
             read = SourceReader(list(plan.sources.values()), plan.block, progress)
             make = ViewMaker(targets.state, lambda name: target_value(targets, name, read))
             dtypes = saved_dtypes(model)

@@ -79,17 +79,17 @@ def save_failures(*inputs: type, bad: type, other: type):
                     f"{lines[-1] if lines else '-'})") from None
 
 
-def map_large_allocations(threshold: int = 1 << 20) -> None:
-    """glibc: every allocation of `threshold` bytes or more gets its own mapping, unmapped when freed
-    (mallopt M_MMAP_THRESHOLD, which also stops glibc from raising the threshold after each large free;
-    without it, the tensors a streaming save frees one after another stay in the heap and the process
-    grows with each layer: 50 MB over the 3 layers of tests/test_infer_hf_memory.py's import). Process-wide;
-    nothing happens where the C library has no mallopt."""
+def release_free_memory() -> None:
+    """Hand the heap's free memory back to the system now (glibc's malloc_trim(0)): the tensors a
+    streaming save frees one after another would otherwise stay in the heap, since glibc raises its
+    mmap threshold after each large free, and the process grow with each layer (50 MB over the 3
+    layers of tests/test_infer_hf_memory.py's import). No lasting setting; nothing happens where the
+    C library has no malloc_trim."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -112,10 +112,13 @@ class ViewMaker:
         self._handed: list = []
 
     def release(self) -> None:
-        """Free the memory of the last built tensor and of what was handed out from it."""
+        """Free the memory of the last built tensor and of what was handed out from it, and give it
+        back to the system (release_free_memory)."""
         for tensor in self._handed:
             if tensor.untyped_storage().resizable():
                 tensor.untyped_storage().resize_(0)
+        if self._handed:
+            release_free_memory()
         self._name, self._handed = None, []
 
     def __call__(self, view):
