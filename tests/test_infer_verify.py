@@ -61,6 +61,25 @@ def test_import_verify_passes_with_a_row_per_tensor_and_hfs_model_within_toleran
     assert out["forecast"] == sum(math.prod(r["shape"]) * ITEMSIZE[r["written"]] for r in report["tensors"])
 
 
+def test_verify_reads_one_expert_of_a_stacked_expert_tensor_at_a_time(imported, monkeypatch):
+    """The per-tensor check never loads a layer's whole stacked [E, ...] expert weight: one expert each."""
+    from dsv4cli.ckpt.tensors import TensorReader
+    from dsv4cli.infer.region_reader import RegionReader
+    from dsv4cli.infer.verify import verify_import
+
+    root = imported[0]
+    whole, regions = [], []
+    real_load, real_read = TensorReader.load, RegionReader.read
+    monkeypatch.setattr(TensorReader, "load", lambda self, entry: whole.append(entry.name) or real_load(self, entry))
+    monkeypatch.setattr(RegionReader, "read", lambda self, entry, offsets=(), sizes=():
+                        regions.append((entry.name, tuple(sizes))) or real_read(self, entry, offsets, sizes))
+    report = verify_import(root / "hf", root / "out" / "iter_0000000", root / "out" / "spec.toml", model=False)
+    assert report["ok"] is True
+    assert [n for n in whole if ".experts.experts." in n] == []
+    stacked = [(n, sizes) for n, sizes in regions if ".experts.experts." in n]
+    assert stacked and all(sizes[0] == 1 for _, sizes in stacked)
+
+
 def test_a_tensor_changed_on_disk_fails_naming_it(imported, tmp_path):
     from dsv4cli.ckpt.metadata import read_checkpoint_info
     from dsv4cli.ckpt.tensors import TensorReader
