@@ -33,9 +33,10 @@ from typing import Callable, Optional
 from dsv4cli.ckpt.atomic import is_unusable_output
 from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales, grid_block
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
-from dsv4cli.infer.hf_names import (Placement, detect_layout, layer_table, mtp_index, original_name, placements,
-                                    strip_prefix)
-from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, read_scaled, tensor_sources
+from dsv4cli.infer.hf_names import (Placement, detect_layout, layer_table, mtp_index, original_name, part_rows,
+                                    placements, strip_prefix)
+from dsv4cli.infer.safetensors_io import (STORED_BYTES, TORCH_DTYPES, SafetensorsError, SourceTensor, read_scaled,
+                                          tensor_sources)
 from dsv4cli.infer.toy import ToyError, cut_config, cut_sources
 
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -44,10 +45,6 @@ DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfl
 SPEC_NAME = "spec.toml"
 TOKENIZER = "tokenizer.json"
 SOURCE_CONFIG = "hf_config.json"
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 DEQUANTIZED_DEFAULT = "bfloat16"
 
 
@@ -175,21 +172,17 @@ def check_scale_grid(source: SourceTensor, block: tuple[int, int]) -> None:
 def _torch_dtype(name: str):
     import torch
 
-    if name not in SAFETENSORS_DTYPES:
+    if name not in TORCH_DTYPES or name.startswith("F8_"):  # FP8 needs its scale (dequant.py)
         raise ImportHFError(f"stored dtype {name} is not supported without a scale tensor next to it")
-    return getattr(torch, SAFETENSORS_DTYPES[name])
+    return getattr(torch, TORCH_DTYPES[name])
 
 
 def _region(target_shape: tuple, placement: Placement, source_shape: tuple) -> tuple[slice, tuple]:
-    """-> (the rows of the target a placement writes, the shape the source must have there)."""
-    half = target_shape[0] // 2
-    if placement.part == "gate":
-        return slice(0, half), (half, *target_shape[1:])
-    if placement.part == "up":
-        return slice(half, 2 * half), (half, *target_shape[1:])
-    if placement.part == "rows" and source_shape[0] <= target_shape[0]:  # the first rows of a padded table
-        return slice(0, source_shape[0]), (source_shape[0], *target_shape[1:])
-    return slice(None), tuple(target_shape)
+    """-> (the rows of the target a placement writes: slice(None) for all, the shape the source must
+    have there)."""
+    start, count = part_rows(placement.part, target_shape[0], source_shape[0] if source_shape else None)
+    rows = slice(None) if (start, count) == (0, target_shape[0]) else slice(start, start + count)
+    return rows, (count, *target_shape[1:])
 
 
 @dataclass

@@ -22,6 +22,11 @@ CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16
          "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
          "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0"}
 """torch dtype name -> safetensors dtype code."""
+TORCH_DTYPES = {code: name for name, code in CODES.items()}
+"""safetensors dtype code -> torch dtype name."""
+STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+"""safetensors dtype code -> bytes per stored value."""
 
 
 class SafetensorsError(ValueError):
@@ -119,10 +124,6 @@ def stream_scaled(sources):
                 yield source, f.get_tensor(source.name), scale
 
 
-TORCH_DTYPES = {code: name for name, code in CODES.items()}
-"""safetensors dtype code -> torch dtype name."""
-
-
 def _header(path: str) -> tuple[dict, int]:
     """A safetensors file's header and where its data starts (8-byte length, JSON, data); cached while
     the file keeps its size and modification time."""
@@ -178,8 +179,6 @@ class ShardWriter:
 
     def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]]):
         import math
-
-        from dsv4cli.infer.import_hf import STORED_BYTES
 
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from dsv4cli.infer.dequant import DEFAULT_BLOCK, dequantize
-from dsv4cli.infer.hf_names import layer_table, placements
+from dsv4cli.infer.hf_names import layer_table, part_rows, placements
 from dsv4cli.infer.safetensors_io import SourceTensor, stream_scaled
 
 QUANT_RTOL = 2.0**-4
@@ -84,8 +84,10 @@ class CheckpointTensors:
 
 
 def _region(whole, part: str, rows: int):
-    half = whole.shape[0] // 2
-    return {"rows": whole[:rows], "gate": whole[:half], "up": whole[half:2 * half]}.get(part, whole)
+    if whole.dim() == 0:
+        return whole
+    start, count = part_rows(part, whole.shape[0], rows)
+    return whole[start:start + count]
 
 
 def dsv4_side(ckpt: CheckpointTensors, name: str, shape: tuple, table: dict):
