@@ -13,6 +13,11 @@ from dsv4cli.commands.app import app
 from dsv4cli.commands.common import fail, json_option, set_option, spec_argument, spec_or_exit
 
 
+KEPT_FP32_HELP = ("Sinks, mHC and hc_head parameters, compressor position biases, router bias and the attention's "
+                  "q / kv / compressor norms")
+"""The tensors dsv4 keeps fp32 (import_hf.kept_fp32), as --dtype's help names them."""
+
+
 def _parse_tokens(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -144,7 +149,9 @@ def import_hf(
     out: str = typer.Argument(..., metavar="OUT", help="New checkpoint directory (must not exist, or be empty)."),
     spec_out: Optional[str] = typer.Option(None, "--spec-out", metavar="FILE", help="Where to write the spec (default OUT/spec.toml)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="fp32|bf16|fp16",
-                                        help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 weights: bfloat16)."),
+                                        help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 "
+                                             f"weights: bfloat16). {KEPT_FP32_HELP} stay fp32 whatever --dtype says; "
+                                             "integer tables keep their dtype."),
     as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "forecast", "dtypes", "mtp_depth", "layout", '
                                   '"dequantized", "notes"}.'),
     layers: Optional[int] = typer.Option(None, "--layers", metavar="K", help="Toy variant: the first K layers (and MTP)."),
@@ -237,9 +244,10 @@ def export_hf(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint root (-> latest) or one iter_* directory."),
     out: str = typer.Argument(..., metavar="OUT", help="New HF model directory (must not exist, or be empty)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="bf16|fp32|fp16|fp8",
-                                        help="Cast floating tensors (default: keep each stored dtype; sinks, mHC, "
-                                             "position biases and router bias stay fp32); fp8: linear weights "
-                                             "as FP8 e4m3 with 128x128 block scales, the rest bf16."),
+                                        help=f"Cast floating tensors (default: keep each stored dtype). {KEPT_FP32_HELP} "
+                                             "stay fp32 and integer tables keep their dtype under any --dtype. fp8: "
+                                             "linear weights as FP8 e4m3 with 128x128 block scales, the other "
+                                             "floating tensors bf16."),
     layout: str = typer.Option("hf", "--layout", metavar="hf|original", help="Tensor names and config keys: hf "
                                "(what transformers' save_pretrained writes) or original (the public release's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest safetensors file."),
