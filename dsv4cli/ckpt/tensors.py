@@ -9,7 +9,7 @@ from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.metadata import TensorEntry
 
 
-def _last_line(e: BaseException) -> str:
+def last_line(e: BaseException) -> str:
     """The innermost one-line reason of an exception (DCP wraps the real one in a multi-line report)."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
@@ -57,7 +57,7 @@ class TensorReader:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:
-            raise CheckpointError(f"{self._dir}: cannot read tensor {name} ({type(e).__name__}: {_last_line(e)})") from None
+            raise CheckpointError(f"{self._dir}: cannot read tensor {name} ({type(e).__name__}: {last_line(e)})") from None
 
 
 def load_all_tensors(iter_dir: str | Path) -> dict:

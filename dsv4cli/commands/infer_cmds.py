@@ -52,8 +52,9 @@ def _verify(check) -> dict:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - whatever stops the check is reported, never a traceback
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = lines[-1] if lines else ""
+        from dsv4cli.ckpt.tensors import last_line
+
+        reason = last_line(e)
         known = isinstance(e, ValueError)  # CheckpointError, ImportHFError, SafetensorsError, ...
         return {"ok": False, "error": f"verify could not run: {reason if known else f'{type(e).__name__}: {reason}'}"}
 

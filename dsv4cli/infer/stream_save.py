@@ -74,9 +74,9 @@ def save_failures(*inputs: type, bad: type, other: type):
         cause = failure_of(e)
         if isinstance(cause, inputs):
             raise bad(str(cause)) from None
-        lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-        raise other(f"the checkpoint could not be written ({type(cause).__name__}: "
-                    f"{lines[-1] if lines else '-'})") from None
+        from dsv4cli.ckpt.tensors import last_line
+
+        raise other(f"the checkpoint could not be written ({type(cause).__name__}: {last_line(cause)})") from None
 
 
 def release_free_memory() -> None:
