@@ -56,8 +56,7 @@ def _command_peak(log, *args: str) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     """Write the wide model, measure the baseline, import-hf and export-hf (MB); print the figures."""
-    from dsv4cli.infer.import_hf import STORED_BYTES
-    from dsv4cli.infer.safetensors_io import tensor_sources
+    from dsv4cli.infer.safetensors_io import STORED_BYTES, tensor_sources
 
     root = tmp_path_factory.mktemp("memory")
     hf_model(**WIDE).save_pretrained(root / "hf")

@@ -139,10 +139,22 @@ def test_original_layout_imports_to_the_same_checkpoint_as_save_pretrained(tiny)
     assert differ == []
 
 
-def test_hf_in_memory_module_names_import_to_the_same_checkpoint(tiny):
+def test_hf_in_memory_module_names_import_to_the_same_checkpoint(tiny, monkeypatch):
     """The names of HF's modules (`self_attn.q_a_proj`, fused `mlp.experts.gate_up_proj` [E, 2I, h], ...),
-    as an older or newer transformers may save them."""
+    as an older or newer transformers may save them. Every byte of the source is read exactly once: a
+    fused expert tensor one expert's slice at a time, never whole."""
     from safetensors.torch import save_file
+
+    import dsv4cli.infer.safetensors_io as safetensors_io
+
+    reads, real = [], safetensors_io.read_tensor
+
+    def counted(path, name, element=None):
+        tensor = real(path, name, element)
+        reads.append((name, element, tensor.nbytes))
+        return tensor
+
+    monkeypatch.setattr(safetensors_io, "read_tensor", counted)
 
     root = tiny["root"]
     src = root / "modules"
@@ -154,6 +166,12 @@ def test_hf_in_memory_module_names_import_to_the_same_checkpoint(tiny):
     result = _import(src, root / "modules-out", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["layout"] == "hf-modules"
+    keys = [(name, element) for name, element, _ in reads]
+    assert len(keys) == len(set(keys)) and set(name for name, _ in keys) == set(state)
+    fused = {name for name, element in keys if element is not None}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in fused and (("model.layers.1.mlp.experts.down_proj", None)
+                                                                   not in keys)
+    assert sum(n for *_, n in reads) == sum(v.nbytes for v in state.values())
     ours, theirs = loaded(root / "modules-out"), loaded(root / "hf-out")
     assert ours.keys() == theirs.keys()
     assert [k for k in ours if ours[k].dtype != theirs[k].dtype or not ours[k].equal(theirs[k])] == []
@@ -346,12 +364,38 @@ def test_bad_quantized_or_unknown_original_tensors_are_exit_2_naming_them(tiny, 
         "orphan": ({"layers.0.attn.nothing.weight_scale_inv": s}, "layers.0.attn.nothing.weight_scale_inv"),
         "unknown scale": ({"layers.0.attn.nothing.scale": s}, "layers.0.attn.nothing.scale"),
         "mixed": ({"model.layers.0.attn.wq_a.weight": q}, "mix layouts"),
+        "misfit grid": ({"layers.0.attn.wq_a.weight": q, "layers.0.attn.wq_a.scale": torch.ones(5, 7)},
+                        "layers.0.attn.wq_a.scale"),
     }
     for case, (extra, named) in cases.items():
         src = write_original(tmp_path / case, {**tiny["tensors"], **extra}, cfg)
         result = _import(src, tmp_path / f"{case}-out")
         assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output, (case, result.output)
         assert not (tmp_path / f"{case}-out").exists()
+
+
+def test_failures_inside_the_streaming_writer_are_one_line_and_leave_nothing(tiny, tmp_path, monkeypatch):
+    """An input error met while DCP's writer asks for a tensor (here: a scale grid the header check was
+    told to let through) is exit 2 in one line; any other error there exit 1 in one line; OUT never
+    appears, nor its hidden work directory."""
+    import dsv4cli.infer.import_hf as import_hf
+
+    q, _ = fp8_quantize(tiny["tensors"]["layers.0.attn.wq_a.weight"], FP8_BLOCK)
+    bad = {**tiny["tensors"], "layers.0.attn.wq_a.weight": q, "layers.0.attn.wq_a.scale": torch.ones(5, 7)}
+    src = write_original(tmp_path / "bad", bad, legacy_config(tiny["cfg"]))
+    monkeypatch.setattr(import_hf, "check_scale_grid", lambda source, block: None)
+    result = _import(src, tmp_path / "bad-out", "--json")
+    assert result.exit_code == 2 and "layers.0.attn.wq_a.weight" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+    def broken(self, source, dtype, element=None):
+        raise RuntimeError("the disk went away\nsecond line")
+
+    monkeypatch.setattr(import_hf.SourceReader, "__call__", broken)
+    result = _import(tiny["root"] / "hf", tmp_path / "broken-out", "--json")
+    assert result.exit_code == 1 and "RuntimeError: second line" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 
 def test_interop_doc_lists_the_mtp_rows():

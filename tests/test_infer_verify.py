@@ -61,6 +61,25 @@ def test_import_verify_passes_with_a_row_per_tensor_and_hfs_model_within_toleran
     assert out["forecast"] == sum(math.prod(r["shape"]) * ITEMSIZE[r["written"]] for r in report["tensors"])
 
 
+def test_verify_reads_one_expert_of_a_stacked_expert_tensor_at_a_time(imported, monkeypatch):
+    """The per-tensor check never loads a layer's whole stacked [E, ...] expert weight: one expert each."""
+    from dsv4cli.ckpt.tensors import TensorReader
+    from dsv4cli.infer.region_reader import RegionReader
+    from dsv4cli.infer.verify import verify_import
+
+    root = imported[0]
+    whole, regions = [], []
+    real_load, real_read = TensorReader.load, RegionReader.read
+    monkeypatch.setattr(TensorReader, "load", lambda self, entry: whole.append(entry.name) or real_load(self, entry))
+    monkeypatch.setattr(RegionReader, "read", lambda self, entry, offsets=(), sizes=():
+                        regions.append((entry.name, tuple(sizes))) or real_read(self, entry, offsets, sizes))
+    report = verify_import(root / "hf", root / "out" / "iter_0000000", root / "out" / "spec.toml", model=False)
+    assert report["ok"] is True
+    assert [n for n in whole if ".experts.experts." in n] == []
+    stacked = [(n, sizes) for n, sizes in regions if ".experts.experts." in n]
+    assert stacked and all(sizes[0] == 1 for _, sizes in stacked)
+
+
 def test_a_tensor_changed_on_disk_fails_naming_it(imported, tmp_path):
     from dsv4cli.ckpt.metadata import read_checkpoint_info
     from dsv4cli.ckpt.tensors import TensorReader
@@ -107,6 +126,24 @@ def test_a_bad_import_is_exit_1_naming_the_tensor(imported, tmp_path, monkeypatc
     assert bad[0].startswith("model.layers.2.attn.attn_sink ")
     assert any(line.startswith("layer 2 ") for line in bad)  # the model comparison sees it from that layer on
     assert "layer 0 " not in "".join(bad) and result.stdout.strip().endswith("verify: FAILED")
+
+
+def test_a_verification_that_cannot_run_is_reported_in_the_json_and_exit_1(imported, tmp_path, monkeypatch):
+    """--json --verify: when the check itself fails (here dsv4's forward raises), stdout still holds the
+    command's one JSON object, its "verify" {"ok": false, "error": one line}; exit 1, no traceback."""
+    import dsv4cli.infer.verify_model as verify_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("forward broke\nits last line")
+
+    monkeypatch.setattr(verify_model, "dsv4_outputs", broken)
+    result = _cli("import-hf", imported[0] / "hf", tmp_path / "out", "--verify", "--json")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    got = json.loads(result.stdout)
+    assert got["verify"] == {"ok": False, "error": "verify could not run: RuntimeError: its last line"}
+    assert got["checkpoint"] == str(tmp_path / "out" / "iter_0000000") and (tmp_path / "out").is_dir()
+    text = _cli("import-hf", imported[0] / "hf", tmp_path / "out-text", "--verify")
+    assert text.exit_code == 1 and text.output.strip().endswith("error: verify could not run: RuntimeError: its last line")
 
 
 def test_without_transformers_the_tensors_are_still_checked_and_the_extra_is_named(imported, tmp_path, monkeypatch):

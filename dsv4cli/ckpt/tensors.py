@@ -9,7 +9,7 @@ from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.metadata import TensorEntry
 
 
-def _last_line(e: BaseException) -> str:
+def last_line(e: BaseException) -> str:
     """The innermost one-line reason of an exception (DCP wraps the real one in a multi-line report)."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
@@ -37,26 +37,27 @@ class TensorReader:
         """The full (global) tensor of one entry, on CPU, in its stored dtype.
 
         Raises CheckpointError (naming the tensor) when its bytes cannot be read: a truncated or
-        damaged data file, a missing file. DCP reports those as a CheckpointException, which is
-        a BaseException, so it is caught here and turned into one line.
-        """
+        damaged data file, a missing file (dcp_load)."""
         import torch
-        import torch.distributed.checkpoint as dcp
 
         t = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
-        sd = {entry.name: t}
+        self.dcp_load(entry.name, t)
+        return t
+
+    def dcp_load(self, name: str, out, planner=None) -> None:
+        """Fill `out` with stored tensor `name` through DCP's load (`planner`: DCP's default, or one
+        that reads a region of it). DCP reports unreadable bytes as a CheckpointException, which is a
+        BaseException: caught here and turned into a one-line CheckpointError naming the tensor."""
+        import torch.distributed.checkpoint as dcp
+
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(sd, storage_reader=self._reader, no_dist=True)
+                dcp.load({name: out}, storage_reader=self._reader, no_dist=True, planner=planner)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:
-            reason = _last_line(e)
-            raise CheckpointError(
-                f"{self._dir}: cannot read tensor {entry.name} ({type(e).__name__}: {reason})"
-            ) from None
-        return sd[entry.name]
+            raise CheckpointError(f"{self._dir}: cannot read tensor {name} ({type(e).__name__}: {last_line(e)})") from None
 
 
 def load_all_tensors(iter_dir: str | Path) -> dict:

@@ -13,6 +13,11 @@ from dsv4cli.commands.app import app
 from dsv4cli.commands.common import fail, json_option, set_option, spec_argument, spec_or_exit
 
 
+KEPT_FP32_HELP = ("Sinks, mHC and hc_head parameters, compressor position biases, router bias and the attention's "
+                  "q / kv / compressor norms")
+"""The tensors dsv4 keeps fp32 (import_hf.kept_fp32), as --dtype's help names them."""
+
+
 def _parse_tokens(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -39,22 +44,29 @@ def verify_option(source: str):
                         "tolerance. With --json: the object gets a \"verify\" report.")
 
 
-def _verify(check):
-    """Run a verify_* call; a failure to run it is exit 1 (what was written stays)."""
-    from dsv4cli.ckpt.errors import CheckpointError
-    from dsv4cli.infer.import_hf import ImportHFError
-    from dsv4cli.infer.safetensors_io import SafetensorsError
-
+def _verify(check) -> dict:
+    """Run a verify_* call -> its report; when it cannot run (any error), {"ok": False, "error": one line}
+    (exit 1 by _verdict; what was written stays)."""
     try:
         return check()
-    except (CheckpointError, ImportHFError, SafetensorsError, ValueError) as e:
-        fail(f"error: verify could not run: {e}", code=1)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever stops the check is reported, never a traceback
+        from dsv4cli.ckpt.tensors import last_line
+
+        reason = last_line(e)
+        known = isinstance(e, ValueError)  # CheckpointError, ImportHFError, SafetensorsError, ...
+        return {"ok": False, "error": f"verify could not run: {reason if known else f'{type(e).__name__}: {reason}'}"}
 
 
 def _verdict(report: Optional[dict], as_json: bool) -> None:
-    """Print --verify's tables (text mode) and exit 1 when it failed."""
+    """Print --verify's tables (text mode) and exit 1 when it failed or could not run."""
     if report is None:
         return
+    if "error" in report:
+        if not as_json:
+            typer.echo(f"error: {report['error']}", err=True)
+        raise typer.Exit(1)
     if not as_json:
         from dsv4cli.infer.verify import render
 
@@ -138,7 +150,9 @@ def import_hf(
     out: str = typer.Argument(..., metavar="OUT", help="New checkpoint directory (must not exist, or be empty)."),
     spec_out: Optional[str] = typer.Option(None, "--spec-out", metavar="FILE", help="Where to write the spec (default OUT/spec.toml)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="fp32|bf16|fp16",
-                                        help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 weights: bfloat16)."),
+                                        help="Cast floating tensors (default: keep each stored dtype; dequantized FP8/FP4 "
+                                             f"weights: bfloat16). {KEPT_FP32_HELP} stay fp32 whatever --dtype says; "
+                                             "integer tables keep their dtype."),
     as_json: bool = json_option('Print {"out", "spec", "checkpoint", "tensors", "bytes", "forecast", "dtypes", "mtp_depth", "layout", '
                                   '"dequantized", "notes"}.'),
     layers: Optional[int] = typer.Option(None, "--layers", metavar="K", help="Toy variant: the first K layers (and MTP)."),
@@ -158,7 +172,7 @@ def import_hf(
       dsv4 generate runs/imported/spec.toml --load runs/imported --tokens 0,17,42 --json
     """
     from dsv4cli.commands.common import human_bytes
-    from dsv4cli.infer.import_hf import ImportHFError, import_hf as run
+    from dsv4cli.infer.import_hf import ImportHFError, ImportHFFailure, import_hf as run
     from dsv4cli.infer.verify import verify_import
     from dsv4cli.noise import quiet_known_noise
 
@@ -174,6 +188,8 @@ def import_hf(
             result = run(hf_dir, out, spec_out, dtype, layers, experts, advance, announce)
     except ImportHFError as e:
         fail(f"error: {e}")
+    except ImportHFFailure as e:
+        fail(f"error: {e}", code=1)
     report = _verify(lambda: verify_import(hf_dir, result["checkpoint"], result["spec"], layers, experts)) if verify else None
     if _report(result, as_json, f"imported {hf_dir} -> {result['checkpoint']}", noun="source tensors", verify=report):
         typer.echo(f"layout: {result['layout']}, MTP depth {result['mtp_depth']}, dequantized {result['dequantized']} weights")
@@ -229,9 +245,10 @@ def export_hf(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint root (-> latest) or one iter_* directory."),
     out: str = typer.Argument(..., metavar="OUT", help="New HF model directory (must not exist, or be empty)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="bf16|fp32|fp16|fp8",
-                                        help="Cast floating tensors (default: keep each stored dtype; sinks, mHC, "
-                                             "position biases and router bias stay fp32); fp8: linear weights "
-                                             "as FP8 e4m3 with 128x128 block scales, the rest bf16."),
+                                        help=f"Cast floating tensors (default: keep each stored dtype). {KEPT_FP32_HELP} "
+                                             "stay fp32 and integer tables keep their dtype under any --dtype. fp8: "
+                                             "linear weights as FP8 e4m3 with 128x128 block scales, the other "
+                                             "floating tensors bf16."),
     layout: str = typer.Option("hf", "--layout", metavar="hf|original", help="Tensor names and config keys: hf "
                                "(what transformers' save_pretrained writes) or original (the public release's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest safetensors file."),

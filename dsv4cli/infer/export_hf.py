@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from dsv4cli.ckpt.atomic import is_unusable_output
 from dsv4cli.ckpt.keys import EMBEDDING_KEY
 from dsv4cli.infer.dequant import DEFAULT_BLOCK
-from dsv4cli.infer.hf_names import export_names, layer_table, layout_name, placements
+from dsv4cli.infer.hf_names import export_names, layer_table, layout_name, part_rows, placements
 from dsv4cli.infer.import_hf import DTYPE_NAMES, SOURCE_CONFIG
 from dsv4cli.infer.safetensors_io import INDEX_FILE
 
@@ -113,8 +113,7 @@ def stored_region(piece: Piece, tensors: dict, vocab: int):
     if entry is None or len(entry.shape) <= len(lead):
         raise ExportHFError(f"the checkpoint has no tensor {key} (for {piece.target})")
     rows = entry.shape[len(lead)]
-    start, count = {"rows": (0, min(vocab, rows)), "gate": (0, rows // 2), "up": (rows // 2, rows // 2)}.get(
-        piece.part, (0, rows))
+    start, count = part_rows(piece.part, rows, vocab)
     return entry, lead + (start,), (1,) * len(lead) + (count,), (count, *entry.shape[len(lead) + 1:])
 
 

@@ -39,6 +39,20 @@ class Placement:
     element: Optional[int] = None
 
 
+def part_rows(part: str, rows: int, used: Optional[int] = None) -> tuple[int, int]:
+    """The rows (start, count) of a dsv4 tensor with `rows` rows (first dimension) that a placement's
+    `part` covers: "gate" the first half of a fused [gate; up] fc1, "up" the second half, "rows" the
+    first `used` (a padded table's real rows, at most all of them), else all."""
+    half = rows // 2
+    if part == "gate":
+        return 0, half
+    if part == "up":
+        return half, half
+    if part == "rows" and used is not None:
+        return 0, min(used, rows)
+    return 0, rows
+
+
 def _one(target: str, part: str = "all", element: Optional[int] = None) -> list[Placement]:
     return [Placement((target,), part, element)]
 

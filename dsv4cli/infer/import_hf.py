@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dsv4cli.ckpt.atomic import is_unusable_output
-from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales
+from dsv4cli.infer.dequant import DEFAULT_BLOCK, DequantError, block_size, dequantize, fold_scales, grid_block
 from dsv4cli.infer.hf_config import HFConfigError, eos_token_ids, notes_on, read_json, spec_data
-from dsv4cli.infer.hf_names import (Placement, detect_layout, layer_table, mtp_index, original_name, placements,
-                                    strip_prefix)
-from dsv4cli.infer.safetensors_io import SafetensorsError, SourceTensor, read_scaled, tensor_sources
+from dsv4cli.infer.hf_names import (Placement, detect_layout, layer_table, mtp_index, original_name, part_rows,
+                                    placements, strip_prefix)
+from dsv4cli.infer.safetensors_io import (STORED_BYTES, TORCH_DTYPES, SafetensorsError, SourceTensor, read_scaled,
+                                          tensor_sources)
 from dsv4cli.infer.toy import ToyError, cut_config, cut_sources
 
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -44,15 +45,15 @@ DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfl
 SPEC_NAME = "spec.toml"
 TOKENIZER = "tokenizer.json"
 SOURCE_CONFIG = "hf_config.json"
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 DEQUANTIZED_DEFAULT = "bfloat16"
 
 
 class ImportHFError(ValueError):
     """Bad input to import-hf (exit 2): a config dsv4 cannot express, an unknown or mis-shaped tensor, ..."""
+
+
+class ImportHFFailure(RuntimeError):
+    """import-hf failed while writing for a reason that is not its input (exit 1): one line."""
 
 
 @dataclass
@@ -128,9 +129,12 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
     if mtp != list(range(len(mtp))):
         raise ImportHFError(f"{hf_dir}: MTP tensors of depths {[k + 1 for k in mtp]} (mtp.K.* with K = {mtp}): "
                             "the depths must be 1..D")
+    block = block_size(cfg)
     for source in sources.values():
         if source.scale is None:
             _torch_dtype(source.dtype)
+        else:
+            check_scale_grid(source, block)
     table = layer_table()
     unknown = [name for name, source in sources.items() if placements(name, table, source.shape) is None]
     if unknown:
@@ -152,27 +156,33 @@ def plan_import(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Pa
               + ("" if tokenizer else "# No tokenizer.json there: data.tokenizer = \"byte\" is a placeholder.\n"))
     return ImportPlan(hf_dir, out, spec_file, header + spec_to_toml(spec), spec, sources, tokenizer,
                       toy_notes + notes_on(cfg),
-                      layout, len(mtp), block_size(cfg))
+                      layout, len(mtp), block)
+
+
+def check_scale_grid(source: SourceTensor, block: tuple[int, int]) -> None:
+    """The scale grid of a quantized source fits its weight (headers only, as dequantize will read it:
+    the last two dimensions of each). ImportHFError naming both tensors when it does not."""
+    grid = tuple(source.scale.shape[-2:]) if len(source.scale.shape) >= 2 else (1, 1)
+    try:
+        grid_block(tuple(source.shape), grid, block)
+    except DequantError as e:
+        raise ImportHFError(f"{source.name} (scale {source.scale.name}): {e}") from None
 
 
 def _torch_dtype(name: str):
     import torch
 
-    if name not in SAFETENSORS_DTYPES:
+    if name not in TORCH_DTYPES or name.startswith("F8_"):  # FP8 needs its scale (dequant.py)
         raise ImportHFError(f"stored dtype {name} is not supported without a scale tensor next to it")
-    return getattr(torch, SAFETENSORS_DTYPES[name])
+    return getattr(torch, TORCH_DTYPES[name])
 
 
 def _region(target_shape: tuple, placement: Placement, source_shape: tuple) -> tuple[slice, tuple]:
-    """-> (the rows of the target a placement writes, the shape the source must have there)."""
-    half = target_shape[0] // 2
-    if placement.part == "gate":
-        return slice(0, half), (half, *target_shape[1:])
-    if placement.part == "up":
-        return slice(half, 2 * half), (half, *target_shape[1:])
-    if placement.part == "rows" and source_shape[0] <= target_shape[0]:  # the first rows of a padded table
-        return slice(0, source_shape[0]), (source_shape[0], *target_shape[1:])
-    return slice(None), tuple(target_shape)
+    """-> (the rows of the target a placement writes: slice(None) for all, the shape the source must
+    have there)."""
+    start, count = part_rows(placement.part, target_shape[0], source_shape[0] if source_shape else None)
+    rows = slice(None) if (start, count) == (0, target_shape[0]) else slice(start, start + count)
+    return rows, (count, *target_shape[1:])
 
 
 @dataclass
@@ -231,31 +241,34 @@ def place(model, sources: dict[str, SourceTensor], dtype=None) -> Targets:
 
 class SourceReader:
     """Reads one source tensor at a time, as it goes in the model: dequantized (`block`: the config's
-    block size) into the dtype asked, a toy variant's rows cut, its integer values taken modulo.
-    `progress(bytes read, tensors read, total bytes, total tensors)` the first time each of `sources`
-    is read."""
+    block size) into the dtype asked, a toy variant's rows cut, its integer values taken modulo; a
+    fused [E, ...] expert tensor one element (`element`) at a time, each read from its own byte range.
+    `progress(bytes read, tensors begun, total bytes, total tensors)` after each first read (of a fused
+    tensor's element: its share of the bytes)."""
 
     def __init__(self, sources: list[SourceTensor], block: tuple[int, int] = DEFAULT_BLOCK,
                  progress: Optional[Callable[[int, int, int, int], None]] = None):
         self._block, self._progress = block, progress
         self._total, self._count = sum(map(stored_bytes, sources)), len(sources)
-        self._seen: set[str] = set()
+        self._seen: dict[str, set] = {}
         self._done = 0
 
-    def __call__(self, source: SourceTensor, dtype):
-        tensor, scale = read_scaled(source)
+    def __call__(self, source: SourceTensor, dtype, element: Optional[int] = None):
+        tensor, scale = read_scaled(source, element)
         if scale is not None:
             try:
                 tensor = dequantize(tensor, scale, dtype, self._block)
             except DequantError as e:
                 raise ImportHFError(f"{source.name}: {e}") from None
-        if source.rows is not None:
+        if source.rows is not None and element is None:
             tensor = tensor[: source.rows]
         if source.modulo is not None:
             tensor = tensor % source.modulo
-        if source.name not in self._seen:
-            self._seen.add(source.name)
-            self._done += stored_bytes(source)
+        seen = self._seen.setdefault(source.name, set())
+        if element not in seen:
+            seen.add(element)
+            parts = 1 if element is None else source.shape[0]
+            self._done += stored_bytes(source) // parts
             if self._progress is not None:
                 self._progress(self._done, len(self._seen), self._total, self._count)
         return tensor
@@ -263,7 +276,8 @@ class SourceReader:
 
 def target_value(targets: Targets, name: str, read: SourceReader):
     """The whole value of model tensor `name` in its import dtype: the one source that fills it, or
-    zeros of its shape (padding rows stay zero) with every source placed in it, each read when needed."""
+    zeros of its shape (padding rows stay zero) with every source placed in it, each read when needed
+    (a fused expert tensor: only the element placed here)."""
     import torch
 
     shape, parts = tuple(targets.state[name].shape), targets.parts[name]
@@ -271,8 +285,8 @@ def target_value(targets: Targets, name: str, read: SourceReader):
         return read(parts[0][0], targets.dtypes[name]).to(targets.dtypes[name]).reshape(shape)
     value = torch.zeros(shape, dtype=targets.dtypes[name])
     for source, p, rows in targets.parts[name]:
-        tensor = read(source, targets.dtypes[name])
-        value[rows].copy_(tensor if p.element is None else tensor[p.element].reshape(value[rows].shape))
+        tensor = read(source, targets.dtypes[name], p.element)
+        value[rows].copy_(tensor.reshape(value[rows].shape))
     return value
 
 
@@ -304,7 +318,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
     from dsv4cli.build.parallel import single_process
     from dsv4cli.ckpt.atomic import new_directory, write_text_atomic
     from dsv4cli.ckpt.save import TrainProgress, save_checkpoint
-    from dsv4cli.infer.stream_save import ViewMaker, map_large_allocations, streaming_strategy
+    from dsv4cli.infer.stream_save import ViewMaker, save_failures, streaming_strategy
     from dsv4cli.spec.layout import ParallelDims
 
     plan = plan_import(hf_dir, out, spec_out, layers, experts)
@@ -324,13 +338,13 @@ def import_hf(hf_dir: str | Path, out: str | Path, spec_out: Optional[str | Path
             except UnsupportedSpecError as e:
                 raise ImportHFError(f"dsv4 cannot build this model yet: {e}") from None
             targets = place(model, plan.sources, cast)
-            map_large_allocations()  # freed tensors go back to the system at once
             read = SourceReader(list(plan.sources.values()), plan.block, progress)
             make = ViewMaker(targets.state, lambda name: target_value(targets, name, read))
             dtypes = saved_dtypes(model)
             layout = ParallelDims.of(plan.spec, 1).checkpoint_layout()
-            iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout,
-                                       sharded_strategy=streaming_strategy(make))
+            with save_failures(ImportHFError, SafetensorsError, bad=ImportHFError, other=ImportHFFailure):
+                iter_dir = save_checkpoint(tmp, [model], None, None, TrainProgress(), plan.spec_text, layout,
+                                           sharded_strategy=streaming_strategy(make))
         if plan.tokenizer is not None:
             shutil.copyfile(plan.tokenizer, tmp / TOKENIZER)
         shutil.copyfile(plan.hf_dir / "config.json", tmp / SOURCE_CONFIG)  # for export-hf's config.json

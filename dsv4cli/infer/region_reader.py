@@ -10,11 +10,8 @@ planner whose only "local chunk" is the region makes `dcp.load` fill a tensor of
 
 from __future__ import annotations
 
-import warnings
-
-from dsv4cli.ckpt.errors import CheckpointError
 from dsv4cli.ckpt.metadata import TensorEntry
-from dsv4cli.ckpt.tensors import TensorReader, _last_line
+from dsv4cli.ckpt.tensors import TensorReader
 
 
 def _region_planner(fqn: str, offsets: tuple, sizes: tuple):
@@ -43,21 +40,11 @@ class RegionReader(TensorReader):
         """Region [offsets, offsets + sizes) of `entry` (leading dimensions; the rest whole) -> a CPU
         tensor in its stored dtype. CheckpointError naming the tensor when its bytes cannot be read."""
         import torch
-        import torch.distributed.checkpoint as dcp
 
         offsets = tuple(offsets) + (0,) * (len(entry.shape) - len(offsets))
         sizes = tuple(sizes) + tuple(entry.shape[len(sizes):])
         if offsets == (0,) * len(entry.shape) and sizes == tuple(entry.shape):
             return self.load(entry)
         out = torch.empty(sizes, dtype=getattr(torch, entry.dtype))
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load({entry.name: out}, storage_reader=self._reader, no_dist=True,
-                         planner=_region_planner(entry.name, offsets, sizes))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"{self._dir}: cannot read tensor {entry.name} "
-                                  f"({type(e).__name__}: {_last_line(e)})") from None
+        self.dcp_load(entry.name, out, _region_planner(entry.name, offsets, sizes))
         return out

@@ -22,6 +22,11 @@ CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16
          "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
          "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0"}
 """torch dtype name -> safetensors dtype code."""
+TORCH_DTYPES = {code: name for name, code in CODES.items()}
+"""safetensors dtype code -> torch dtype name."""
+STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+"""safetensors dtype code -> bytes per stored value."""
 
 
 class SafetensorsError(ValueError):
@@ -119,10 +124,6 @@ def stream_scaled(sources):
                 yield source, f.get_tensor(source.name), scale
 
 
-TORCH_DTYPES = {code: name for name, code in CODES.items()}
-"""safetensors dtype code -> torch dtype name."""
-
-
 def _header(path: str) -> tuple[dict, int]:
     """A safetensors file's header and where its data starts (8-byte length, JSON, data); cached while
     the file keeps its size and modification time."""
@@ -137,26 +138,37 @@ def _read_header(path: str, size: int, mtime_ns: int) -> tuple[dict, int]:
         return json.loads(f.read(size)), 8 + size
 
 
-def read_tensor(path: Path, name: str):
+def read_tensor(path: Path, name: str, element: Optional[int] = None):
     """One tensor of a safetensors file read into a fresh CPU torch tensor of its stored dtype: its
-    bytes go straight into the tensor's own memory (no mapping of the file, nothing kept)."""
+    bytes go straight into the tensor's own memory (no mapping of the file, nothing kept).
+    `element`: only tensor[element] (a fused [E, ...] tensor's expert: its own contiguous byte range)."""
     import torch
 
     header, start = _header(str(path))
     entry = header[name]
     begin, end = entry["data_offsets"]
+    shape = list(entry["shape"])
+    if element is not None:
+        if not shape or not 0 <= element < shape[0]:
+            raise SafetensorsError(f"{path}: {name} {shape} has no element {element}")
+        stride = (end - begin) // shape[0]
+        begin, end, shape = begin + element * stride, begin + (element + 1) * stride, shape[1:]
     out = torch.empty(end - begin, dtype=torch.uint8)
     with open(path, "rb") as f:
         f.seek(start + begin)
         if f.readinto(memoryview(out.numpy())) != end - begin:
             raise SafetensorsError(f"{path}: the data of {name} is cut short")
-    return out.view(getattr(torch, TORCH_DTYPES[entry["dtype"]])).reshape(entry["shape"])
+    return out.view(getattr(torch, TORCH_DTYPES[entry["dtype"]])).reshape(shape)
 
 
-def read_scaled(source: SourceTensor):
-    """-> (the tensor, its scale tensor or None), each read by read_tensor."""
-    scale = None if source.scale is None else read_tensor(source.scale.file, source.scale.name)
-    return read_tensor(source.file, source.name), scale
+def read_scaled(source: SourceTensor, element: Optional[int] = None):
+    """-> (the tensor, its scale tensor or None), each read by read_tensor; `element`: only element e
+    of a fused [E, ...] tensor (and of its scale when that is [E, ...] too)."""
+    scale = None
+    if source.scale is not None:
+        per_element = element is not None and len(source.scale.shape) > 2 and source.scale.shape[0] == source.shape[0]
+        scale = read_tensor(source.scale.file, source.scale.name, element if per_element else None)
+    return read_tensor(source.file, source.name, element), scale
 
 
 class ShardWriter:
@@ -167,8 +179,6 @@ class ShardWriter:
 
     def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]]):
         import math
-
-        from dsv4cli.infer.import_hf import STORED_BYTES
 
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0

@@ -15,6 +15,7 @@ view's shape and dtype.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -48,17 +49,47 @@ def streaming_strategy(make: Callable):
     return StreamingSave("torch_dist", 1)
 
 
-def map_large_allocations(threshold: int = 1 << 20) -> None:
-    """glibc: every allocation of `threshold` bytes or more gets its own mapping, unmapped when freed
-    (mallopt M_MMAP_THRESHOLD, which also stops glibc from raising the threshold after each large free;
-    without it, the tensors a streaming save frees one after another stay in the heap and the process
-    grows with each layer: 50 MB over the 3 layers of tests/test_infer_hf_memory.py's import). Process-wide;
-    nothing happens where the C library has no mallopt."""
+def failure_of(e: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException (a BaseException whose `failures` maps each rank
+    to (exception, traceback)): the first rank's; `e` itself when it is no such wrapper."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for wrapped in failures.values():
+            inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            if isinstance(inner, BaseException):
+                return failure_of(inner)
+    return e
+
+
+@contextlib.contextmanager
+def save_failures(*inputs: type, bad: type, other: type):
+    """Around a streaming save: an error of the types `inputs` raised by `make` inside DCP's writer
+    comes out as `bad(its message)`, anything else (DCP's CheckpointException included) as
+    `other(one line)`; KeyboardInterrupt and SystemExit pass."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        cause = failure_of(e)
+        if isinstance(cause, inputs):
+            raise bad(str(cause)) from None
+        from dsv4cli.ckpt.tensors import last_line
+
+        raise other(f"the checkpoint could not be written ({type(cause).__name__}: {last_line(cause)})") from None
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free memory back to the system now (glibc's malloc_trim(0)): the tensors a
+    streaming save frees one after another would otherwise stay in the heap, since glibc raises its
+    mmap threshold after each large free, and the process grow with each layer (50 MB over the 3
+    layers of tests/test_infer_hf_memory.py's import). No lasting setting; nothing happens where the
+    C library has no malloc_trim."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -81,10 +112,13 @@ class ViewMaker:
         self._handed: list = []
 
     def release(self) -> None:
-        """Free the memory of the last built tensor and of what was handed out from it."""
+        """Free the memory of the last built tensor and of what was handed out from it, and give it
+        back to the system (release_free_memory)."""
         for tensor in self._handed:
             if tensor.untyped_storage().resizable():
                 tensor.untyped_storage().resize_(0)
+        if self._handed:
+            release_free_memory()
         self._name, self._handed = None, []
 
     def __call__(self, view):

@@ -12,8 +12,8 @@ import of quantized weights matches its dequantized values; an FP8 export cannot
 and passes when its error stays within FP8's rounding (QUANT_RTOL of the tensor's largest value).
 A checkpoint tensor no safetensors tensor covers is a failing row of its own.
 
-Memory: one safetensors tensor and one stored checkpoint tensor at a time (megatron stores each
-layer's experts stacked: that stacked tensor is read once for all of its experts).
+Memory: one safetensors tensor and one checkpoint tensor at a time (megatron stores each layer's
+experts stacked [E, ...]: only the one expert compared is read, region_reader.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from dsv4cli.infer.dequant import DEFAULT_BLOCK, dequantize
-from dsv4cli.infer.hf_names import layer_table, placements
+from dsv4cli.infer.hf_names import layer_table, part_rows, placements
 from dsv4cli.infer.safetensors_io import SourceTensor, stream_scaled
 
 QUANT_RTOL = 2.0**-4
@@ -51,40 +51,43 @@ class TensorRow:
 
 class CheckpointTensors:
     """The dsv4 checkpoint's tensors by per-layer state name (`decoder.layers.3.mlp.experts.local_experts.5.
-    linear_fc1.weight`), read on demand from the stored (possibly stacked) tensors, the last one cached."""
+    linear_fc1.weight`), read on demand: a tensor stored stacked ([E, ...] experts, layers under one key)
+    only its own region (RegionReader), the last one cached (fc1's gate and up halves: one read)."""
 
     def __init__(self, iter_dir: Path):
         from dsv4cli.ckpt.conformance import canonical_tensors
         from dsv4cli.ckpt.metadata import read_checkpoint_info
-        from dsv4cli.ckpt.tensors import TensorReader
+        from dsv4cli.infer.region_reader import RegionReader
 
         info = read_checkpoint_info(iter_dir)
         self.entries = info.tensors
         self.names = canonical_tensors(info.tensors)  # per-layer name -> (shape, stored name)
-        self.reader = TensorReader(info.iter_dir, info.dcp_metadata)
+        self.reader = RegionReader(info.iter_dir, info.dcp_metadata)
         self.cached: tuple[Optional[str], object] = (None, None)
         self.used: set[str] = set()
 
     def get(self, name: str):
         """The tensor of per-layer state name `name` (CPU, stored dtype); KeyError when not stored."""
         shape, stored = self.names[name]
-        if self.cached[0] != stored:
-            self.cached = (stored, self.reader.load(self.entries[stored]))
-        value = self.cached[1]
         self.used.add(name)
-        if value.shape == shape:
-            return value
-        index = []
-        if stored.startswith("decoder.layers.") and not stored[len("decoder.layers."):][:1].isdigit():
-            index.append(int(_LAYER.match(name).group(2)))  # layers stacked under one key
-        if ".mlp.experts.experts." in stored:
-            index.append(int(_LOCAL_EXPERT.search(name).group(1)))
-        return value[tuple(index)]
+        if self.cached[0] == name:
+            return self.cached[1]
+        entry, index = self.entries[stored], []
+        if tuple(entry.shape) != tuple(shape):
+            if stored.startswith("decoder.layers.") and not stored[len("decoder.layers."):][:1].isdigit():
+                index.append(int(_LAYER.match(name).group(2)))  # layers stacked under one key
+            if ".mlp.experts.experts." in stored:
+                index.append(int(_LOCAL_EXPERT.search(name).group(1)))
+        value = self.reader.read(entry, tuple(index), (1,) * len(index)).reshape(shape)
+        self.cached = (name, value)
+        return value
 
 
 def _region(whole, part: str, rows: int):
-    half = whole.shape[0] // 2
-    return {"rows": whole[:rows], "gate": whole[:half], "up": whole[half:2 * half]}.get(part, whole)
+    if whole.dim() == 0:
+        return whole
+    start, count = part_rows(part, whole.shape[0], rows)
+    return whole[start:start + count]
 
 
 def dsv4_side(ckpt: CheckpointTensors, name: str, shape: tuple, table: dict):
@@ -133,8 +136,7 @@ def compare(sources: dict[str, SourceTensor], iter_dir: Path, written_is_checkpo
     ckpt = CheckpointTensors(Path(iter_dir))
     table = layer_table()
     rows: list[TensorRow] = []
-    order = sorted(sources.values(), key=lambda s: str(_stored_of(ckpt, s, table)))  # stacked tensors read once
-    for source, tensor, scale in stream_scaled(order):
+    for source, tensor, scale in stream_scaled(list(sources.values())):
         quantized = scale is not None
         if quantized:
             tensor = dequantize(tensor, scale, torch.float32, block)
@@ -163,15 +165,6 @@ def compare(sources: dict[str, SourceTensor], iter_dir: Path, written_is_checkpo
         rows.append(TensorRow(name, list(ckpt.names[name][0]), "-", "-", None, False, False,
                               "checkpoint tensor not covered by any safetensors tensor"))
     return rows
-
-
-def _stored_of(ckpt: CheckpointTensors, source: SourceTensor, table: dict) -> Optional[str]:
-    found = placements(source.name, table, source.shape) or []
-    for p in found:
-        for t in p.targets:
-            if t in ckpt.names:
-                return ckpt.names[t][1]
-    return None
 
 
 def rows_json(rows: list[TensorRow]) -> list[dict]:
