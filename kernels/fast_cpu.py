@@ -70,11 +70,24 @@ def _ones(zt: Tensor) -> Tensor:
 
 
 def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
-    """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax."""
+    """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax.
+
+    The ops of `_divisor` (bit-identical) written into two reused divisor buffers through views taken once:
+    two dispatcher calls per step instead of six (select, view, allocation), ~1 ms per training step."""
+    n, T = zt.shape[0], zt.shape[2]
     e, ones = _eps_like(zt, eps), _ones(zt)
+    ones0 = ones[0]
     p = torch.softmax(zt, dim=1).add_(e)
-    for k in range(2 * iterations - 1):
-        p.div_(_divisor(p, k, e, ones))
+    p2 = p.view(n, n * T)
+    col, row = zt.new_empty(1, n * T), zt.new_empty(n, 1, T)
+    col3 = col.view(1, n, T)
+    torch.addmm(e, ones0, p2, out=col)  # step 0: columns
+    p.div_(col3)
+    for _ in range(iterations - 1):  # then rows, columns
+        torch.baddbmm(e, ones, p, out=row)
+        p.div_(row)
+        torch.addmm(e, ones0, p2, out=col)
+        p.div_(col3)
     return p
 
 
