@@ -10,6 +10,11 @@ training), in a fresh temporary run directory; its metrics.jsonl holds one `step
 `--skip` steps of each run are dropped (first-touch allocations), the rest are pooled per stream
 count over the repeats. Runs alternate (1, 4, 1, 4, ...) so that the load of a shared machine falls
 on both alike; the load average is printed before and after. Exit 1 when the ratio is above `--limit`.
+
+With `--cpu` each round also runs `benchmarks/train.py` for each stream count (the same spec and
+training step in one fresh process, mock data) and records the median *thread CPU time* per step: on
+a shared machine it leaves out the time slices other processes take, which wall time cannot. Its
+ratio is printed beside the contract's (wall) ratio; the exit status follows the wall ratio.
 """
 
 from __future__ import annotations
@@ -64,6 +69,16 @@ def run_once(spec: str, streams: int, overrides: list[str], skip: int) -> list[f
     return times
 
 
+def cpu_step_time(spec: str, streams: int, overrides: list[str], steps: int) -> float:
+    """Median thread CPU time per training step (s) of benchmarks/train.py for `streams`, in a fresh process."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train.py"), "--spec", spec, "--streams", str(streams),
+           "--warmup", "3", "--steps", str(steps), "--json", *[a for s in overrides for a in ("--set", s)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"mhc_overhead: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])[0]["cpu_step_time_s"])
+
+
 def summarize(times: dict[int, list[list[float]]]) -> dict:
     """{streams: [run step times, ...]} -> medians per stream count and last-over-first ratio."""
     order = list(times)
@@ -84,16 +99,23 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per stream count, interleaved")
     ap.add_argument("--skip", type=int, default=2, help="leading steps of each run left out")
     ap.add_argument("--limit", type=float, default=1.6, help="exit 1 when the ratio is above this")
+    ap.add_argument("--cpu", action="store_true", help="also measure thread CPU time per step (benchmarks/train.py)")
+    ap.add_argument("--cpu-steps", type=int, default=15, help="timed steps of each --cpu measurement")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()
     start = time.time()
     times: dict[int, list[list[float]]] = {n: [] for n in args.streams}
+    cpu: dict[int, list[list[float]]] = {n: [] for n in args.streams}
     for _ in range(args.repeats):
         for n in args.streams:
             times[n].append(run_once(args.spec, n, args.overrides, args.skip))
+            if args.cpu:
+                cpu[n].append([cpu_step_time(args.spec, n, args.overrides, args.cpu_steps)])
     result = summarize(times)
+    if args.cpu:
+        result["cpu"] = summarize(cpu)
     result.update(
         spec=args.spec, overrides=args.overrides, repeats=args.repeats, skip=args.skip,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)), wall_s=round(time.time() - start, 1),
@@ -112,6 +134,12 @@ def main(argv=None) -> int:
         for n in args.streams:
             print(f"streams {n}: median step_time_s {result['median_step_time_s'][n]:.4f} "
                   f"(run medians {result['run_medians_s'][n]})")
+        if args.cpu:
+            c = result["cpu"]
+            for n in args.streams:
+                print(f"streams {n}: median thread CPU per step {c['median_step_time_s'][n]:.4f} s "
+                      f"(per round {c['run_medians_s'][n]})")
+            print(f"thread CPU ratio n={last} / n={first}: {c['ratio']:.3f}")
         print(f"ratio n={last} / n={first}: {result['ratio']:.3f} (limit {args.limit})")
     return 0 if result["ratio"] <= args.limit else 1
 

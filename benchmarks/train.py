@@ -25,7 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def measure(spec_path: str, overrides: list[str], warmup: int, steps: int) -> dict:
-    """-> {"streams", "tokens_per_s", "step_time_s", "params", "final_loss"} for one variant."""
+    """-> {"streams", "tokens_per_s", "step_time_s", "cpu_step_time_s", "params", "final_loss"} for one variant.
+
+    `cpu_step_time_s`: the median of this thread's CPU time per step (`time.thread_time`): unlike wall
+    time it does not count the time slices other processes of a shared machine take (with one intra-op
+    thread it is the step's whole CPU time; with more, only this thread's share)."""
     import torch
     from megatron.core import parallel_state as ps
 
@@ -39,11 +43,11 @@ def measure(spec_path: str, overrides: list[str], warmup: int, steps: int) -> di
     try:
         data = build_sources(spec)
         t = spec.train
-        times, loss = [], float("nan")
+        times, cpu_times, loss = [], [], float("nan")
         for i in range(warmup + steps):
             batches = microbatches(data.train, i * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
                                    ps.get_data_parallel_rank(), rt.dims.dp)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for m in rt.model:
                 m.zero_grad_buffer()
             rt.optimizer.zero_grad()
@@ -55,11 +59,13 @@ def measure(spec_path: str, overrides: list[str], warmup: int, steps: int) -> di
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.thread_time() - c0)
         step = statistics.median(times)
         return {
             "streams": spec.model.mhc.streams,
             "tokens_per_s": t.global_batch_size * spec.model.seq_length / step,
             "step_time_s": step,
+            "cpu_step_time_s": statistics.median(cpu_times),
             "params": sum(p.numel() for c in rt.chunks for p in c.parameters()),
             "final_loss": loss,
         }

@@ -18,11 +18,12 @@ import os
 import torch
 from torch import Tensor
 
-from . import fast_cpu, reference
+from . import fast_cpu, fast_rms_norm, reference
 
-# The ops every backend implements: the reference's public functions but its two helpers.
-OPS = tuple(name for name in reference.__all__ if name not in ("compute_dtype", "stream_rms_rsqrt"))
-__all__ = [*OPS, "mhc_pre", "mhc_pre_mix", "mhc_post", "resolve_impl", "triton_available"]
+# The ops every backend implements: the reference's public functions but its two helpers and rms_norm
+# (on CUDA that is torch's own fused kernel).
+OPS = tuple(name for name in reference.__all__ if name not in ("compute_dtype", "stream_rms_rsqrt", "rms_norm"))
+__all__ = [*OPS, "mhc_pre", "mhc_pre_mix", "mhc_post", "rms_norm", "resolve_impl", "triton_available"]
 
 _IMPLS = ("auto", "torch", "triton")
 
@@ -108,17 +109,35 @@ def mhc_pre(
 
 
 def mhc_pre_mix(
-    x: Tensor, proj_weight: Tensor, alpha: Tensor, bias: Tensor, n: int, iterations: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """[..., n*h] -> (u [..., h], h_post [..., n], r [..., n*h]): mhc_pre with the residual mix
-    r_k = sum_j h_res[j, k] x_j in place of h_res (the torch path: where resolve_impl gives "torch").
-    `mhc_post(r, f, h_post, n)` completes mhc_post_res; together they equal mhc_pre + mhc_post_res."""
+    x: Tensor, proj_weight: Tensor, alpha: Tensor, bias: Tensor, n: int, iterations: int, eps: float, impl: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """[..., n*h] -> (u [..., h], h_post [..., n], mix): mhc_pre, plus what `mhc_post(mix, f, h_post, n)` needs
+    to finish the sub-layer (together they equal mhc_pre + mhc_post_res). The path decides what `mix` is:
+    - torch: the residual mix r [..., n*h] (compute dtype), r_k = sum_j h_res[j, k] x_j, taken here while x
+      is in cache (fast_cpu.mhc_pre_mix); mhc_post adds h_post (x) f to it in place;
+    - triton: the pair (x, h_res); mhc_post runs the fused post-res kernel on it."""
+    if resolve_impl(impl, x) == "triton":
+        u, h_post, h_res = mhc_pre(x, proj_weight, alpha, bias, n, iterations, eps, impl="triton")
+        return u, h_post, (x, h_res)
     return fast_cpu.mhc_pre_mix(x, proj_weight, alpha, bias, n, iterations, eps)
 
 
-def mhc_post(r: Tensor, f: Tensor, h_post: Tensor, n: int, out_dtype=None) -> Tensor:
-    """r [..., n*h] from mhc_pre_mix, f [..., h], h_post [..., n] -> r + h_post (x) f (r updated in place)."""
-    return fast_cpu.mhc_post(r, f, h_post, n, out_dtype)
+def mhc_post(mix: Tensor | tuple[Tensor, Tensor], f: Tensor, h_post: Tensor, n: int, out_dtype=None) -> Tensor:
+    """mix from mhc_pre_mix, f [..., h], h_post [..., n] -> x' [..., n*h], x'_k = h_post[k] f + sum_j h_res[j,k] x_j,
+    in out_dtype (default: the mix's / x's dtype). The torch path's r is updated in place."""
+    if isinstance(mix, tuple):  # mhc_pre_mix took the Triton path
+        x, h_res = mix
+        return mhc_post_res(x, f, h_post, h_res, n, impl="triton").to(out_dtype or x.dtype)
+    return fast_cpu.mhc_post(mix, f, h_post, n, out_dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, impl: str = "auto") -> Tensor:
+    """[..., h], weight [h] -> x * rsqrt(mean(x^2 over h) + eps) * weight (torch.nn.RMSNorm's values), x's dtype.
+
+    torch path: a hand-written backward (fast_rms_norm.py); on CUDA torch's fused `rms_norm`."""
+    if resolve_impl(impl, x) == "triton":
+        return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
+    return fast_rms_norm.rms_norm(x, weight, eps)
 
 
 def sinkhorn(logits: Tensor, iterations: int, eps: float, impl: str = "auto") -> Tensor:

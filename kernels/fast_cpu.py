@@ -53,28 +53,32 @@ def _eps_like(t: Tensor, eps: float) -> Tensor:
     return torch.full((), eps, dtype=t.dtype, device=t.device)
 
 
-def _divisor(p: Tensor, k: int, e: Tensor, ones: Tensor) -> Tensor:
-    """sum(p) + eps along step k's axis of p [n, n, T], as ONE BLAS call (a sum then an add are two ops,
-    and these ops are so small that the per-op cost dominates): even k (columns, sum over i)
-    ones[1, n] @ p[n, n*T] -> [1, n, T]; odd k (rows, sum over j) ones[n, 1, n] @ p -> [n, 1, T].
-    `ones`: [n, 1, n] ones of p's dtype."""
-    n = p.shape[0]
-    if _step_dim(k) == 0:
-        return torch.addmm(e, ones[0], p.view(n, -1)).view(1, n, -1)
-    return torch.baddbmm(e, ones, p)
-
-
 def _ones(zt: Tensor) -> Tensor:
     n = zt.shape[0]
     return torch.ones(n, 1, n, dtype=zt.dtype, device=zt.device)
 
 
 def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
-    """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax."""
+    """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax.
+
+    Each step's divisor, sum + eps along its axis, is ONE BLAS call with a ones vector (a sum then an add
+    would be two ops, and these ops are so small that the per-op cost dominates): columns (even steps, sum
+    over i) ones[1, n] @ p[n, n*T] -> [1, n, T]; rows (odd steps, sum over j) ones[n, 1, n] @ p -> [n, 1, T].
+    Written into two reused buffers through views taken once: two dispatcher calls per step."""
+    n, T = zt.shape[0], zt.shape[2]
     e, ones = _eps_like(zt, eps), _ones(zt)
+    ones0 = ones[0]
     p = torch.softmax(zt, dim=1).add_(e)
-    for k in range(2 * iterations - 1):
-        p.div_(_divisor(p, k, e, ones))
+    p2 = p.view(n, n * T)
+    col, row = zt.new_empty(1, n * T), zt.new_empty(n, 1, T)
+    col3 = col.view(1, n, T)
+    torch.addmm(e, ones0, p2, out=col)  # step 0: columns
+    p.div_(col3)
+    for _ in range(iterations - 1):  # then rows, columns
+        torch.baddbmm(e, ones, p, out=row)
+        p.div_(row)
+        torch.addmm(e, ones0, p2, out=col)
+        p.div_(col3)
     return p
 
 
@@ -83,19 +87,21 @@ def sinkhorn_bwd_t(zt: Tensor, gt: Tensor, iterations: int, eps: float) -> Tenso
 
     Recomputes the forward (bit-identical ops) keeping each step's output y_k and divisor c_k
     (transient, freed on return), then walks the steps backwards; the softmax's eps is a shift."""
+    n, T = zt.shape[0], zt.shape[2]
     e, ones = _eps_like(zt, eps), _ones(zt)
+    ones0 = ones[0]
     sm = torch.softmax(zt, dim=1)
     p = sm + e
     outs, divs = [], []
-    for k in range(2 * iterations - 1):
-        c = _divisor(p, k, e, ones)
+    for k in range(2 * iterations - 1):  # the forward's divisor ops (bit-identical), fresh tensors kept
+        c = torch.addmm(e, ones0, p.view(n, n * T)).view(1, n, T) if k % 2 == 0 else torch.baddbmm(e, ones, p)
         p = p / c
         outs.append(p)
         divs.append(c)
     g = gt
     for k in range(2 * iterations - 2, -1, -1):
         g = (g - (g * outs[k]).sum(_step_dim(k), keepdim=True)).div_(divs[k])
-    return sm * (g - (g * sm).sum(1, keepdim=True))
+    return sm.mul_(g - (g * sm).sum(1, keepdim=True))
 
 
 def _to_t(z: Tensor, n: int) -> Tensor:

@@ -20,6 +20,7 @@ __all__ = [
     "sinkhorn",
     "mhc_aggregate",
     "mhc_post_res",
+    "rms_norm",
 ]
 
 
@@ -120,3 +121,12 @@ def mhc_post_res(x: Tensor, f: Tensor, h_post: Tensor, h_res: Tensor, n: int) ->
     mixed = h_res.to(dt).transpose(-1, -2) @ xs  # [..., k, h] = sum_j h_res[j, k] x_j
     out = h_post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2) + mixed
     return out.flatten(-2).to(x.dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """[..., h], weight [h] -> x * rsqrt(mean(x^2 over h) + eps) * weight (torch.nn.RMSNorm), in x's dtype.
+
+    The per-stream `hnorm` of an MTP depth with mHC (docs/design.md §2.4) runs it on n times the tokens."""
+    dt = compute_dtype(x, weight)
+    xf = x.to(dt)
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.to(dt)).to(x.dtype)

@@ -44,3 +44,17 @@ def test_bench_spec_has_the_contract_dims():
     assert "moe" not in m and "extends" not in spec
     assert (t["micro_batch_size"], t["global_batch_size"], t["log_interval"]) == (8, 8, 1)
     assert spec["data"] == {"source": "builtin", "tokenizer": "byte"}
+
+
+def test_cpu_step_time_runs_train_py_for_the_stream_count_and_reads_its_json(bench, monkeypatch):
+    calls = []
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = "log line\n" + json.dumps([{"streams": 4, "step_time_s": 0.2, "cpu_step_time_s": 0.125}]) + "\n"
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    assert bench.cpu_step_time("spec.toml", 4, ["train.lr=1e-3"], steps=7) == 0.125
+    cmd = calls[0]
+    assert cmd[1].endswith("benchmarks/train.py") and cmd[cmd.index("--streams") + 1] == "4"
+    assert cmd[cmd.index("--steps") + 1] == "7" and cmd[cmd.index("--set") + 1] == "train.lr=1e-3"

@@ -70,31 +70,26 @@ class HyperConnection(KeepFp32Params, torch.nn.Module):
         """[3] gating scales (pre, post, res) as the ops take them."""
         return torch.cat([self.alpha_pre, self.alpha_post, self.alpha_res])
 
-    def _pre(self, x: Tensor, mix: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def _pre(self, x: Tensor) -> tuple[Tensor, Tensor, object]:
         c = self.config
-        op = kernels.mhc_pre_mix if mix else kernels.mhc_pre
-        return op(x, self.mapping_proj.weight, self.alpha(), self.bias, self.n, c.mhc_sinkhorn_iterations, c.mhc_eps)
+        return kernels.mhc_pre_mix(
+            x, self.mapping_proj.weight, self.alpha(), self.bias, self.n, c.mhc_sinkhorn_iterations, c.mhc_eps
+        )
 
-    def pre(self, x: Tensor, mix: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """x [s, b, n*h] -> (u [s, b, h], H_post [s,b,n], H_res [s,b,n,n]): the mappings (fp32) and the
-        aggregate u = Σ_i H_pre[i] x_i as one op (H_pre stays inside). With `mix` (the torch path), the third
-        output is the residual mix r [s, b, n*h], r_k = Σ_j H_res[j,k] x_j, instead of H_res (kernels.mhc_pre_mix).
+    def pre(self, x: Tensor) -> tuple[Tensor, Tensor, object]:
+        """x [s, b, n*h] -> (u [s, b, h], H_post [s,b,n], mix): the mappings (fp32) and the aggregate
+        u = Σ_i H_pre[i] x_i as one op (H_pre stays inside); `mix` is what kernels.mhc_post needs for the
+        residual Σ_j H_res[j,k] x_j (the kernels pick the path: kernels.mhc_pre_mix).
 
         With `recompute`, only x is kept for backward and the mappings (Sinkhorn included) and u are
         recomputed there.
         """
         if self.config.mhc_recompute and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._pre, x, mix, use_reentrant=False)
-        return self._pre(x, mix)
-
-    def merge(self, x: Tensor, f: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-        """x [s,b,n*h], f [s,b,h] -> x' [s,b,n*h]: x'_k = H_post[k] f + Σ_j H_res[j,k] x_j."""
-        return kernels.mhc_post_res(x, f, h_post, h_res, self.n)
+            return torch.utils.checkpoint.checkpoint(self._pre, x, use_reentrant=False)
+        return self._pre(x)
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
-        """x [s, b, n*h] -> [s, b, n*h], with `sublayer: [s, b, h] -> [s, b, h]` (norm + attn or MLP)."""
-        if kernels.resolve_impl("auto", x) == "torch":  # the residual mix taken while x is in cache (CPU)
-            u, h_post, r = self.pre(x, mix=True)
-            return kernels.mhc_post(r, sublayer(u), h_post, self.n, x.dtype)
-        u, h_post, h_res = self.pre(x)
-        return self.merge(x, sublayer(u), h_post, h_res)
+        """x [s, b, n*h] -> [s, b, n*h], with `sublayer: [s, b, h] -> [s, b, h]` (norm + attn or MLP):
+        x'_k = H_post[k] f + Σ_j H_res[j,k] x_j, f = sublayer(u)."""
+        u, h_post, mix = self.pre(x)
+        return kernels.mhc_post(mix, sublayer(u), h_post, self.n, x.dtype)

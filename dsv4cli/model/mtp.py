@@ -14,6 +14,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from megatron.core import parallel_state, tensor_parallel
@@ -27,6 +28,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import make_viewless_tensor
 
+from dsv4cli import kernels
 from dsv4cli.compat.versions import MtpInnerLayerAlias, mtp_inner_layer_spec, mtp_layer_outputs
 from dsv4cli.model.contraction import (
     HC_HEAD_NAMES,
@@ -35,6 +37,25 @@ from dsv4cli.model.contraction import (
     contraction_sharded_state_dict,
 )
 from dsv4cli.model.fp32_params import KeepFp32Params
+
+
+class StreamRMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm computed by `kernels.rms_norm` (same values; on CPU a hand-written backward that
+    makes 6 passes over x instead of torch's ~12): MTP's `hnorm` runs on n times the tokens."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return kernels.rms_norm(x, self.weight, eps)
+
+
+def stream_norm(norm: torch.nn.Module) -> torch.nn.Module:
+    """A torch RMSNorm with a weight as a StreamRMSNorm sharing that weight (same parameter object, same
+    checkpoint key `weight`); any other norm (LayerNorm, TE's) unchanged."""
+    if type(norm) is not torch.nn.RMSNorm or norm.weight is None:
+        return norm
+    fast = StreamRMSNorm(norm.normalized_shape, eps=norm.eps, device="meta")
+    fast.weight = norm.weight
+    return fast
 
 
 class MultiStreamMTPLayer(KeepFp32Params, MtpInnerLayerAlias, MegatronModule):
@@ -66,7 +87,7 @@ class MultiStreamMTPLayer(KeepFp32Params, MtpInnerLayerAlias, MegatronModule):
         proj_kwargs = dict(config=config, init_method=config.init_method, gather_output=False, bias=False,
                            skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
         self.enorm = build_module(submodules.enorm, **norm_kwargs)
-        self.hnorm = build_module(submodules.hnorm, **norm_kwargs)
+        self.hnorm = stream_norm(build_module(submodules.hnorm, **norm_kwargs))
         self.e_proj = build_module(submodules.eh_proj, h, h, **proj_kwargs)
         self.h_proj = build_module(submodules.eh_proj, h, h, **proj_kwargs)
         decoder_offset = config.num_layers - get_transformer_layer_offset(config, vp_stage)
