@@ -54,7 +54,7 @@ def measure(spec_path: str, overrides: list[str], warmup: int, steps: int) -> di
             losses = run_microbatches(rt, batches, forward_only=False)
             rt.optimizer.step()
             rt.scheduler.step(increment=1)
-            loss, _, _ = reduce_step_values(rt, losses, len(batches))
+            loss = reduce_step_values(rt, losses, len(batches)).loss
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if i >= warmup:
