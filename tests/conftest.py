@@ -5,8 +5,8 @@ Fixtures here import torch/megatron only when a test requests them, so spec/CLI 
   CUDA); returns the `dsv4cli.compat` package.
 - `megatron_1proc` (module): a 1-process gloo group with megatron model-parallel groups of size 1;
   torn down at the end of the module so other test modules can create their own.
-- `_fresh_megatron_loss_scales` (every test): megatron's class-level MTP / MoE aux-loss backward scales
-  as a fresh process has them.
+- `_fresh_megatron_loss_scales` (every test, before and after): the class-level MTP / MoE aux-loss /
+  indexer-loss backward scales and the MTP loss tracker as a fresh process has them (`fresh_loss_scales`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("crossversion")]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_megatron_loss_scales():
-    """megatron's schedules leave 1/num_microbatches in class attributes (MTPLossAutoScaler,
-    MoEAuxLossAutoScaler) after an in-process training, and MTP losses in a class-level tracker; a model run outside a schedule later in the
-    session would backpropagate its MTP / aux losses scaled by it, unlike the fresh worker processes
-    it is compared with. Restore the defaults of a fresh process (only where megatron is imported)."""
+def fresh_loss_scales() -> None:
+    """Class-level loss state as a fresh process has it (only where its module is imported):
+    megatron's MTP / MoE aux-loss backward scales (MTPLossAutoScaler, MoEAuxLossAutoScaler), its
+    MTP loss tracker, and dsv4's indexer-loss backward scale (IndexerLossAutoScaler)."""
     mtp = sys.modules.get("megatron.core.transformer.multi_token_prediction")
     moe = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    indexer = sys.modules.get("dsv4cli.model.dsv4.indexer_loss")
     if mtp is not None:
         import torch
 
@@ -48,7 +47,21 @@ def _fresh_megatron_loss_scales():
         mtp.MTPLossLoggingHelper.tracker.clear()  # sized by the MTP depth of the model that ran last
     if moe is not None:
         moe.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    if indexer is not None:
+        indexer.IndexerLossAutoScaler.scale = None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_megatron_loss_scales():
+    """A training's schedule leaves optimizer loss scale / micro-batches in class attributes
+    (fresh_loss_scales); a model run outside a schedule later in the session would backpropagate
+    its MTP / aux / indexer losses scaled by it, unlike the fresh worker processes it is compared with.
+    Reset before AND after every test: module-scoped fixtures (a one-process reference such as
+    tests/test_model_distributed.py's) are set up before this function-scoped fixture, so only the
+    reset after the previous test reaches them."""
+    fresh_loss_scales()
     yield
+    fresh_loss_scales()
 
 
 @pytest.fixture(scope="session")
