@@ -27,6 +27,8 @@ each input's dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -53,11 +55,33 @@ def _eps_like(t: Tensor, eps: float) -> Tensor:
     return torch.full((), eps, dtype=t.dtype, device=t.device)
 
 
+def one_thread(fn):
+    """Run fn with ONE intra-op thread (restored after): for ops on a few thousand values each, below torch's
+    parallel grain size, where every BLAS call (MKL) and softmax otherwise forks and joins the thread pool.
+    The Sinkhorn loop is ~80-240 such ops per call: with 2 threads they took 2.4x (forward) to 10x (backward,
+    a busy second core) the one-thread time, with bit-identical results (each output element is computed by
+    the same sequence of ops either way). `torch.set_num_threads` costs ~0.1 us; CPU only."""
+
+    @functools.wraps(fn)
+    def wrapper(zt: Tensor, *args):
+        threads = torch.get_num_threads()
+        if threads == 1 or zt.device.type != "cpu":
+            return fn(zt, *args)
+        torch.set_num_threads(1)
+        try:
+            return fn(zt, *args)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
 def _ones(zt: Tensor) -> Tensor:
     n = zt.shape[0]
     return torch.ones(n, 1, n, dtype=zt.dtype, device=zt.device)
 
 
+@one_thread
 def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
     """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax.
 
@@ -82,6 +106,7 @@ def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
     return p
 
 
+@one_thread
 def sinkhorn_bwd_t(zt: Tensor, gt: Tensor, iterations: int, eps: float) -> Tensor:
     """[n, n, T] logits and d(loss)/d(output) -> d(loss)/d(logits) [n, n, T].
 
