@@ -19,6 +19,8 @@ one call is one autograd node instead of tens, and keep only O(1) tensors per ca
   outer products.
 - Sinkhorn's divisor (sum + eps along an axis) is one BLAS call with a ones vector: these ops are so
   small (n*n*T values) that each op's fixed cost dominates.
+- The Sinkhorn loops run on one intra-op thread (`one_thread`): at these sizes more threads only add the
+  thread pool's fork / join to every BLAS call (benchmarks/RESULTS.md, mHC fifth round).
 
 Shapes: T tokens (all leading dims flattened), n streams, h hidden, K = n*h, M mapping width.
 All math runs in reference.compute_dtype (fp32, fp64 for fp64 inputs); gradients come back in
