@@ -19,6 +19,8 @@ one call is one autograd node instead of tens, and keep only O(1) tensors per ca
   outer products.
 - Sinkhorn's divisor (sum + eps along an axis) is one BLAS call with a ones vector: these ops are so
   small (n*n*T values) that each op's fixed cost dominates.
+- The Sinkhorn loops run on one intra-op thread (`one_thread`): at these sizes more threads only add the
+  thread pool's fork / join to every BLAS call (benchmarks/RESULTS.md, mHC fifth round).
 
 Shapes: T tokens (all leading dims flattened), n streams, h hidden, K = n*h, M mapping width.
 All math runs in reference.compute_dtype (fp32, fp64 for fp64 inputs); gradients come back in
@@ -26,6 +28,8 @@ each input's dtype.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -53,11 +57,33 @@ def _eps_like(t: Tensor, eps: float) -> Tensor:
     return torch.full((), eps, dtype=t.dtype, device=t.device)
 
 
+def one_thread(fn):
+    """Run fn with ONE intra-op thread (restored after): for ops on a few thousand values each, below torch's
+    parallel grain size, where every BLAS call (MKL) and softmax otherwise forks and joins the thread pool.
+    The Sinkhorn loop is ~80-240 such ops per call: with 2 threads they took 2.4x (forward) to 10x (backward,
+    a busy second core) the one-thread time, with bit-identical results (each output element is computed by
+    the same sequence of ops either way). `torch.set_num_threads` costs ~0.1 us; CPU only."""
+
+    @functools.wraps(fn)
+    def wrapper(zt: Tensor, *args):
+        threads = torch.get_num_threads()
+        if threads == 1 or zt.device.type != "cpu":
+            return fn(zt, *args)
+        torch.set_num_threads(1)
+        try:
+            return fn(zt, *args)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
 def _ones(zt: Tensor) -> Tensor:
     n = zt.shape[0]
     return torch.ones(n, 1, n, dtype=zt.dtype, device=zt.device)
 
 
+@one_thread
 def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
     """[n, n, T] logits (zt[i, j, t] = z[t, i, j]) -> doubly-stochastic [n, n, T], in place after the softmax.
 
@@ -82,6 +108,7 @@ def sinkhorn_fwd_t(zt: Tensor, iterations: int, eps: float) -> Tensor:
     return p
 
 
+@one_thread
 def sinkhorn_bwd_t(zt: Tensor, gt: Tensor, iterations: int, eps: float) -> Tensor:
     """[n, n, T] logits and d(loss)/d(output) -> d(loss)/d(logits) [n, n, T].
 

@@ -100,6 +100,29 @@ def test_sinkhorn_bf16_input_returns_fp32_and_bf16_grad():
     assert logits.grad.dtype == torch.bfloat16
 
 
+def test_sinkhorn_runs_on_one_thread_bit_identical_and_restores_the_thread_count():
+    """The Sinkhorn loop runs with one intra-op thread (fast_cpu.one_thread): the same values, bit for bit,
+    as the undecorated loop at 2 threads, and the caller's thread count is back afterwards (also on error)."""
+    zt = torch.randn(4, 4, 1024, generator=_gen(3)) * 2.0
+    gt = torch.randn(4, 4, 1024, generator=_gen(4))
+    seen = []
+    spy = fast_cpu.one_thread(lambda t: seen.append(torch.get_num_threads()) or t)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spy(zt)
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            fast_cpu.one_thread(lambda t: (_ for _ in ()).throw(ValueError("boom")))(zt)
+        assert torch.get_num_threads() == 2
+        plain_f = fast_cpu.sinkhorn_fwd_t.__wrapped__(zt.clone(), 20, EPS)
+        plain_b = fast_cpu.sinkhorn_bwd_t.__wrapped__(zt, gt, 20, EPS)
+        assert torch.equal(fast_cpu.sinkhorn_fwd_t(zt.clone(), 20, EPS), plain_f)
+        assert torch.equal(fast_cpu.sinkhorn_bwd_t(zt, gt, 20, EPS), plain_b)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sinkhorn_rejects_zero_iterations():
     with pytest.raises(ValueError, match="iterations must be >= 1"):
         fast_cpu.sinkhorn(torch.zeros(2, 2), 0, EPS)
