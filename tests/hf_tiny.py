@@ -56,3 +56,10 @@ def hf_model(**overrides):
 def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def safetensors_dir_tensors(directory) -> dict:
+    """{name: tensor} of every tensor in a directory of safetensors shards (HF layout or an export)."""
+    from dsv4cli.infer.safetensors_io import stream, tensor_sources
+
+    return {source.name: tensor for source, tensor in stream(tensor_sources(directory).values())}

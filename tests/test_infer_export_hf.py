@@ -6,7 +6,6 @@ dsv4's logits; bad input is exit 2 and the checkpoint is never written to."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from hf_tiny import VOCAB, hf_model, tree_digest  # noqa: E402  (after importorskip)
+from hf_tiny import VOCAB, hf_model, safetensors_dir_tensors, tree_digest  # noqa: E402  (after importorskip)
 
 PROMPT = torch.randint(2, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
 
@@ -28,12 +27,6 @@ def _cli(*args):
 def _last_json(result) -> dict:
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _tensors(directory) -> dict:
-    from dsv4cli.infer.safetensors_io import stream, tensor_sources
-
-    return {source.name: tensor for source, tensor in stream(tensor_sources(directory).values())}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def chain(tmp_path_factory):
 
 def test_import_then_export_gives_back_every_tensor_bit_for_bit(chain):
     root = chain["root"]
-    source, exported = _tensors(root / "hf"), _tensors(root / "exported")
+    source, exported = safetensors_dir_tensors(root / "hf"), safetensors_dir_tensors(root / "exported")
     assert sorted(exported) == sorted(source)
     changed = [n for n, t in source.items()
                if exported[n].dtype != t.dtype or exported[n].shape != t.shape or not torch.equal(exported[n], t)]
@@ -93,7 +86,7 @@ def test_config_json_equals_the_source_field_by_field(chain):
 
 def test_bf16_export_keeps_the_fp32_tensors_and_integer_tables(chain, tmp_path):
     result = _last_json(_cli("export-hf", chain["root"] / "imported", tmp_path / "bf16", "--dtype", "bf16", "--json"))
-    tensors = _tensors(tmp_path / "bf16")
+    tensors = safetensors_dir_tensors(tmp_path / "bf16")
     assert result["shards"] == 1 and (tmp_path / "bf16" / "model.safetensors").is_file()
     kept = {n for n, t in tensors.items() if t.dtype == torch.float32}
     assert {"model.layers.0.attn.attn_sink", "model.layers.1.attn.compressor.ape", "model.hc_head.hc_fn",
@@ -115,7 +108,7 @@ def test_bf16_import_exports_bf16_bit_for_bit(chain, tmp_path):
     root = chain["root"]
     _last_json(_cli("import-hf", root / "hf", tmp_path / "imported", "--dtype", "bfloat16", "--json"))
     _last_json(_cli("export-hf", tmp_path / "imported", tmp_path / "exported", "--json"))
-    source, exported = _tensors(root / "hf"), _tensors(tmp_path / "exported")
+    source, exported = safetensors_dir_tensors(root / "hf"), safetensors_dir_tensors(tmp_path / "exported")
     assert sorted(exported) == sorted(source)
     stored = read_checkpoint_info(tmp_path / "imported").tensors
 
@@ -130,7 +123,7 @@ def test_bf16_import_exports_bf16_bit_for_bit(chain, tmp_path):
     assert changed == []
     # export --dtype bf16 of the fp32 import casts exactly as import --dtype bfloat16 did
     _last_json(_cli("export-hf", root / "imported", tmp_path / "cast", "--dtype", "bf16", "--json"))
-    cast = _tensors(tmp_path / "cast")
+    cast = safetensors_dir_tensors(tmp_path / "cast")
     assert [n for n, t in cast.items() if t.dtype != exported[n].dtype or not torch.equal(t, exported[n])] == []
 
 
@@ -175,7 +168,7 @@ def test_finetuned_import_exports_and_hf_runs_it_with_dsv4s_logits(tmp_path):
     result = _last_json(_cli("export-hf", tmp_path / "ft", tmp_path / "exported", "--json"))
     assert result["checkpoint"].endswith("iter_0000003")
     assert result["config_source"] == str(tmp_path / "imported" / "hf_config.json")  # found through checkpoint.load
-    before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "exported")
+    before, after = safetensors_dir_tensors(tmp_path / "hf"), safetensors_dir_tensors(tmp_path / "exported")
     assert not torch.equal(before["model.layers.1.attn.wq_a.weight"], after["model.layers.1.attn.wq_a.weight"])
     prompt = PROMPT[0].tolist()
     reloaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "exported").float().eval()

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("transformers")
 
-from hf_tiny import VOCAB, hf_model  # noqa: E402  (after importorskip)
+from hf_tiny import VOCAB, hf_model, safetensors_dir_tensors  # noqa: E402  (after importorskip)
 from test_infer_import_layouts import legacy_config, loaded, mtp_tensors, original_name, write_original  # noqa: E402
 
 PROMPT = torch.randint(2, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
@@ -31,12 +31,6 @@ def _cli(*args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _tensors(directory) -> dict:
-    from dsv4cli.infer.safetensors_io import stream, tensor_sources
-
-    return {source.name: tensor for source, tensor in stream(tensor_sources(directory).values())}
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """save_pretrained of the tiny model, its import; the release layout with an MTP depth, its import."""
@@ -44,7 +38,7 @@ def tiny(tmp_path_factory):
     model = hf_model()
     model.save_pretrained(root / "hf")
     _cli("import-hf", root / "hf", root / "hf-imported", "--json")
-    hf_tensors = _tensors(root / "hf")
+    hf_tensors = safetensors_dir_tensors(root / "hf")
     original = {original_name(k): v for k, v in hf_tensors.items()}
     mtp = mtp_tensors(original, torch.Generator().manual_seed(5))
     cfg = legacy_config(json.loads((root / "hf" / "config.json").read_text()), mtp_ratio=4)
@@ -56,7 +50,7 @@ def tiny(tmp_path_factory):
 def test_original_layout_with_mtp_exports_every_tensor_and_legacy_key_back(tiny, tmp_path):
     result = _cli("export-hf", tiny["root"] / "imported", tmp_path / "out", "--layout", "original", "--json")
     assert result["layout"] == "original" and result["tensors"] == len(tiny["original"])
-    got, source = _tensors(tmp_path / "out"), tiny["original"]
+    got, source = safetensors_dir_tensors(tmp_path / "out"), tiny["original"]
     assert sorted(got) == sorted(source) and any(n.startswith("mtp.0.ffn.experts.") for n in got)
     assert [n for n, t in source.items() if got[n].dtype != t.dtype or not torch.equal(got[n], t)] == []
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -72,7 +66,7 @@ def test_hf_layout_carries_mtp_under_names_import_reads_and_hf_ignores(tiny, tmp
 
     root = tiny["root"]
     _cli("export-hf", root / "imported", tmp_path / "out", "--json")
-    got = _tensors(tmp_path / "out")
+    got = safetensors_dir_tensors(tmp_path / "out")
     expected = {**tiny["hf"], **tiny["mtp"]}
     assert sorted(got) == sorted(expected)
     assert [n for n, t in expected.items() if got[n].dtype != t.dtype or not torch.equal(got[n], t)] == []
@@ -98,7 +92,7 @@ def test_fp8_export_is_transformers_quantization_and_imports_to_its_dequantizati
     from dsv4cli.infer.export_hf import export_hf
 
     result = export_hf(tiny["root"] / "hf-imported", tmp_path / "fp8", dtype="fp8", fp8_block=(8, 8))
-    got, source = _tensors(tmp_path / "fp8"), tiny["hf"]
+    got, source = safetensors_dir_tensors(tmp_path / "fp8"), tiny["hf"]
     scales = {n for n in got if n.endswith(".weight_scale_inv")}
     assert result["quantized"] == len(scales) > 50 and len(got) == len(source) + len(scales)
     quantizer = Fp8Quantize(SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=[8, 8], scale_fmt=None)))
@@ -149,7 +143,7 @@ def test_transformers_loads_the_fp8_export_dequantized_on_cpu(tiny, tmp_path):
     from dsv4cli.infer.export_hf import export_hf
 
     export_hf(tiny["root"] / "hf-imported", tmp_path / "fp8", dtype="fp8", fp8_block=(8, 8))
-    got, deq = _tensors(tmp_path / "fp8"), Fp8Dequantize(None)
+    got, deq = safetensors_dir_tensors(tmp_path / "fp8"), Fp8Dequantize(None)
 
     def dequantized(name):
         return deq._dequantize_one(got[name], got[name[: -len(".weight")] + ".weight_scale_inv"], output_dtype=torch.bfloat16)
@@ -165,7 +159,7 @@ def test_transformers_loads_the_fp8_export_dequantized_on_cpu(tiny, tmp_path):
     # the release's spelling: `.scale` next to each quantized weight, 128 x 128 blocks (one partial block here)
     result = _cli("export-hf", tiny["root"] / "imported", tmp_path / "original", "--dtype", "fp8", "--layout", "original",
                   "--json")
-    original = _tensors(tmp_path / "original")
+    original = safetensors_dir_tensors(tmp_path / "original")
     assert original["layers.1.attn.wq_a.scale"].shape == (1, 1) and original["mtp.0.e_proj.weight"].dtype == torch.float8_e4m3fn
     assert result["quantized"] == sum(n.endswith(".scale") for n in original)
     config = json.loads((tmp_path / "original" / "config.json").read_text())
