@@ -36,25 +36,21 @@ def measure(spec_path: str, overrides: list[str], warmup: int, steps: int) -> di
     from dsv4cli.spec.load import load_spec
     from dsv4cli.train.data import build_sources, microbatches
     from dsv4cli.build.parallel import destroy_parallel
-    from dsv4cli.train.runtime import build_runtime, reduce_step_values, run_microbatches
+    from dsv4cli.train.runtime import build_runtime
+    from dsv4cli.train.step import ModelParts, train_step
 
     spec = load_spec(spec_path, overrides + ["data.source=\"mock\"", f"train.steps={warmup + steps}"], world_size=1)
     rt = build_runtime(spec)
     try:
         data = build_sources(spec)
         t = spec.train
+        parts = ModelParts.collect(rt)
         times, cpu_times, loss = [], [], float("nan")
         for i in range(warmup + steps):
             batches = microbatches(data.train, i * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
                                    ps.get_data_parallel_rank(), rt.dims.dp)
             t0, c0 = time.perf_counter(), time.thread_time()
-            for m in rt.model:
-                m.zero_grad_buffer()
-            rt.optimizer.zero_grad()
-            losses = run_microbatches(rt, batches, forward_only=False)
-            rt.optimizer.step()
-            rt.scheduler.step(increment=1)
-            loss = reduce_step_values(rt, losses, len(batches)).loss
+            loss = train_step(rt, parts, batches, i).values.loss  # the step `dsv4 train` runs
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if i >= warmup:
