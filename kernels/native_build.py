@@ -1,0 +1,139 @@
+"""Builds and loads the compiled CPU kernels (`mhc_cpu.c`) with the machine's C compiler and ctypes.
+
+The first use on a machine compiles the one C file (~1.5 s with gcc; no torch headers, so no C++
+toolchain or Python headers are needed) into a per-user cache, `$DSV4_CACHE_DIR` or
+`$XDG_CACHE_HOME/dsv4` (default `~/.cache/dsv4`), under `kernels/`; later processes only load it.
+The file name carries a hash of the source, flags, compiler and machine, so an edited source or another
+compiler builds anew; the build writes a temporary file and renames it, so ranks that start together
+never load a half-written library. On x86-64 CPUs with AVX2 the build adds `-mavx2` (8-token blocks;
+4 otherwise); the flag is part of the name, so a cache shared by different CPUs stays valid.
+
+Without a C compiler, or when the build fails, the ops run on the PyTorch path (`fast_cpu.py`, the
+same math) after one warning. `DSV4_NATIVE_KERNELS=0` turns the compiled path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("mhc_cpu.c")
+FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
+SWITCH = "DSV4_NATIVE_KERNELS"
+
+_I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {  # name -> (restype, argtypes)
+    "dsv4_mhc_fwd": (ctypes.c_int, [_I64] * 6 + [_F32] + [_PTR] * 9),
+    "dsv4_mhc_bwd": (ctypes.c_int, [_I64] * 6 + [_F32] + [_PTR] * 13),
+    "dsv4_mhc_post_bwd": (None, [_I64] * 3 + [_PTR] * 5),
+}
+
+
+def enabled() -> bool:
+    """False when `DSV4_NATIVE_KERNELS` is 0 / false / off / no."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: $DSV4_CACHE_DIR, else $XDG_CACHE_HOME/dsv4, else ~/.cache/dsv4 (+ kernels/)."""
+    root = os.environ.get("DSV4_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    """$CC, else the first of cc / gcc / clang on PATH (None: no compiler)."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """Target flags for this CPU: ("-mavx2",) on x86-64 with AVX2 (Linux: /proc/cpuinfo), else ()."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return ("-mavx2",) if "avx2" in flags else ()
+
+
+def _library_name(cc: str, flags: tuple[str, ...]) -> str:
+    """mhc_cpu-<hash>.so over the source, flags, compiler (path and version) and machine."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), cc.encode(), version.encode(),
+                 platform.machine().encode(), platform.system().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return f"mhc_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(cc: str, target: Path, flags: tuple[str, ...]) -> None:
+    """Compile SOURCE into target atomically (a temporary file in the same directory, then a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def build(flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
+    """Build (unless cached) and load the kernels with FLAGS + `flags` (default: cpu_flags()); raises
+    RuntimeError without a compiler or when the build fails, OSError when the cache is not writable."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc / clang)")
+    flags = FLAGS + (cpu_flags() if flags is None else tuple(flags))
+    target = cache_dir() / _library_name(cc, flags)
+    if not target.exists():
+        _build(cc, target, flags)
+    return _load(target)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels (built on first use), or None with one warning when they cannot be built."""
+    try:
+        return build()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _warn(str(err))
+        return None
+
+
+def _warn(reason: str) -> None:
+    warnings.warn(f"dsv4: the compiled CPU mHC kernels are not available ({reason}); the mHC ops run on the "
+                  f"slower PyTorch path (same results). {SWITCH}=0 skips the attempt.", RuntimeWarning,
+                  stacklevel=3)
+
+
+def available() -> bool:
+    """True when the compiled path is switched on and the library loads (builds it on first call)."""
+    return enabled() and library() is not None
