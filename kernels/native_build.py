@@ -118,14 +118,30 @@ def build(flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
     return _load(target)
 
 
+_failure: list[str] = []  # why library() returned None (empty when it loaded or was never called)
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels (built on first use), or None with one warning when they cannot be built."""
+    _failure.clear()
     try:
         return build()
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _failure.append(str(err))
         _warn(str(err))
         return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled kernels cannot run here (builds them first, without warning), or None when they load
+    or are switched off on purpose (DSV4_NATIVE_KERNELS=0)."""
+    if not enabled():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lib = library()
+    return None if lib is not None else (_failure[0] if _failure else "not built")
 
 
 def _warn(reason: str) -> None:
