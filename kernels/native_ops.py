@@ -68,8 +68,16 @@ def _backward(x2, proj, rsq, gate, bias, n, full, iterations, eps, du, g_post=No
     return dx, dmix, dzm, dz
 
 
-def _params(w: Tensor, gate: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return w.to(F32), gate.to(F32).contiguous(), bias.to(F32).contiguous()
+def _params(w: Tensor, gate: Tensor, bias: Tensor, K: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(weight [M, K], gate [M], bias [M]) in fp32, contiguous; ValueError (with the numbers) when a shape does
+    not fit x's width K and n streams: the C code sizes every buffer from K and n alone."""
+    if K % n != 0:
+        raise ValueError(f"last dim {K} of x is not a multiple of n={n}")
+    M = w.shape[0]
+    if w.shape != (M, K) or gate.numel() != M or bias.numel() != M or M not in (n, n * n + 2 * n):
+        raise ValueError(f"weight {tuple(w.shape)}, gate {gate.numel()} and bias {bias.numel()} do not fit x's width "
+                         f"{K} and n={n} (expected [n*n+2n or n, K], [M], [M])")
+    return w.to(F32), gate.to(F32).contiguous(), bias.reshape(-1).to(F32).contiguous()
 
 
 class _Pre(torch.autograd.Function):
@@ -79,7 +87,9 @@ class _Pre(torch.autograd.Function):
     def forward(ctx, x, w, alpha, bias, n, iterations, eps, mix):
         K = x.shape[-1]
         x2 = _f32(x, -1, K)
-        wd, gate, b = _params(w, _mapping_gate(alpha.to(F32), n), bias)
+        wd, gate, b = _params(w, _mapping_gate(alpha.to(F32), n), bias, K, n)
+        if wd.shape[0] != n * n + 2 * n:
+            raise ValueError(f"proj_weight {tuple(w.shape)}: expected [{n * n + 2 * n}, {K}] for n={n}")
         proj = x2 @ wd.t()
         lead = x.shape[:-1]
         rsq, u, post, third = _forward(x2, proj, gate, b, n, True, iterations, eps, want_hres=not mix, lead=lead)
@@ -93,7 +103,7 @@ class _Pre(torch.autograd.Function):
         n, iterations, eps, mix = ctx.cfg
         T, K = proj.shape[0], x.shape[-1]
         x2 = _f32(x, -1, K)
-        wd, gate, b = _params(w, _mapping_gate(alpha.to(F32), n), bias)
+        wd, gate, b = _params(w, _mapping_gate(alpha.to(F32), n), bias, K, n)
         third = {"g3": _f32(g_third, T, K)} if mix else {"g_res": _f32(g_third, T, n, n)}
         dx, dmix, dzm, dz = _backward(x2, proj, rsq, gate, b, n, True, iterations, eps, _f32(du, T, K // n),
                                       g_post=_f32(g_post, T, n), **third)
@@ -125,9 +135,11 @@ class _Post(fast_cpu._Post):
         n = ctx.cfg[0]
         h = f.shape[-1]
         T = f.numel() // h
-        g2, df, dpost = _f32(g, T, n * h), f.new_empty(T, h, dtype=F32), f.new_empty(T, n, dtype=F32)
-        library().dsv4_mhc_post_bwd(T, n, h, _ptr(g2), _ptr(_f32(f, T, h)), _ptr(_f32(h_post, T, n)), _ptr(df),
-                                    _ptr(dpost))
+        # every tensor whose pointer C reads is bound to a name until the call returns (a temporary copy
+        # passed as _ptr(_f32(...)) would be freed before C reads it)
+        g2, f2, post = _f32(g, T, n * h), _f32(f, T, h), _f32(h_post, T, n)
+        df, dpost = f.new_empty(T, h, dtype=F32), f.new_empty(T, n, dtype=F32)
+        library().dsv4_mhc_post_bwd(T, n, h, _ptr(g2), _ptr(f2), _ptr(post), _ptr(df), _ptr(dpost))
         return g2.view(g.shape), df.view(f.shape).to(f.dtype), dpost.view(h_post.shape).to(h_post.dtype), None, None
 
 
@@ -141,7 +153,9 @@ class _Contract(torch.autograd.Function):
     def forward(ctx, x, head_fn, base, scale, n, eps):
         K = x.shape[-1]
         x2 = _f32(x, -1, K)
-        fn, gate, b = _params(head_fn, scale.reshape(1).expand(n), base.reshape(n))
+        fn, gate, b = _params(head_fn, scale.reshape(1).expand(n), base, K, n)
+        if fn.shape[0] != n:
+            raise ValueError(f"head_fn {tuple(head_fn.shape)}: expected [{n}, {K}] for n={n}")
         proj = x2 @ fn.t()
         rsq, y, _, _ = _forward(x2, proj, gate, b, n, False, 1, eps, want_hres=False)
         ctx.save_for_backward(x, head_fn, base, scale, proj, rsq)
@@ -154,7 +168,7 @@ class _Contract(torch.autograd.Function):
         n, eps = ctx.cfg
         T, K = proj.shape[0], x.shape[-1]
         x2 = _f32(x, -1, K)
-        fn, gate, b = _params(head_fn, scale.reshape(1).expand(n), base.reshape(n))
+        fn, gate, b = _params(head_fn, scale.reshape(1).expand(n), base, K, n)
         dx, dmix, dzm, dz = _backward(x2, proj, rsq, gate, b, n, False, 1, eps, _f32(dy, T, K // n))
         dx.addmm_(dmix, fn)
         return (dx.view(x.shape).to(x.dtype), (dmix.t() @ x2).to(head_fn.dtype), dz.sum(0).view(base.shape).to(base.dtype),

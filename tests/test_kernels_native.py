@@ -121,6 +121,35 @@ def test_bf16_activations_keep_their_dtype():
     assert gx.dtype == gf.dtype == torch.bfloat16
 
 
+def test_bf16_post_gradients_equal_the_fp32_ones():
+    """bf16 f and h_post go through fp32 copies in post's backward: their gradients equal those of fp32 inputs."""
+    n, h = 4, 4096  # large enough that a freed copy's memory is reused by the next allocation
+    g = _gen(21)
+    r0 = torch.randn(2, 3, n * h, generator=g)
+    f = torch.randn(2, 3, h, generator=g).bfloat16()
+    post = torch.rand(2, 3, n, generator=g).bfloat16()
+
+    def grads(dtype):
+        fx, px = f.to(dtype).requires_grad_(), post.to(dtype).requires_grad_()
+        out = native_ops.mhc_post(r0.clone(), fx, px, n)
+        return [t.float() for t in torch.autograd.grad(out, [fx, px], torch.cos(r0))]
+
+    for a, b in zip(grads(torch.bfloat16), grads(torch.float32), strict=True):
+        torch.testing.assert_close(a, b.bfloat16().float(), atol=0, rtol=0)
+
+
+def test_shapes_that_do_not_fit_raise_before_the_compiled_code_runs():
+    x, w, alpha, bias = _mapping_args(2, 6)
+    with pytest.raises(ValueError, match="not a multiple of n=5"):
+        native_ops.mhc_pre(x, w, alpha, bias, 5, 4, EPS)
+    with pytest.raises(ValueError, match="do not fit"):
+        native_ops.mhc_pre_mix(x, w[:-1], alpha, bias, 2, 4, EPS)
+    with pytest.raises(ValueError, match="do not fit"):
+        native_ops.mhc_pre(x, w, alpha, bias[:-2], 2, 4, EPS)
+    with pytest.raises(ValueError, match="do not fit"):
+        native_ops.learned_output_contract(x, w[:2], torch.zeros(3), torch.ones(1), 3, EPS)
+
+
 def test_non_contiguous_x_is_accepted():
     x, w, alpha, bias = _mapping_args(2, 6, lead=(5, 3))
     xt = x.detach().transpose(0, 1).requires_grad_()  # [3, 5, 12], not contiguous

@@ -127,8 +127,8 @@ def gpu_settings(spec, avail: Availability, dp: int = 1, virtual_stages: Optiona
     if not cuda and m.mhc.streams > 1 and avail.cpu_kernels_missing:
         warnings.append(
             f"the compiled CPU mHC kernels are not available ({avail.cpu_kernels_missing}): mHC runs on the slower "
-            "PyTorch path (same results). Install a C compiler (gcc or clang), or set DSV4_NATIVE_KERNELS=0 to "
-            "silence this."
+            "PyTorch path (same results). They need a working C compiler (gcc or clang) and a writable cache "
+            "directory ($DSV4_CACHE_DIR, default ~/.cache/dsv4); DSV4_NATIVE_KERNELS=0 silences this."
         )
     return GpuSettings(
         availability=avail,
