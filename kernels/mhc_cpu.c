@@ -169,22 +169,41 @@ static void block_sigmoids(const dims_t *d, const vf *z, vf *sp, vf *sq) {
         for (i64 i = 0; i < d->n; i++) sq[i] = vsigmoid(z[d->n + i]);
 }
 
+/* ------------------------------------------------------------------------------------------ threads
+ * Built with -fopenmp where the compiler has it: the library then shares the process's OpenMP runtime
+ * (libgomp.so.1, the one torch loaded), so a call runs on torch's own intra-op threads, which wait
+ * for work right after torch's ops; a thread pool of its own would compete with them for the cores.
+ * Each thread takes whole token blocks (static schedule); a token's results do not depend on the split. */
+
+#define MIN_BLOCKS_PER_THREAD 16 /* fewer, and starting the team costs more than the thread's share */
+
+static int team(i64 threads, i64 blocks) {
+    i64 most = blocks / MIN_BLOCKS_PER_THREAD;
+    return (int)(threads < most ? (threads > 1 ? threads : 1) : (most > 1 ? most : 1));
+}
+
 /* ------------------------------------------------------------------------------------------ forward */
 
 /* x [T, K], mix [T, M] = x @ W^T, gate [M], bias [M] ->
  *   rsq [T] = rsqrt(mean(x^2) + eps); u [T, h] = sum_i (sigmoid(z_pre_i) + eps) x_i;
  *   post [T, n] = 2 sigmoid(z_post) (has_post; may be NULL); hres [T, n, n] = Sinkhorn(z_res) (has_res; may be
- *   NULL); rmix [T, K], rmix_k = sum_j hres[j, k] x_j (has_res; may be NULL). Returns 0, or 1 when out of memory. */
+ *   NULL); rmix [T, K], rmix_k = sum_j hres[j, k] x_j (has_res; may be NULL). Up to `threads` threads.
+ * Returns 0, or 1 when out of memory. */
 int dsv4_mhc_fwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, float eps, const float *x,
                  const float *mix, const float *gate, const float *bias, float *rsq, float *u, float *post,
-                 float *hres, float *rmix) {
+                 float *hres, float *rmix, i64 threads) {
     dims_t d = make_dims(T, n, h, has_post, has_res, iters, eps);
-    i64 nn = n * n;
+    i64 nn = n * n, blocks = (T + LANES - 1) / LANES;
+    int status = 0;
+#pragma omp parallel num_threads(team(threads, blocks)) reduction(| : status)
+    {
     vf *buf = alloc_lanes(d.M + 2 * n + 4 * nn + n);
-    if (!buf) return 1;
+    status |= buf == NULL;
     vf *z = buf, *sp = z + d.M, *sq = sp + n, *sm = sq + n, *p0 = sm + nn, *p = p0 + nn, *tmp = p + nn;
-    for (i64 t0 = 0; t0 < T; t0 += LANES) {
-        i64 nb = T - t0 < LANES ? T - t0 : LANES;
+#pragma omp for schedule(static)
+    for (i64 b = 0; b < blocks; b++) {
+        i64 t0 = b * LANES, nb = T - t0 < LANES ? T - t0 : LANES;
+        if (!buf) continue;
         vf r = splat(0.f);
         for (i64 l = 0; l < nb; l++) {
             const float *xt = x + (t0 + l) * d.K;
@@ -213,7 +232,8 @@ int dsv4_mhc_fwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, floa
         }
     }
     free(buf);
-    return 0;
+    }
+    return status;
 }
 
 /* ------------------------------------------------------------------------------------------ backward */
@@ -222,19 +242,24 @@ int dsv4_mhc_fwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, floa
  * zero), and for the res part either g3 [T, K] (grad of rmix) or gres [T, n, n] (grad of hres) ->
  *   dx [T, K]: every x-gradient but the projection's (the caller adds dmix @ W);
  *   dmix [T, M] = dz * gate * r (the projection's output grad), dzm [T, M] = dz * mix * r (sums to the gate
- *   grads), dz [T, M] (sums to the bias grad). Returns 0, or 1 when out of memory. */
+ *   grads), dz [T, M] (sums to the bias grad). Up to `threads` threads. Returns 0, or 1 when out of memory. */
 int dsv4_mhc_bwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, float eps, const float *x,
                  const float *mix, const float *rsq, const float *gate, const float *bias, const float *du,
                  const float *gpost, const float *g3, const float *gres, float *dx, float *dmix, float *dzm,
-                 float *dz) {
+                 float *dz, i64 threads) {
     dims_t d = make_dims(T, n, h, has_post, has_res, iters, eps);
-    i64 nn = n * n, steps = 2 * iters - 1;
+    i64 nn = n * n, steps = 2 * iters - 1, blocks = (T + LANES - 1) / LANES;
+    int status = 0;
+#pragma omp parallel num_threads(team(threads, blocks)) reduction(| : status)
+    {
     vf *buf = alloc_lanes(2 * d.M + 3 * n + 4 * nn + (has_res ? steps * (nn + n) : 0));
-    if (!buf) return 1;
+    status |= buf == NULL;
     vf *z = buf, *dzl = z + d.M, *sp = dzl + d.M, *sq = sp + n, *gp = sq + n, *sm = gp + n, *p0 = sm + nn;
     vf *p = p0 + nn, *g = p + nn, *ys = g + nn, *cs = ys + steps * nn;
-    for (i64 t0 = 0; t0 < T; t0 += LANES) {
-        i64 nb = T - t0 < LANES ? T - t0 : LANES;
+#pragma omp for schedule(static)
+    for (i64 b = 0; b < blocks; b++) {
+        i64 t0 = b * LANES, nb = T - t0 < LANES ? T - t0 : LANES;
+        if (!buf) continue;
         vf r = splat(0.f);
         for (i64 l = 0; l < nb; l++) r[l] = rsq[t0 + l];
         block_logits(&d, t0, nb, mix, r, gate, bias, z);
@@ -286,13 +311,15 @@ int dsv4_mhc_bwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, floa
         }
     }
     free(buf);
-    return 0;
+    }
+    return status;
 }
 
 /* Backward of x' = r + h_post (x) f for g [T, K], f [T, h], post [T, n] ->
- * df [T, h] = sum_k post_k g_k, dpost [T, n] = <g_k, f>. */
+ * df [T, h] = sum_k post_k g_k, dpost [T, n] = <g_k, f>. Up to `threads` threads. */
 void dsv4_mhc_post_bwd(i64 T, i64 n, i64 h, const float *g, const float *f, const float *post, float *restrict df,
-                       float *restrict dpost) {
+                       float *restrict dpost, i64 threads) {
+#pragma omp parallel for schedule(static) num_threads(team(threads, (T + LANES - 1) / LANES))
     for (i64 t = 0; t < T; t++) {
         const float *gt = g + t * n * h, *ft = f + t * h;
         float *dft = df + t * h;

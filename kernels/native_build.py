@@ -6,7 +6,9 @@ toolchain or Python headers are needed) into a per-user cache, `$DSV4_CACHE_DIR`
 The file name carries a hash of the source, flags, compiler and machine, so an edited source or another
 compiler builds anew; the build writes a temporary file and renames it, so ranks that start together
 never load a half-written library. On x86-64 CPUs with AVX2 the build adds `-mavx2` (8-token blocks;
-4 otherwise); the flag is part of the name, so a cache shared by different CPUs stays valid.
+4 otherwise); the flag is part of the name, so a cache shared by different CPUs stays valid. On Linux it
+adds `-fopenmp`: the library then uses the OpenMP runtime torch already loaded (same `libgomp.so.1`), so
+its calls run on torch's intra-op threads (a compiler without OpenMP: built again without, one thread).
 
 Without a C compiler, or when the build fails, the ops run on the PyTorch path (`fast_cpu.py`, the
 same math) after one warning. `DSV4_NATIVE_KERNELS=0` turns the compiled path off.
@@ -26,14 +28,14 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("mhc_cpu.c")
-FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
+FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas")
 SWITCH = "DSV4_NATIVE_KERNELS"
 
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {  # name -> (restype, argtypes)
-    "dsv4_mhc_fwd": (ctypes.c_int, [_I64] * 6 + [_F32] + [_PTR] * 9),
-    "dsv4_mhc_bwd": (ctypes.c_int, [_I64] * 6 + [_F32] + [_PTR] * 13),
-    "dsv4_mhc_post_bwd": (None, [_I64] * 3 + [_PTR] * 5),
+    "dsv4_mhc_fwd": (ctypes.c_int, [_I64] * 6 + [_F32] + [_PTR] * 9 + [_I64]),
+    "dsv4_mhc_bwd": (ctypes.c_int, [_I64] * 6 + [_F32] + [_PTR] * 13 + [_I64]),
+    "dsv4_mhc_post_bwd": (None, [_I64] * 3 + [_PTR] * 5 + [_I64]),
 }
 
 
@@ -59,15 +61,17 @@ def _compiler() -> str | None:
 
 
 def cpu_flags() -> tuple[str, ...]:
-    """Target flags for this CPU: ("-mavx2",) on x86-64 with AVX2 (Linux: /proc/cpuinfo), else ()."""
+    """Flags for this machine: -fopenmp on Linux (the library then runs on the OpenMP runtime torch loaded,
+    libgomp.so.1), -mavx2 on x86-64 CPUs with AVX2 (/proc/cpuinfo)."""
+    flags = ("-fopenmp",) if platform.system() == "Linux" else ()
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return ()
+        return flags
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ()
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return ("-mavx2",) if "avx2" in flags else ()
+        return flags
+    cpu = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return flags + (("-mavx2",) if "avx2" in cpu else ())
 
 
 def _library_name(cc: str, flags: tuple[str, ...]) -> str:
@@ -111,7 +115,17 @@ def build(flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc / clang)")
-    flags = FLAGS + (cpu_flags() if flags is None else tuple(flags))
+    extra = cpu_flags() if flags is None else tuple(flags)
+    try:
+        return _build_and_load(cc, FLAGS + extra)
+    except RuntimeError:
+        if "-fopenmp" not in extra:
+            raise
+        # a compiler without OpenMP: one thread per call (the pragmas are ignored)
+        return _build_and_load(cc, FLAGS + tuple(f for f in extra if f != "-fopenmp"))
+
+
+def _build_and_load(cc: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     target = cache_dir() / _library_name(cc, flags)
     if not target.exists():
         _build(cc, target, flags)

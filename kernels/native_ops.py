@@ -48,7 +48,8 @@ def _forward(x2: Tensor, proj: Tensor, gate: Tensor, bias: Tensor, n: int, full:
     third = (x2.new_empty(*lead, n, n) if want_hres else x2.new_empty(*lead, K)) if full else None
     hres, rmix = (third, None) if want_hres else (None, third)
     status = library().dsv4_mhc_fwd(T, n, K // n, int(full), int(full), iterations, eps, _ptr(x2), _ptr(proj),
-                                    _ptr(gate), _ptr(bias), _ptr(rsq), _ptr(u), _ptr(post), _ptr(hres), _ptr(rmix))
+                                    _ptr(gate), _ptr(bias), _ptr(rsq), _ptr(u), _ptr(post), _ptr(hres), _ptr(rmix),
+                                    torch.get_num_threads())
     if status:
         raise MemoryError("dsv4_mhc_fwd: out of memory")
     return rsq, u, post, third
@@ -62,7 +63,8 @@ def _backward(x2, proj, rsq, gate, bias, n, full, iterations, eps, du, g_post=No
     dmix, dzm, dz = (x2.new_empty(T, M) for _ in range(3))
     status = library().dsv4_mhc_bwd(T, n, K // n, int(full), int(full), iterations, eps, _ptr(x2), _ptr(proj),
                                     _ptr(rsq), _ptr(gate), _ptr(bias), _ptr(du), _ptr(g_post), _ptr(g3),
-                                    _ptr(g_res), _ptr(dx), _ptr(dmix), _ptr(dzm), _ptr(dz))
+                                    _ptr(g_res), _ptr(dx), _ptr(dmix), _ptr(dzm), _ptr(dz),
+                                    torch.get_num_threads())
     if status:
         raise MemoryError("dsv4_mhc_bwd: out of memory")
     return dx, dmix, dzm, dz
@@ -139,7 +141,8 @@ class _Post(fast_cpu._Post):
         # passed as _ptr(_f32(...)) would be freed before C reads it)
         g2, f2, post = _f32(g, T, n * h), _f32(f, T, h), _f32(h_post, T, n)
         df, dpost = f.new_empty(T, h, dtype=F32), f.new_empty(T, n, dtype=F32)
-        library().dsv4_mhc_post_bwd(T, n, h, _ptr(g2), _ptr(f2), _ptr(post), _ptr(df), _ptr(dpost))
+        library().dsv4_mhc_post_bwd(T, n, h, _ptr(g2), _ptr(f2), _ptr(post), _ptr(df), _ptr(dpost),
+                                    torch.get_num_threads())
         return g2.view(g.shape), df.view(f.shape).to(f.dtype), dpost.view(h_post.shape).to(h_post.dtype), None, None
 
 

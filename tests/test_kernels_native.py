@@ -176,6 +176,28 @@ def test_runs_are_bit_identical_and_the_baseline_build_equals_the_default_build(
     assert all(torch.equal(a, b) for a, b in zip(first, baseline))
 
 
+def test_results_do_not_depend_on_the_thread_count():
+    """Calls long enough to be split over threads (>= 16 token blocks per thread) give the same bits on 1 and 2
+    threads: each token's results are computed alone, in a fixed order."""
+    n, h = 4, 16
+    args = _mapping_args(n, h, lead=(3, 333), seed=13)
+    f = torch.randn(3, 333, h, generator=_gen(14))
+
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            u, h_post, r = native_ops.mhc_pre_mix(*args, n, 20, EPS)
+            out = native_ops.mhc_post(r, u * f, h_post, n)
+            y = native_ops.learned_output_contract(out, args[1][:n], args[3][:n], args[2][:1], n, EPS)
+            return (u, out, y, *_grads((u, out, y), args))
+        finally:
+            torch.set_num_threads(before)
+
+    one, two = run(1), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
 # ---------------------------------------------------------------- dispatch and build
 
 
