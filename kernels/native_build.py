@@ -6,9 +6,10 @@ toolchain or Python headers are needed) into a per-user cache, `$DSV4_CACHE_DIR`
 The file name carries a hash of the source, flags, compiler and machine, so an edited source or another
 compiler builds anew; the build writes a temporary file and renames it, so ranks that start together
 never load a half-written library. On x86-64 CPUs with AVX2 the build adds `-mavx2` (8-token blocks;
-4 otherwise); the flag is part of the name, so a cache shared by different CPUs stays valid. On Linux it
-adds `-fopenmp`: the library then uses the OpenMP runtime torch already loaded (same `libgomp.so.1`), so
-its calls run on torch's intra-op threads (a compiler without OpenMP: built again without, one thread).
+4 otherwise); the flag is part of the name, so a cache shared by different CPUs stays valid. Where torch
+runs on GNU OpenMP (its Linux wheels load `libgomp.so.1`) it adds `-fopenmp`: the library then uses that
+same runtime, so its calls run on torch's intra-op threads (a compiler without OpenMP: built again
+without, one thread per call).
 
 Without a C compiler, or when the build fails, the ops run on the PyTorch path (`fast_cpu.py`, the
 same math) after one warning. `DSV4_NATIVE_KERNELS=0` turns the compiled path off.
@@ -60,10 +61,19 @@ def _compiler() -> str | None:
     return None
 
 
+def _gnu_openmp_loaded() -> bool:
+    """True when this process has GNU OpenMP (libgomp) loaded: torch's Linux wheels bring it. Only then does a
+    library built with -fopenmp share torch's threads instead of starting a second OpenMP runtime."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 def cpu_flags() -> tuple[str, ...]:
-    """Flags for this machine: -fopenmp on Linux (the library then runs on the OpenMP runtime torch loaded,
-    libgomp.so.1), -mavx2 on x86-64 CPUs with AVX2 (/proc/cpuinfo)."""
-    flags = ("-fopenmp",) if platform.system() == "Linux" else ()
+    """Flags for this machine: -fopenmp where torch's GNU OpenMP is loaded (Linux; the library then runs on
+    torch's intra-op threads), -mavx2 on x86-64 CPUs with AVX2 (/proc/cpuinfo)."""
+    flags = ("-fopenmp",) if _gnu_openmp_loaded() else ()
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return flags
     try:
