@@ -240,6 +240,22 @@ def test_build_writes_into_the_cache_dir_and_reuses_it(monkeypatch, tmp_path):
     assert (tmp_path / "kernels" / built[0]).stat().st_mtime_ns == mtime
 
 
+def test_a_compiler_without_openmp_builds_a_one_thread_library(monkeypatch, tmp_path):
+    if "-fopenmp" not in native_build.cpu_flags():
+        pytest.skip("torch's GNU OpenMP is not loaded here: the build never asks for -fopenmp")
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "no OpenMP" >&2; exit 1; }; done\n'
+                  'exec gcc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("DSV4_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(cc))
+    lib = native_build.build()
+    assert len(list((tmp_path / "cache" / "kernels").glob("*.so"))) == 1
+    monkeypatch.setattr(native_ops, "library", lambda: lib)
+    args = _mapping_args(4, 8, lead=(300,))
+    _close(native_ops.mhc_pre(*args, 4, 5, EPS), _ref_pre(*args, 4, 5))
+
+
 def test_a_failing_compiler_warns_once_and_falls_back_to_the_torch_path(monkeypatch, tmp_path):
     monkeypatch.setenv("DSV4_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # on PATH, exits 1
