@@ -19,6 +19,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUM() omp_get_thread_num()
+#else
+#define THREAD_NUM() 0
+#endif
 
 /* Tokens per block = the floats of one hardware vector register (a wider generic vector is lowered through
  * memory and runs several times slower): native_build.py adds -mavx2 where the CPU has it. */
@@ -177,9 +183,16 @@ static void block_sigmoids(const dims_t *d, const vf *z, vf *sp, vf *sq) {
 
 #define MIN_BLOCKS_PER_THREAD 16 /* fewer, and starting the team costs more than the thread's share */
 
+/* All of torch's threads, or one: a team of another size would make libgomp end and later restart pool
+ * threads around every call. */
 static int team(i64 threads, i64 blocks) {
-    i64 most = blocks / MIN_BLOCKS_PER_THREAD;
-    return (int)(threads < most ? (threads > 1 ? threads : 1) : (most > 1 ? most : 1));
+    return threads > 1 && blocks >= threads * MIN_BLOCKS_PER_THREAD ? (int)threads : 1;
+}
+
+/* Scratch for `nt` threads of `per` vectors each (per rounded up to whole 64-byte lines), or NULL. */
+static vf *alloc_team(i64 *per, int nt) {
+    *per += (64 / sizeof(vf)) - 1 - (*per + (64 / sizeof(vf)) - 1) % (64 / sizeof(vf));
+    return alloc_lanes(*per * nt);
 }
 
 /* ------------------------------------------------------------------------------------------ forward */
@@ -194,16 +207,17 @@ int dsv4_mhc_fwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, floa
                  float *hres, float *rmix, i64 threads) {
     dims_t d = make_dims(T, n, h, has_post, has_res, iters, eps);
     i64 nn = n * n, blocks = (T + LANES - 1) / LANES;
-    int status = 0;
-#pragma omp parallel num_threads(team(threads, blocks)) reduction(| : status)
+    int nt = team(threads, blocks);
+    i64 per = d.M + 2 * n + 4 * nn + n;
+    vf *all = alloc_team(&per, nt);
+    if (!all) return 1;
+#pragma omp parallel num_threads(nt)
     {
-    vf *buf = alloc_lanes(d.M + 2 * n + 4 * nn + n);
-    status |= buf == NULL;
-    vf *z = buf, *sp = z + d.M, *sq = sp + n, *sm = sq + n, *p0 = sm + nn, *p = p0 + nn, *tmp = p + nn;
+    vf *z = all + THREAD_NUM() * per, *sp = z + d.M, *sq = sp + n, *sm = sq + n, *p0 = sm + nn, *p = p0 + nn;
+    vf *tmp = p + nn;
 #pragma omp for schedule(static)
     for (i64 b = 0; b < blocks; b++) {
         i64 t0 = b * LANES, nb = T - t0 < LANES ? T - t0 : LANES;
-        if (!buf) continue;
         vf r = splat(0.f);
         for (i64 l = 0; l < nb; l++) {
             const float *xt = x + (t0 + l) * d.K;
@@ -231,9 +245,9 @@ int dsv4_mhc_fwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, floa
                 }
         }
     }
-    free(buf);
     }
-    return status;
+    free(all);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ backward */
@@ -249,17 +263,17 @@ int dsv4_mhc_bwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, floa
                  float *dz, i64 threads) {
     dims_t d = make_dims(T, n, h, has_post, has_res, iters, eps);
     i64 nn = n * n, steps = 2 * iters - 1, blocks = (T + LANES - 1) / LANES;
-    int status = 0;
-#pragma omp parallel num_threads(team(threads, blocks)) reduction(| : status)
+    int nt = team(threads, blocks);
+    i64 per = 2 * d.M + 3 * n + 4 * nn + (has_res ? steps * (nn + n) : 0);
+    vf *all = alloc_team(&per, nt);
+    if (!all) return 1;
+#pragma omp parallel num_threads(nt)
     {
-    vf *buf = alloc_lanes(2 * d.M + 3 * n + 4 * nn + (has_res ? steps * (nn + n) : 0));
-    status |= buf == NULL;
-    vf *z = buf, *dzl = z + d.M, *sp = dzl + d.M, *sq = sp + n, *gp = sq + n, *sm = gp + n, *p0 = sm + nn;
-    vf *p = p0 + nn, *g = p + nn, *ys = g + nn, *cs = ys + steps * nn;
+    vf *z = all + THREAD_NUM() * per, *dzl = z + d.M, *sp = dzl + d.M, *sq = sp + n, *gp = sq + n, *sm = gp + n;
+    vf *p0 = sm + nn, *p = p0 + nn, *g = p + nn, *ys = g + nn, *cs = ys + steps * nn;
 #pragma omp for schedule(static)
     for (i64 b = 0; b < blocks; b++) {
         i64 t0 = b * LANES, nb = T - t0 < LANES ? T - t0 : LANES;
-        if (!buf) continue;
         vf r = splat(0.f);
         for (i64 l = 0; l < nb; l++) r[l] = rsq[t0 + l];
         block_logits(&d, t0, nb, mix, r, gate, bias, z);
@@ -310,9 +324,9 @@ int dsv4_mhc_bwd(i64 T, i64 n, i64 h, i64 has_post, i64 has_res, i64 iters, floa
             axpy(dx + t * d.K, coef, x + t * d.K, d.K);
         }
     }
-    free(buf);
     }
-    return status;
+    free(all);
+    return 0;
 }
 
 /* Backward of x' = r + h_post (x) f for g [T, K], f [T, h], post [T, n] ->

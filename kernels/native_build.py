@@ -17,6 +17,7 @@ same math) after one warning. `DSV4_NATIVE_KERNELS=0` turns the compiled path of
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -61,13 +62,24 @@ def _compiler() -> str | None:
     return None
 
 
-def _gnu_openmp_loaded() -> bool:
-    """True when this process has GNU OpenMP (libgomp) loaded: torch's Linux wheels bring it. Only then does a
-    library built with -fopenmp share torch's threads instead of starting a second OpenMP runtime."""
+_OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp")
+
+
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux /proc/self/maps; empty elsewhere)."""
     try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
+        lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return False
+        return set()
+    paths = {line.split()[-1] for line in lines if len(line.split()) >= 6}
+    return {p for p in paths if Path(p).name.startswith(_OPENMP_RUNTIMES)}
+
+
+def _gnu_openmp_loaded() -> bool:
+    """True when this process has GNU OpenMP loaded under the soname `libgomp.so.1` (torch's Linux x86-64 wheels
+    bring it). Only then does a library built with -fopenmp, which needs `libgomp.so.1`, share torch's threads
+    instead of starting a second OpenMP runtime (a renamed copy, e.g. libgomp-<hash>.so.1, would not match)."""
+    return any(Path(p).name == "libgomp.so.1" for p in _openmp_runtimes())
 
 
 def cpu_flags() -> tuple[str, ...]:
@@ -84,11 +96,15 @@ def cpu_flags() -> tuple[str, ...]:
     return flags + (("-mavx2",) if "avx2" in cpu else ())
 
 
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, errors="replace", timeout=30).stdout
+
+
 def _library_name(cc: str, flags: tuple[str, ...]) -> str:
     """mhc_cpu-<hash>.so over the source, flags, compiler (path and version) and machine."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, errors="replace", timeout=30).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), cc.encode(), version.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), cc.encode(), _compiler_version(cc).encode(),
                  platform.machine().encode(), platform.system().encode()):
         key.update(part)
         key.update(b"\0")
@@ -119,27 +135,49 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _uses_openmp(flags: tuple[str, ...]) -> bool:
+    return any(f.startswith("-fopenmp") for f in flags)
+
+
 def build(flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
     """Build (unless cached) and load the kernels with FLAGS + `flags` (default: cpu_flags()); raises
-    RuntimeError without a compiler or when the build fails, OSError when the cache is not writable."""
+    RuntimeError without a compiler or when the build fails, OSError when the cache is not writable.
+    An OpenMP build that fails, or whose loading would start a second OpenMP runtime, is replaced by one
+    without OpenMP (one thread per call)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc / clang)")
     extra = cpu_flags() if flags is None else tuple(flags)
+    if "-fopenmp" in extra and "clang" in _compiler_version(cc).lower():
+        extra = tuple("-fopenmp=libgomp" if f == "-fopenmp" else f for f in extra)  # not LLVM's libomp
     try:
         return _build_and_load(cc, FLAGS + extra)
-    except RuntimeError:
-        if "-fopenmp" not in extra:
+    except (RuntimeError, OSError):
+        if not _uses_openmp(extra):
             raise
-        # a compiler without OpenMP: one thread per call (the pragmas are ignored)
-        return _build_and_load(cc, FLAGS + tuple(f for f in extra if f != "-fopenmp"))
+        return _build_and_load(cc, FLAGS + tuple(f for f in extra if not f.startswith("-fopenmp")))
 
 
 def _build_and_load(cc: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """Load the cached library of these flags, building it first when needed. A failed build leaves a
+    `.failed` file with the compiler's message, so later processes do not compile it again."""
     target = cache_dir() / _library_name(cc, flags)
+    failed = target.with_suffix(".failed")
+    if failed.exists():
+        raise RuntimeError(failed.read_text(errors="replace"))
     if not target.exists():
-        _build(cc, target, flags)
-    return _load(target)
+        try:
+            _build(cc, target, flags)
+        except RuntimeError as err:
+            with contextlib.suppress(OSError):
+                failed.write_text(str(err))
+            raise
+    before = _openmp_runtimes()
+    lib = _load(target)
+    added = _openmp_runtimes() - before
+    if added and _uses_openmp(flags):
+        raise OSError(f"it would run a second OpenMP runtime ({', '.join(sorted(added))}) beside torch's")
+    return lib
 
 
 _failure: list[str] = []  # why library() returned None (empty when it loaded or was never called)
