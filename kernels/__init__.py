@@ -4,9 +4,14 @@ Every op takes the multi-stream state `[..., n*h]` (stream-major) and an `impl`:
 - "torch": plain PyTorch ops with hand-written backwards (`fast_cpu.py`: one autograd node per op,
   O(1) tensors kept for backward); the average contraction is the reference itself. The plain
   reference (`reference.py`, autograd) is the ground truth the tests compare both paths against;
+- "native": the compiled CPU kernels (`mhc_cpu.c`, built on first use by `native_build.py` with the
+  machine's C compiler; `native_ops.py`): everything per token in one pass, fp32. They take `mhc_pre`,
+  `mhc_pre_mix`, `mhc_post` and `learned_output_contract` (the ops a training step runs); the other ops
+  run the "torch" path under "native";
 - "triton": the fused Triton kernels (`triton_ops/`, one module per op) with hand-written backward;
   on CPU tensors only under `TRITON_INTERPRET=1` (set before Triton is first imported);
-- "auto": Triton when x is on CUDA and Triton imports, the reference otherwise.
+- "auto": Triton when x is on CUDA and Triton imports; on CPU the compiled kernels where an op has them and
+  they build (not for fp64, which gradcheck uses), the "torch" path otherwise.
 Math: docs/design.md §2.2 (mHC) and §2.3 (contraction); docs/kernels.md.
 """
 
@@ -18,14 +23,14 @@ import os
 import torch
 from torch import Tensor
 
-from . import fast_cpu, fast_rms_norm, reference
+from . import fast_cpu, fast_rms_norm, native_build, native_ops, reference
 
 # The ops every backend implements: the reference's public functions but its two helpers and rms_norm
 # (on CUDA that is torch's own fused kernel).
 OPS = tuple(name for name in reference.__all__ if name not in ("compute_dtype", "stream_rms_rsqrt", "rms_norm"))
 __all__ = [*OPS, "mhc_pre", "mhc_pre_mix", "mhc_post", "rms_norm", "resolve_impl", "triton_available"]
 
-_IMPLS = ("auto", "torch", "triton")
+_IMPLS = ("auto", "torch", "native", "triton")
 
 
 @functools.cache
@@ -43,9 +48,12 @@ def _interpret_env() -> bool:
 
 
 def resolve_impl(impl: str, x: Tensor) -> str:
-    """'auto' | 'torch' | 'triton' for tensor x -> 'torch' or 'triton' (ValueError when impossible)."""
+    """'auto' | 'torch' | 'native' | 'triton' for tensor x -> 'torch' or 'triton' (ValueError when impossible);
+    'native' resolves to 'torch' here (the ops with compiled CPU kernels ask `_native` first)."""
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "native":
+        return "torch"
     if impl == "auto":
         # float64 (gradcheck) always takes the reference: the kernels compute in fp32
         return "triton" if (x.is_cuda and x.dtype != torch.float64 and triton_available()) else "torch"
@@ -58,6 +66,20 @@ def resolve_impl(impl: str, x: Tensor) -> str:
                 "imported); use impl='torch' or 'auto' for the CPU reference"
             )
     return impl
+
+
+def _native(impl: str, *tensors: Tensor) -> bool:
+    """True when the compiled CPU kernels take this call: impl 'native' (ValueError when they cannot), or
+    'auto' with CPU tensors that are not fp64 and the kernels switched on and built."""
+    if impl == "native":
+        if not native_build.enabled():
+            raise ValueError(f"impl='native' requested but {native_build.SWITCH}=0 switches the compiled kernels off")
+        if not all(t.device.type == "cpu" and t.dtype != torch.float64 for t in tensors):
+            raise ValueError("impl='native' takes CPU tensors in fp32 / bf16 / fp16")
+        if native_build.library() is None:
+            raise ValueError("impl='native' requested but the compiled CPU kernels could not be built")
+        return True
+    return impl == "auto" and native_build.enabled() and native_ops.usable(*tensors)
 
 
 def _triton():
@@ -75,6 +97,8 @@ def learned_output_contract(
     """
     if resolve_impl(impl, x) == "triton":
         return _triton().learned_output_contract(x, head_fn, base, scale, n, eps)
+    if _native(impl, x):
+        return native_ops.learned_output_contract(x, head_fn, base, scale, n, eps)
     return fast_cpu.learned_output_contract(x, head_fn, base, scale, n, eps)
 
 
@@ -105,6 +129,8 @@ def mhc_pre(
     if resolve_impl(impl, x) == "triton":
         h_pre, h_post, h_res = mhc_mappings(x, proj_weight, alpha, bias, n, iterations, eps, impl="triton")
         return mhc_aggregate(x, h_pre, n, impl="triton"), h_post, h_res
+    if _native(impl, x):
+        return native_ops.mhc_pre(x, proj_weight, alpha, bias, n, iterations, eps)
     return fast_cpu.mhc_pre(x, proj_weight, alpha, bias, n, iterations, eps)
 
 
@@ -119,15 +145,20 @@ def mhc_pre_mix(
     if resolve_impl(impl, x) == "triton":
         u, h_post, h_res = mhc_pre(x, proj_weight, alpha, bias, n, iterations, eps, impl="triton")
         return u, h_post, (x, h_res)
+    if _native(impl, x):
+        return native_ops.mhc_pre_mix(x, proj_weight, alpha, bias, n, iterations, eps)
     return fast_cpu.mhc_pre_mix(x, proj_weight, alpha, bias, n, iterations, eps)
 
 
-def mhc_post(mix: Tensor | tuple[Tensor, Tensor], f: Tensor, h_post: Tensor, n: int, out_dtype=None) -> Tensor:
+def mhc_post(mix: Tensor | tuple[Tensor, Tensor], f: Tensor, h_post: Tensor, n: int, out_dtype=None,
+             impl: str = "auto") -> Tensor:
     """mix from mhc_pre_mix, f [..., h], h_post [..., n] -> x' [..., n*h], x'_k = h_post[k] f + sum_j h_res[j,k] x_j,
-    in out_dtype (default: the mix's / x's dtype). The torch path's r is updated in place."""
+    in out_dtype (default: the mix's / x's dtype). The torch / native paths' r is updated in place."""
     if isinstance(mix, tuple):  # mhc_pre_mix took the Triton path
         x, h_res = mix
         return mhc_post_res(x, f, h_post, h_res, n, impl="triton").to(out_dtype or x.dtype)
+    if _native(impl, mix, f):
+        return native_ops.mhc_post(mix, f, h_post, n, out_dtype)
     return fast_cpu.mhc_post(mix, f, h_post, n, out_dtype)
 
 

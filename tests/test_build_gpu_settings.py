@@ -88,6 +88,37 @@ def test_cuda_without_te_warns_with_the_install_command(tiny_spec, capsys):
     assert capsys.readouterr().err.strip() == f"warning: {w}"
 
 
+def test_cpu_without_the_compiled_mhc_kernels_warns_only_where_mhc_runs(tiny_spec):
+    missing = Availability(cpu_kernels_missing="no C compiler found (set CC, or install gcc / clang)")
+    (w,) = gpu_settings(tiny_spec(), missing).warnings  # tiny: 4 streams
+    for words in ("compiled CPU mHC kernels are not available", "no C compiler found", "slower PyTorch path",
+                  "DSV4_NATIVE_KERNELS=0"):
+        assert words in w
+    assert not gpu_settings(tiny_spec(**{"model.mhc.streams": 1}), missing).warnings
+    assert not gpu_settings(tiny_spec(), CPU).warnings
+
+
+def test_probe_on_cpu_builds_the_kernels_and_reports_a_failed_build(monkeypatch, tmp_path):
+    from dsv4cli.build.gpu_settings import probe
+    from dsv4cli.kernels import native_build
+
+    probe.cache_clear()
+    native_build.library.cache_clear()
+    try:
+        assert probe().cpu_kernels_missing is None  # this machine has a C compiler (the test setup needs one)
+        probe.cache_clear()
+        native_build.library.cache_clear()
+        monkeypatch.setenv("DSV4_CACHE_DIR", str(tmp_path))
+        monkeypatch.setenv("CC", "false")
+        assert "false failed" in probe().cpu_kernels_missing
+        probe.cache_clear()
+        monkeypatch.setenv("DSV4_NATIVE_KERNELS", "0")
+        assert probe().cpu_kernels_missing is None  # switched off on purpose: nothing to warn about
+    finally:
+        probe.cache_clear()
+        native_build.library.cache_clear()
+
+
 def _recorded_transformer_config(monkeypatch, spec, avail):
     """transformer_config(spec) with probe() -> avail; -> the kwargs that reached the config class."""
     from dsv4cli.build import config, gpu_settings as gs

@@ -49,6 +49,7 @@ class Availability:
     te_version: Optional[str] = None
     apex_wgrad: bool = False  # Apex's fused_weight_gradient_mlp_cuda extension
     apex_softmax: bool = False  # Apex's scaled_(upper_triang_)masked_softmax_cuda extensions
+    cpu_kernels_missing: Optional[str] = None  # why the compiled CPU mHC kernels cannot run (CPU machines)
 
     @property
     def te(self) -> bool:
@@ -123,6 +124,12 @@ def gpu_settings(spec, avail: Availability, dp: int = 1, virtual_stages: Optiona
             "attention (memory quadratic in sequence length), MoE experts run one by one (no grouped GEMM) and "
             f"the RoPE / MoE permute / router fusions are off. Install it with: {TE_INSTALL}"
         )
+    if not cuda and m.mhc.streams > 1 and avail.cpu_kernels_missing:
+        warnings.append(
+            f"the compiled CPU mHC kernels are not available ({avail.cpu_kernels_missing}): mHC runs on the slower "
+            "PyTorch path (same results). They need a working C compiler (gcc or clang) and a writable cache "
+            "directory ($DSV4_CACHE_DIR, default ~/.cache/dsv4); DSV4_NATIVE_KERNELS=0 silences this."
+        )
     return GpuSettings(
         availability=avail,
         backend="te" if te else "local" if cuda else "cpu",
@@ -156,7 +163,9 @@ def probe() -> Availability:
     from dsv4cli.compat import device
 
     if device.on_cpu():
-        return Availability()
+        from dsv4cli.kernels import native_build  # builds the CPU kernels now (first use), not in step 1
+
+        return Availability(cpu_kernels_missing=native_build.unavailable_reason())
     te_version = None
     try:
         import transformer_engine
