@@ -120,7 +120,8 @@ def _build(cc: str, target: Path, flags: tuple[str, ...]) -> None:
         done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                               errors="replace", timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip()[-500:]}")
+            detail = done.stderr.strip()[-500:]
+            raise RuntimeError(f"{Path(cc).name} failed (exit {done.returncode})" + (f": {detail}" if detail else ""))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
