@@ -208,6 +208,11 @@ def _mapping_gate(alpha: Tensor, n: int) -> Tensor:
     return torch.cat([alpha[0:1].expand(n), alpha[1:2].expand(n), alpha[2:3].expand(n * n)])
 
 
+def _alpha_grad(dgate: Tensor, n: int) -> Tensor:
+    """Per-column gate gradient [n*n+2n] -> [3]: the sums over the pre, post and res columns (`_mapping_gate`'s backward)."""
+    return torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n :].sum()])
+
+
 def _flat(x: Tensor, n: int, dt: torch.dtype) -> Tensor:
     """[..., n*h] -> [T, n*h] in dt (raises with the numbers if n does not divide the last dim)."""
     if x.shape[-1] % n != 0:
@@ -248,7 +253,7 @@ def _mappings_bwd(saved, cfg, g_pre, g_post, g_res, pre_from_x=None):
     gt = _to_t(g_res.reshape(T, n * n).to(dt), n)
     dz[:, 2 * n :] = sinkhorn_bwd_t(_to_t(z[:, 2 * n :], n), gt, iterations, eps).view(n * n, T).t()
     dx, dw, dgate, dbias = _logits_bwd(x2, wd, gate, mix, r, dz, dx_extra=dx_extra)
-    dalpha = torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n :].sum()])
+    dalpha = _alpha_grad(dgate, n)
     return (dx.view(x.shape).to(x.dtype), dw.to(w.dtype), dalpha.view(alpha.shape).to(alpha.dtype),
             dbias.view(bias.shape).to(bias.dtype))  # fmt: skip
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import fast_cpu
-from .fast_cpu import _mapping_gate
+from .fast_cpu import _alpha_grad, _flat, _mapping_gate
 from .native_build import library
 
 F32 = torch.float32
@@ -72,9 +72,7 @@ def _backward(x2, proj, rsq, gate, bias, n, full, iterations, eps, du, g_post=No
 
 def _params(w: Tensor, gate: Tensor, bias: Tensor, K: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """(weight [M, K], gate [M], bias [M]) in fp32, contiguous; ValueError (with the numbers) when a shape does
-    not fit x's width K and n streams: the C code sizes every buffer from K and n alone."""
-    if K % n != 0:
-        raise ValueError(f"last dim {K} of x is not a multiple of n={n}")
+    not fit x's width K and n streams (n divides K: `_flat` checked): the C code sizes every buffer from K and n."""
     M = w.shape[0]
     if w.shape != (M, K) or gate.numel() != M or bias.numel() != M or M not in (n, n * n + 2 * n):
         raise ValueError(f"weight {tuple(w.shape)}, gate {gate.numel()} and bias {bias.numel()} do not fit x's width "
@@ -88,7 +86,7 @@ class _Pre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, alpha, bias, n, iterations, eps, mix):
         K = x.shape[-1]
-        x2 = _f32(x, -1, K)
+        x2 = _flat(x, n, F32).contiguous()  # ValueError when n does not divide K
         wd, gate, b = _params(w, _mapping_gate(alpha.to(F32), n), bias, K, n)
         if wd.shape[0] != n * n + 2 * n:
             raise ValueError(f"proj_weight {tuple(w.shape)}: expected [{n * n + 2 * n}, {K}] for n={n}")
@@ -104,14 +102,14 @@ class _Pre(torch.autograd.Function):
         x, w, alpha, bias, proj, rsq = ctx.saved_tensors
         n, iterations, eps, mix = ctx.cfg
         T, K = proj.shape[0], x.shape[-1]
-        x2 = _f32(x, -1, K)
+        x2 = _flat(x, n, F32).contiguous()  # ValueError when n does not divide K
         wd, gate, b = _params(w, _mapping_gate(alpha.to(F32), n), bias, K, n)
         third = {"g3": _f32(g_third, T, K)} if mix else {"g_res": _f32(g_third, T, n, n)}
         dx, dmix, dzm, dz = _backward(x2, proj, rsq, gate, b, n, True, iterations, eps, _f32(du, T, K // n),
                                       g_post=_f32(g_post, T, n), **third)
         dx.addmm_(dmix, wd)
         dgate, dbias = dzm.sum(0), dz.sum(0)
-        dalpha = torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n :].sum()])
+        dalpha = _alpha_grad(dgate, n)
         return (dx.view(x.shape).to(x.dtype), (dmix.t() @ x2).to(w.dtype), dalpha.view(alpha.shape).to(alpha.dtype),
                 dbias.view(bias.shape).to(bias.dtype), None, None, None, None)  # fmt: skip
 
@@ -155,7 +153,7 @@ class _Contract(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, head_fn, base, scale, n, eps):
         K = x.shape[-1]
-        x2 = _f32(x, -1, K)
+        x2 = _flat(x, n, F32).contiguous()  # ValueError when n does not divide K
         fn, gate, b = _params(head_fn, scale.reshape(1).expand(n), base, K, n)
         if fn.shape[0] != n:
             raise ValueError(f"head_fn {tuple(head_fn.shape)}: expected [{n}, {K}] for n={n}")
@@ -170,7 +168,7 @@ class _Contract(torch.autograd.Function):
         x, head_fn, base, scale, proj, rsq = ctx.saved_tensors
         n, eps = ctx.cfg
         T, K = proj.shape[0], x.shape[-1]
-        x2 = _f32(x, -1, K)
+        x2 = _flat(x, n, F32).contiguous()  # ValueError when n does not divide K
         fn, gate, b = _params(head_fn, scale.reshape(1).expand(n), base, K, n)
         dx, dmix, dzm, dz = _backward(x2, proj, rsq, gate, b, n, False, 1, eps, _f32(dy, T, K // n))
         dx.addmm_(dmix, fn)
